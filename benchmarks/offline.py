@@ -1,0 +1,132 @@
+"""Resumable offline-RL benchmark: a grid of (algorithm, dataset, seed) runs and one table.
+
+    MINARI_DATASETS_PATH=../shared/datasets python -m benchmarks.offline --suite slice --jobs 2
+
+Each run trains in its own folder under benchmarks/runs/ (one process per job,
+one torch thread each). A run whose result.json exists is skipped; one with a
+checkpoint resumes from it. When every run is finished, the table is written to
+benchmarks/results/<suite>.md and <suite>.json. ``--table-only`` rewrites the
+table from whatever runs have finished.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+RUNS = ROOT / "runs"
+RESULTS = ROOT / "results"
+
+
+@dataclass(frozen=True)
+class Job:
+    algorithm: str
+    dataset: str
+    seed: int
+    steps: int
+
+    @property
+    def run_dir(self) -> Path:
+        return RUNS / self.dataset.replace("/", "_") / f"{self.algorithm}-{self.steps // 1000}k-s{self.seed}"
+
+
+def grid(algorithms: dict[str, int], datasets: list[str], seeds: list[int]) -> list[Job]:
+    return [Job(a, d, s, steps) for d in datasets for a, steps in algorithms.items() for s in seeds]
+
+
+SUITES: dict[str, list[Job]] = {
+    # Issue 2: the end-to-end slice.
+    "slice": grid({"iql": 100_000, "bc": 100_000}, ["bench/hopper/medium-v0", "bench/halfcheetah/medium-v0"],
+                  [0, 1]),
+}
+
+
+def run_job(job: Job) -> str:
+    import torch
+
+    torch.set_num_threads(1)
+    from training.trainer import CHECKPOINT, RESULT, TrainConfig, Trainer
+
+    if (job.run_dir / RESULT).exists():
+        return f"skip {job.run_dir.relative_to(ROOT)} (finished)"
+    if (job.run_dir / CHECKPOINT).exists():
+        trainer = Trainer(job.run_dir, progress=False)
+    else:
+        config = TrainConfig(algorithm=job.algorithm, dataset=job.dataset, seed=job.seed, steps=job.steps,
+                             eval_every=10_000, eval_episodes=10, checkpoint_every=5_000, device="cpu")
+        trainer = Trainer(job.run_dir, config, progress=False)
+    result = trainer.run()
+    return (f"done {job.run_dir.relative_to(ROOT)}: normalised {result['normalized_score']:.1f}, "
+            f"{result['updates_per_s']:.1f} updates/s")
+
+
+def write_table(suite: str, jobs: list[Job]) -> Path:
+    groups: dict[tuple[str, str, int], list[dict]] = {}
+    for job in jobs:
+        path = job.run_dir / "result.json"
+        if path.exists():
+            groups.setdefault((job.dataset, job.algorithm, job.steps), []).append(json.loads(path.read_text()))
+    rows = []
+    for (dataset, algorithm, steps), results in groups.items():
+        scores = np.array([r["normalized_score"] for r in results])
+        rows.append({
+            "dataset": dataset, "algorithm": algorithm, "steps": steps, "seeds": [r["seed"] for r in results],
+            "eval_episodes_per_seed": results[0]["eval_episodes"],
+            "normalized_mean": float(scores.mean()), "normalized_std": float(scores.std()),
+            "per_seed": [float(s) for s in scores],
+            "return_mean": float(np.mean([r["return_mean"] for r in results])),
+            "updates_per_s": float(np.mean([r["updates_per_s"] for r in results])),
+            "wall_s_per_run": float(np.mean([r["train_seconds"] for r in results])),
+        })
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"suite": suite, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "threads_per_run": 1, "policy": "final (last step)", "rows": rows}
+    (RESULTS / f"{suite}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    lines = [f"# Benchmark `{suite}`", "",
+             "Normalised score 100·(R − ref_min)/(ref_max − ref_min): mean ± std over seeds of each seed's "
+             "mean over its evaluation episodes; final policy; one CPU thread per run.", "",
+             f"Reproduce: `MINARI_DATASETS_PATH=../shared/datasets python -m benchmarks.offline --suite {suite}`", "",
+             "| dataset | algorithm | steps | seeds | episodes/seed | normalised score | per seed | mean return "
+             "| updates/s | wall s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["algorithm"])):
+        lines.append(f"| {r['dataset']} | {r['algorithm']} | {r['steps']:,} | {len(r['seeds'])} | "
+                     f"{r['eval_episodes_per_seed']} | {r['normalized_mean']:.1f} ± {r['normalized_std']:.1f} | "
+                     f"{', '.join(f'{s:.1f}' for s in r['per_seed'])} | {r['return_mean']:.1f} | "
+                     f"{r['updates_per_s']:.1f} | {r['wall_s_per_run']:.0f} |")
+    path = RESULTS / f"{suite}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a resumable offline-RL benchmark suite.")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="slice")
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)),
+                        help="runs in parallel, one CPU thread each (default: the number of cores)")
+    parser.add_argument("--table-only", action="store_true", help="only rewrite the table from finished runs")
+    args = parser.parse_args(argv)
+    if not os.environ.get("MINARI_DATASETS_PATH"):
+        print("set MINARI_DATASETS_PATH to the Minari root (e.g. ../shared/datasets)", file=sys.stderr)
+        return 2
+    jobs = SUITES[args.suite]
+    if not args.table_only:
+        with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+            for i, message in enumerate(pool.imap_unordered(run_job, jobs), 1):
+                print(f"[{i}/{len(jobs)}] {message}", flush=True)
+    print(f"table: {write_table(args.suite, jobs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

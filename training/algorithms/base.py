@@ -1,0 +1,77 @@
+"""What every offline algorithm provides to the trainer."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A minibatch of transitions: normalised observations, actions scaled to [-1, 1]."""
+
+    observations: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_observations: torch.Tensor
+    terminals: torch.Tensor  # 1.0 where the episode terminated (no bootstrap); truncations are 0
+
+
+@dataclass(frozen=True)
+class Context:
+    """What an algorithm may know about the dataset and the run when it is built."""
+
+    obs_dim: int
+    act_dim: int
+    total_steps: int
+    return_range: float  # max episode return - min episode return
+    device: torch.device
+
+
+class OfflineAlgorithm(ABC):
+    """Networks, optimisers and schedules in named dicts, so checkpoints are generic.
+
+    Subclasses fill ``modules``, ``optimizers`` and ``schedulers`` and implement
+    ``update`` (one gradient step) and ``policy`` (normalised obs -> action in [-1, 1]).
+    """
+
+    name: ClassVar[str]
+    batch_size: int
+
+    def __init__(self) -> None:
+        self.modules: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
+
+    @abstractmethod
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One gradient step; returns detached scalar metrics (read on the host only when logged)."""
+
+    @abstractmethod
+    def policy(self) -> nn.Module:
+        """The deterministic acting path: normalised observations -> actions in [-1, 1]."""
+
+    def step_optimizer(self, name: str, loss: torch.Tensor) -> None:
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def state_dict(self) -> dict:
+        return {
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for group, items in (("modules", self.modules), ("optimizers", self.optimizers),
+                             ("schedulers", self.schedulers)):
+            missing = set(items) ^ set(state[group])
+            if missing:
+                raise ValueError(f"checkpoint {group} do not match the algorithm: {sorted(missing)}")
+            for key, obj in items.items():
+                obj.load_state_dict(state[group][key])

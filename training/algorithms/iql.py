@@ -1,0 +1,96 @@
+"""Implicit Q-learning (Kostrikov, Nair & Levine 2021), continuous actions.
+
+Defaults are the paper's gym-locomotion settings. Per step, in the reference
+order: V by expectile regression onto min(target Q1, Q2); the actor by
+advantage-weighted regression with weights min(exp(beta * (Q - V)), 100); the
+twin Q onto r + gamma * (1 - terminal) * V(s'); then the Polyak target update.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from training.algorithms.base import Batch, Context, OfflineAlgorithm
+from training.networks import GaussianActor, TwinQ, ValueNet, soft_update
+
+
+@dataclass
+class IQLConfig:
+    hidden: tuple[int, ...] = (256, 256)
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    value_lr: float = 3e-4
+    discount: float = 0.99
+    tau: float = 0.005
+    expectile: float = 0.7
+    beta: float = 3.0            # inverse temperature: weights grow with beta * advantage
+    max_weight: float = 100.0
+    batch_size: int = 256
+    normalize_rewards: bool = True  # r * 1000 / (max episode return - min episode return)
+
+
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """Asymmetric squared loss |tau - 1(diff < 0)| * diff^2, with diff = target - prediction."""
+    weight = torch.where(diff < 0, 1.0 - expectile, expectile)
+    return weight * diff.pow(2)
+
+
+def awr_weights(advantage: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor:
+    return torch.exp(beta * advantage).clamp(max=max_weight)
+
+
+class IQL(OfflineAlgorithm):
+    name = "iql"
+
+    def __init__(self, config: IQLConfig, ctx: Context):
+        super().__init__()
+        self.config = config
+        self.batch_size = config.batch_size
+        self.reward_scale = 1000.0 / max(ctx.return_range, 1e-6) if config.normalize_rewards else 1.0
+        self.actor = GaussianActor(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
+        self.critic = TwinQ(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
+        self.value = ValueNet(ctx.obs_dim, config.hidden).to(ctx.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.modules = {"actor": self.actor, "critic": self.critic, "value": self.value,
+                        "critic_target": self.critic_target}
+        self.optimizers = {
+            "actor": torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr),
+            "critic": torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr),
+            "value": torch.optim.Adam(self.value.parameters(), lr=config.value_lr),
+        }
+        self.schedulers = {
+            "actor": torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizers["actor"], T_max=ctx.total_steps)
+        }
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        with torch.no_grad():
+            target_q = torch.min(*self.critic_target(batch.observations, batch.actions))
+
+        value = self.value(batch.observations)
+        value_loss = expectile_loss(target_q - value, cfg.expectile).mean()
+        self.step_optimizer("value", value_loss)
+
+        with torch.no_grad():
+            advantage = target_q - self.value(batch.observations)
+            weights = awr_weights(advantage, cfg.beta, cfg.max_weight)
+        actor_loss = -(weights * self.actor.log_prob(batch.observations, batch.actions)).mean()
+        self.step_optimizer("actor", actor_loss)
+        self.schedulers["actor"].step()
+
+        with torch.no_grad():
+            next_v = self.value(batch.next_observations)
+            target = batch.rewards * self.reward_scale + cfg.discount * (1.0 - batch.terminals) * next_v
+        q1, q2 = self.critic(batch.observations, batch.actions)
+        critic_loss = (q1 - target).pow(2).mean() + (q2 - target).pow(2).mean()
+        self.step_optimizer("critic", critic_loss)
+        soft_update(self.critic_target, self.critic, cfg.tau)
+
+        return {"value_loss": value_loss.detach(), "actor_loss": actor_loss.detach(),
+                "critic_loss": critic_loss.detach(), "value": value.detach().mean(),
+                "advantage": advantage.mean(), "weight": weights.mean()}
+
+    def policy(self) -> torch.nn.Module:
+        return self.actor

@@ -1,0 +1,143 @@
+"""Minari datasets as flat float32 transition arrays plus episode ranges.
+
+A Minari episode of N steps holds N+1 observations and N actions, rewards,
+terminations and truncations. Each episode is cut separately into
+observations[:-1] / observations[1:] so that next observations never drift
+across an episode boundary.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OfflineDataset:
+    dataset_id: str
+    env_id: str
+    observations: np.ndarray        # [T, obs_dim] float32
+    actions: np.ndarray             # [T, act_dim] float32, raw (environment units)
+    rewards: np.ndarray             # [T] float32
+    next_observations: np.ndarray   # [T, obs_dim] float32
+    terminations: np.ndarray        # [T] float32: 1 where the step ended the episode by termination
+    truncations: np.ndarray         # [T] float32: 1 where the step ended the episode by truncation
+    episode_starts: np.ndarray      # [E] int64, index of each episode's first step
+    episode_lengths: np.ndarray     # [E] int64
+    action_low: np.ndarray          # [act_dim] float32
+    action_high: np.ndarray         # [act_dim] float32
+    ref_min_score: float | None
+    ref_max_score: float | None
+
+    @property
+    def obs_dim(self) -> int:
+        return self.observations.shape[1]
+
+    @property
+    def act_dim(self) -> int:
+        return self.actions.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.observations.shape[0]
+
+    @property
+    def episode_returns(self) -> np.ndarray:
+        return np.add.reduceat(self.rewards.astype(np.float64), self.episode_starts)
+
+    def observation_stats(self, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation (floored at ``eps``) of the observations."""
+        mean = self.observations.mean(axis=0, dtype=np.float64)
+        std = self.observations.std(axis=0, dtype=np.float64)
+        return mean.astype(np.float32), np.maximum(std, eps).astype(np.float32)
+
+    def normalized_score(self, mean_return: float) -> float | None:
+        if self.ref_min_score is None or self.ref_max_score is None:
+            return None
+        return normalized_score(mean_return, self.ref_min_score, self.ref_max_score)
+
+
+def normalized_score(mean_return, ref_min: float, ref_max: float):
+    """D4RL-style score: 0 is the random policy, 100 the expert reference."""
+    return 100.0 * (mean_return - ref_min) / (ref_max - ref_min)
+
+
+def load_dataset(dataset_id: str) -> OfflineDataset:
+    """Load a Minari dataset (root from MINARI_DATASETS_PATH) into flat arrays."""
+    import minari
+
+    try:
+        ds = minari.load_dataset(dataset_id)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"Minari dataset {dataset_id!r} not found: {exc}. Set MINARI_DATASETS_PATH to the folder holding it."
+        ) from exc
+    return from_minari(ds)
+
+
+def from_minari(ds) -> OfflineDataset:
+    import gymnasium as gym
+
+    if not isinstance(ds.action_space, gym.spaces.Box):
+        raise ValueError(f"dataset {ds.spec.dataset_id!r}: action space {ds.action_space} is not a continuous Box")
+    if not isinstance(ds.observation_space, gym.spaces.Box):
+        raise ValueError(f"dataset {ds.spec.dataset_id!r}: observation space {ds.observation_space} is not a Box")
+    obs, next_obs, acts, rews, terms, truncs, lengths = [], [], [], [], [], [], []
+    for ep in ds.iterate_episodes():
+        n = len(ep.actions)
+        if len(ep.observations) != n + 1:
+            raise ValueError(
+                f"episode {ep.id}: {len(ep.observations)} observations for {n} actions (expected {n + 1})"
+            )
+        o = np.asarray(ep.observations, dtype=np.float32).reshape(n + 1, -1)
+        for name, arr in (("rewards", ep.rewards), ("terminations", ep.terminations), ("truncations", ep.truncations)):
+            if len(arr) != n:
+                raise ValueError(f"episode {ep.id}: {len(arr)} {name} for {n} actions")
+        term = np.asarray(ep.terminations, dtype=bool)
+        trunc = np.asarray(ep.truncations, dtype=bool)
+        # A step flagged both terminated and truncated ended by termination: never bootstrap it.
+        trunc = trunc & ~term
+        obs.append(o[:-1])
+        next_obs.append(o[1:])
+        acts.append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
+        rews.append(np.asarray(ep.rewards, dtype=np.float32))
+        terms.append(term.astype(np.float32))
+        truncs.append(trunc.astype(np.float32))
+        lengths.append(n)
+    if not lengths:
+        raise ValueError(f"dataset {ds.spec.dataset_id!r} holds no episodes")
+    lengths_arr = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths_arr)[:-1]]).astype(np.int64)
+    meta = ds.storage.metadata
+    env_id = _env_id(meta.get("eval_env_spec")) or (ds.spec.env_spec.id if ds.spec.env_spec is not None else "")
+    low = np.asarray(ds.action_space.low, dtype=np.float32).reshape(-1)
+    high = np.asarray(ds.action_space.high, dtype=np.float32).reshape(-1)
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+        raise ValueError(f"dataset {ds.spec.dataset_id!r}: action bounds must be finite, got {low} .. {high}")
+    return OfflineDataset(
+        dataset_id=ds.spec.dataset_id,
+        env_id=env_id,
+        observations=np.concatenate(obs),
+        actions=np.concatenate(acts),
+        rewards=np.concatenate(rews),
+        next_observations=np.concatenate(next_obs),
+        terminations=np.concatenate(terms),
+        truncations=np.concatenate(truncs),
+        episode_starts=starts,
+        episode_lengths=lengths_arr,
+        action_low=low,
+        action_high=high,
+        ref_min_score=_optional_float(meta.get("ref_min_score")),
+        ref_max_score=_optional_float(meta.get("ref_max_score")),
+    )
+
+
+def _env_id(spec_json) -> str:
+    if not spec_json:
+        return ""
+    return str(json.loads(spec_json).get("id", "")) if isinstance(spec_json, str) else str(spec_json.id)
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,75 @@
+"""Episodes in an evaluation environment, and their summary.
+
+Depends on numpy only at import time: the rollout client reuses
+``run_episodes`` without pulling in torch or minari.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from training.data import normalized_score
+
+Act = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    returns: list[float]
+    lengths: list[int]
+    mean_return: float
+    std_return: float
+    normalized_score: float | None
+    normalized_std: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_episodes(env, act: Act, episodes: int, seed: int, on_episode: Callable[[int, float, int], None] | None = None):
+    """Run ``episodes`` episodes, episode i reset with seed ``seed + i``; returns (returns, lengths).
+
+    Observations reach ``act`` as float32, the dtype that travels on the wire,
+    so in-process and served evaluation see exactly the same inputs.
+    """
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    returns, lengths = [], []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        total, steps, done = 0.0, 0, False
+        while not done:
+            action = act(np.asarray(obs, dtype=np.float32))
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            steps += 1
+            done = terminated or truncated
+        returns.append(total)
+        lengths.append(steps)
+        if on_episode is not None:
+            on_episode(i, total, steps)
+    return returns, lengths
+
+
+def summarize(returns: list[float], lengths: list[int], ref_min: float | None, ref_max: float | None) -> EvalResult:
+    arr = np.asarray(returns, dtype=np.float64)
+    norm = norm_std = None
+    if ref_min is not None and ref_max is not None:
+        scores = normalized_score(arr, ref_min, ref_max)
+        norm, norm_std = float(scores.mean()), float(scores.std())
+    return EvalResult(returns=[float(r) for r in arr], lengths=list(lengths), mean_return=float(arr.mean()),
+                      std_return=float(arr.std()), normalized_score=norm, normalized_std=norm_std)
+
+
+def evaluate(env, act: Act, episodes: int, seed: int, ref_min: float | None, ref_max: float | None) -> EvalResult:
+    returns, lengths = run_episodes(env, act, episodes, seed)
+    return summarize(returns, lengths, ref_min, ref_max)
+
+
+def make_eval_env(dataset_id: str):
+    """The dataset's evaluation environment (Minari's recover_environment(eval_env=True))."""
+    import minari
+
+    return minari.load_dataset(dataset_id).recover_environment(eval_env=True)

@@ -1,0 +1,364 @@
+"""The training loop: sampling, device, progress, logging, evaluation, checkpoints, resume.
+
+A run folder holds:
+  config.json     the run's configuration (algorithm config resolved)
+  version.json    batchrl version and git commit of the code that trained it
+  metrics.jsonl   one JSON row per log interval ("train") and per evaluation ("eval")
+  curve.png       the learning curve (normalised score or return, and losses)
+  checkpoint.pt   the latest checkpoint (tensors and plain values only: loads with weights_only)
+  result.json     the final evaluation, written when the run completes
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from training.algorithms import ALGORITHMS, Batch, Context, OfflineAlgorithm
+from training.data import OfflineDataset, load_dataset
+from training.evaluation import evaluate, make_eval_env
+from training.policy import DeployedPolicy, scale_actions
+
+CHECKPOINT = "checkpoint.pt"
+RESULT = "result.json"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str
+    dataset: str
+    steps: int = 100_000
+    seed: int = 0
+    eval_every: int = 10_000
+    eval_episodes: int = 10
+    eval_seed: int = 0          # evaluation episode i is reset with seed eval_seed + i
+    log_every: int = 1_000
+    checkpoint_every: int = 10_000
+    device: str = "auto"
+    algo: dict = field(default_factory=dict)  # algorithm config, resolved from its dataclass
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+        for name in ("steps", "eval_every", "eval_episodes", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.algo = dataclasses.asdict(algorithm_config(self.algorithm, self.algo))
+
+
+def algorithm_config(name: str, overrides: dict[str, typing.Any]):
+    """The algorithm's config dataclass with ``overrides`` applied (strings are parsed by field type)."""
+    cls = ALGORITHMS[name][0]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"{name} has no setting {key!r}; settings: {sorted(known)}")
+        values[key] = _coerce(hints[key], value, key)
+    return cls(**values)
+
+
+def _coerce(hint, value, key: str):
+    origin = typing.get_origin(hint)
+    try:
+        if origin is tuple:
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(int(v) for v in items)
+        if hint is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "1")
+        return hint(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"setting {key}={value!r} is not a valid {hint}") from None
+
+
+def code_version() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_algorithm(config: TrainConfig, obs_dim: int, act_dim: int, return_range: float,
+                    device: torch.device) -> OfflineAlgorithm:
+    cls = ALGORITHMS[config.algorithm][1]
+    ctx = Context(obs_dim=obs_dim, act_dim=act_dim, total_steps=config.steps, return_range=return_range,
+                  device=device)
+    return cls(algorithm_config(config.algorithm, config.algo), ctx)
+
+
+class ReplaySampler:
+    """Uniform minibatches of transitions held on the training device."""
+
+    def __init__(self, data: OfflineDataset, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device,
+                 seed: int):
+        def put(x):
+            return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
+
+        self.obs = put((data.observations - obs_mean) / obs_std)
+        self.next_obs = put((data.next_observations - obs_mean) / obs_std)
+        self.actions = put(scale_actions(data.actions, data.action_low, data.action_high))
+        self.rewards = put(data.rewards)
+        self.terminals = put(data.terminations)
+        self.size = data.size
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, batch_size: int) -> Batch:
+        idx = torch.randint(self.size, (batch_size,), generator=self.generator).to(self.device)
+        return Batch(self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminals[idx])
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint in run folder {run_dir} (expected {path})")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def read_config(run_dir: Path) -> TrainConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: {path} is missing")
+    return TrainConfig(**json.loads(path.read_text()))
+
+
+def load_policy(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, DeployedPolicy, dict]:
+    """The run's latest checkpoint as a DeployedPolicy (eval mode), with its config and checkpoint."""
+    config = read_config(run_dir)
+    ckpt = load_checkpoint(run_dir, map_location=device)
+    norm = ckpt["normalization"]
+    algo = build_algorithm(config, int(norm["obs_mean"].numel()), int(norm["action_low"].numel()),
+                           float(ckpt["return_range"]), torch.device(device))
+    algo.load_state_dict(ckpt["algorithm"])
+    policy = DeployedPolicy(algo.policy(), norm["obs_mean"].cpu().numpy(), norm["obs_std"].cpu().numpy(),
+                            norm["action_low"].cpu().numpy(), norm["action_high"].cpu().numpy()).to(device)
+    return config, policy.eval(), ckpt
+
+
+class Trainer:
+    """Trains a new run (``config`` given) or resumes the run in ``run_dir`` (``config`` None).
+
+    Resuming restores the algorithm's networks, optimisers and schedules, the
+    sampler's and torch's RNG state and the step, so the resumed run continues
+    exactly as the uninterrupted one would have.
+    """
+
+    def __init__(self, run_dir: str | Path, config: TrainConfig | None = None, progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        ckpt_path = self.run_dir / CHECKPOINT
+        resume = config is None
+        if resume:
+            config = read_config(self.run_dir)
+        elif ckpt_path.exists():
+            raise FileExistsError(f"{self.run_dir} already holds a run; resume it with --resume")
+        self.config = config
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        self.data = load_dataset(config.dataset)
+        self.obs_mean, self.obs_std = self.data.observation_stats()
+        returns = self.data.episode_returns
+        self.return_range = float(returns.max() - returns.min())
+        self.algo = build_algorithm(config, self.data.obs_dim, self.data.act_dim, self.return_range, self.device)
+        self.sampler = ReplaySampler(self.data, self.obs_mean, self.obs_std, self.device, config.seed)
+        self.policy = DeployedPolicy(self.algo.policy(), self.obs_mean, self.obs_std, self.data.action_low,
+                                     self.data.action_high).to(self.device)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and ckpt_path.exists():
+            self._restore(load_checkpoint(self.run_dir, map_location=self.device))
+        self._write_json("config.json", dataclasses.asdict(config))
+        self._write_json("version.json", {"batchrl": _package_version(), "code": code_version(),
+                                          "torch": torch.__version__})
+        self._env = None
+
+    # -- checkpoints -------------------------------------------------------
+    def _payload(self) -> dict:
+        return {
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "return_range": self.return_range,
+            "algorithm": self.algo.state_dict(),
+            "sampler_rng": self.sampler.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "normalization": {
+                "obs_mean": torch.as_tensor(self.obs_mean), "obs_std": torch.as_tensor(self.obs_std),
+                "action_low": torch.as_tensor(self.data.action_low),
+                "action_high": torch.as_tensor(self.data.action_high),
+            },
+        }
+
+    def _restore(self, ckpt: dict) -> None:
+        self.algo.load_state_dict(ckpt["algorithm"])
+        self.sampler.generator.set_state(ckpt["sampler_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.step = int(ckpt["step"])
+        self.train_seconds = float(ckpt["train_seconds"])
+        # Rows logged after the checkpoint are replayed by the resumed run: drop them.
+        path = self.run_dir / METRICS
+        if path.exists():
+            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.run_dir / CHECKPOINT, self._payload())
+
+    # -- evaluation --------------------------------------------------------
+    def evaluate(self):
+        if self._env is None:
+            self._env = make_eval_env(self.config.dataset)
+        self.policy.eval()
+        result = evaluate(self._env, self.policy.act, self.config.eval_episodes, self.config.eval_seed,
+                          self.data.ref_min_score, self.data.ref_max_score)
+        self._log({"kind": "eval", "step": self.step, "return_mean": result.mean_return,
+                   "return_std": result.std_return, "normalized_score": result.normalized_score,
+                   "normalized_std": result.normalized_std})
+        return result
+
+    # -- loop --------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.config
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.algorithm} {cfg.dataset}", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        tick = time.perf_counter()
+        while self.step < cfg.steps:
+            metrics = self.algo.update(self.sampler.sample(self.algo.batch_size))
+            for k, v in metrics.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            count += 1
+            self.step += 1
+            bar.update(1)
+            boundary = (self.step % cfg.log_every == 0, self.step % cfg.eval_every == 0,
+                        self.step % cfg.checkpoint_every == 0, self.step == cfg.steps)
+            if not any(boundary):
+                continue
+            now = time.perf_counter()
+            self.train_seconds += now - tick
+            if count and (boundary[0] or boundary[3]):
+                row = {k: float(v) / count for k, v in sums.items()}
+                row.update(kind="train", step=self.step, updates_per_s=count / max(now - tick, 1e-9))
+                self._log(row)
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in list(sums)[:3]})
+                sums, count = {}, 0
+            if boundary[1] or boundary[3]:
+                result = self.evaluate()
+                score = result.normalized_score if result.normalized_score is not None else result.mean_return
+                bar.set_postfix_str(f"eval {score:.1f}")
+            if boundary[2] or boundary[3]:
+                self.checkpoint()
+                self.plot()
+            tick = time.perf_counter()
+        bar.close()
+        return self._finish()
+
+    def _finish(self) -> dict:
+        last_eval = [r for r in self.metrics() if r["kind"] == "eval" and r["step"] == self.step]
+        result = last_eval[-1] if last_eval else None
+        if result is None:
+            self.evaluate()
+            result = self.metrics()[-1]
+        summary = {
+            "algorithm": self.config.algorithm, "dataset": self.config.dataset, "seed": self.config.seed,
+            "steps": self.step, "eval_episodes": self.config.eval_episodes,
+            "return_mean": result["return_mean"], "return_std": result["return_std"],
+            "normalized_score": result["normalized_score"], "normalized_std": result["normalized_std"],
+            "train_seconds": self.train_seconds,
+            "updates_per_s": self.step / max(self.train_seconds, 1e-9),
+        }
+        self._write_json(RESULT, summary)
+        self.plot()
+        return summary
+
+    # -- files -------------------------------------------------------------
+    def _log(self, row: dict) -> None:
+        with open(self.run_dir / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def metrics(self) -> list[dict]:
+        path = self.run_dir / METRICS
+        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+    def _write_json(self, name: str, payload: dict) -> None:
+        tmp = self.run_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, self.run_dir / name)
+
+    def plot(self) -> None:
+        plot_curve(self.metrics(), self.run_dir / "curve.png", f"{self.config.algorithm} on {self.config.dataset}")
+
+
+def plot_curve(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [r for r in rows if r["kind"] == "eval"]
+    trains = [r for r in rows if r["kind"] == "train"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    if evals:
+        use_norm = evals[0]["normalized_score"] is not None
+        key, std = ("normalized_score", "normalized_std") if use_norm else ("return_mean", "return_std")
+        x = np.array([r["step"] for r in evals])
+        y = np.array([r[key] for r in evals])
+        s = np.array([r[std] for r in evals])
+        ax1.plot(x, y, marker="o")
+        ax1.fill_between(x, y - s, y + s, alpha=0.2)
+        ax1.set_ylabel("normalised score" if use_norm else "return")
+    ax1.set_xlabel("gradient step")
+    ax1.set_title(title)
+    if trains:
+        x = [r["step"] for r in trains]
+        for key in (k for k in trains[0] if k.endswith("_loss")):
+            ax2.plot(x, [r.get(key, np.nan) for r in trains], label=key)
+        ax2.set_yscale("symlog")
+        ax2.legend()
+    ax2.set_xlabel("gradient step")
+    ax2.set_title("training losses")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("batchrl")
+    except PackageNotFoundError:
+        return "0+unknown"
