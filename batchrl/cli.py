@@ -1,2 +1,178 @@
-def main():
-    pass
+"""The `batchrl` command: a thin face that imports a side only when its subcommand runs."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+COMMANDS = {
+    "train": "train a policy on a Minari dataset (progress bar, metrics, checkpoints, --resume)",
+    "eval": "evaluate a run folder or an exported model in its evaluation environment",
+    "export": "export a run as models/NAME/<version>/model.onnx (checked against torch first)",
+    "serve": "serve the model repository over gRPC (CUDA when usable, else CPU)",
+    "rollout": "drive a Gymnasium environment through a served policy",
+}
+
+
+def train(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="batchrl train", description=COMMANDS["train"])
+    parser.add_argument("--algo", help="algorithm: bc or iql")
+    parser.add_argument("--dataset", help="Minari dataset id (root from MINARI_DATASETS_PATH)")
+    parser.add_argument("--run-dir", help="run folder (default: runs/<dataset>/<algo>-s<seed>)")
+    parser.add_argument("--steps", type=int, default=100_000, help="gradient steps (default 100000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=10_000)
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    parser.add_argument("--checkpoint-every", type=int, default=10_000)
+    parser.add_argument("--log-every", type=int, default=1_000)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="algorithm setting, e.g. --set beta=3.0 --set hidden=256,256 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    args = parser.parse_args(argv)
+    from training.trainer import TrainConfig, Trainer
+
+    if args.resume:
+        if not args.run_dir:
+            parser.error("--resume needs --run-dir")
+        trainer = Trainer(args.run_dir)
+    else:
+        if not args.algo or not args.dataset:
+            parser.error("--algo and --dataset are required (or --resume --run-dir RUN)")
+        overrides = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"--set {item!r}: expected KEY=VALUE")
+            overrides[key] = value
+        config = TrainConfig(algorithm=args.algo, dataset=args.dataset, steps=args.steps, seed=args.seed,
+                             eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+                             log_every=args.log_every, checkpoint_every=args.checkpoint_every, device=args.device,
+                             algo=overrides)
+        run_dir = args.run_dir or f"runs/{args.dataset.replace('/', '_')}/{args.algo}-s{args.seed}"
+        trainer = Trainer(run_dir, config)
+    result = trainer.run()
+    print(json.dumps(result, indent=2))
+    print(f"run folder: {trainer.run_dir}")
+    return 0
+
+
+def evaluate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="batchrl eval", description=COMMANDS["eval"])
+    parser.add_argument("target", metavar="RUN_OR_MODEL",
+                        help="a run folder, a model file, a version folder or models/NAME (highest version)")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0, help="episode i is reset with seed SEED + i")
+    parser.add_argument("--env", help="Gymnasium id to use instead of the dataset's evaluation environment")
+    args = parser.parse_args(argv)
+    from training.evaluation import evaluate as run_eval
+
+    target = Path(args.target)
+    if (target / "config.json").exists():
+        from training.trainer import load_policy
+
+        config, policy, ckpt = load_policy(target)
+        act, dataset_id, env_id = policy.act, config.dataset, None
+        label = f"run {target} ({config.algorithm}, step {int(ckpt['step'])})"
+    else:
+        from serving.runtime import load_model
+
+        path, version = _model_file(target)
+        model = load_model(target.name, version, path, ["CPUExecutionProvider"])
+        act = lambda obs: model.run(obs[None])[0]  # noqa: E731
+        dataset_id, env_id = model.manifest.dataset_id, model.manifest.env_id
+        label = f"model {path} ({model.manifest.algorithm}, onnxruntime CPU)"
+    env, ref = _eval_env(args.env, dataset_id, env_id)
+    result = run_eval(env, act, args.episodes, args.seed, *ref)
+    print(label)
+    for i, r in enumerate(result.returns):
+        print(f"episode {i + 1} (seed {args.seed + i}): return {r:.2f}")
+    line = f"mean return {result.mean_return:.2f} ± {result.std_return:.2f} over {args.episodes} episodes"
+    if result.normalized_score is not None:
+        line += f"; normalised score {result.normalized_score:.1f} ± {result.normalized_std:.1f}"
+    print(line)
+    return 0
+
+
+def _model_file(target: Path) -> tuple[Path, int]:
+    if target.is_file():
+        return target, int(target.parent.name) if target.parent.name.isdigit() else 0
+    if (target / "model.onnx").is_file():
+        return target / "model.onnx", int(target.name) if target.name.isdigit() else 0
+    versions = sorted(int(p.name) for p in target.iterdir() if p.name.isdigit()) if target.is_dir() else []
+    if not versions:
+        raise SystemExit(f"{target} is neither a run folder (config.json) nor a model (model.onnx, or "
+                         "version folders holding one)")
+    return target / str(versions[-1]) / "model.onnx", versions[-1]
+
+
+def _eval_env(env_override: str | None, dataset_id: str, env_id: str | None):
+    """The environment and reference scores: the dataset's evaluation env unless --env names one."""
+    import gymnasium as gym
+
+    from training.data import load_dataset
+    from training.evaluation import make_eval_env
+
+    ref = (None, None)
+    try:
+        data = load_dataset(dataset_id)
+        ref = (data.ref_min_score, data.ref_max_score)
+    except (FileNotFoundError, ValueError) as exc:
+        if env_override is None and env_id is None:
+            raise SystemExit(str(exc))
+        print(f"note: dataset {dataset_id!r} not available ({exc}); using {env_override or env_id} "
+              "with no reference scores", file=sys.stderr)
+        return gym.make(env_override or env_id), ref
+    return (gym.make(env_override) if env_override else make_eval_env(dataset_id)), ref
+
+
+def export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="batchrl export", description=COMMANDS["export"])
+    parser.add_argument("run", metavar="RUN", help="run folder")
+    parser.add_argument("--name", required=True, help="model name in the repository")
+    parser.add_argument("--repository", "-r", default="models", help="model repository root (default: models)")
+    parser.add_argument("--atol", type=float, default=1e-5, help="max abs ONNX-vs-torch difference allowed")
+    args = parser.parse_args(argv)
+    from training.export import export_run
+
+    out = export_run(args.run, args.name, args.repository, atol=args.atol)
+    print(f"wrote {out['path']} (version {out['version']}); ONNX vs torch max abs diff "
+          f"{out['max_abs_diff']:.2e} on {out['probes']} observations")
+    return 0
+
+
+def serve(argv: list[str]) -> int:
+    from serving.server import main
+
+    return main(argv)
+
+
+def rollout(argv: list[str]) -> int:
+    from serving.rollout import main
+
+    return main(argv)
+
+
+HANDLERS = {"train": train, "eval": evaluate, "export": export, "serve": serve, "rollout": rollout}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in HANDLERS:
+        lines = ["usage: batchrl COMMAND [options]   (batchrl COMMAND --help for its options)", "", "commands:"]
+        lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+        print("\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nbatchrl: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    try:
+        return HANDLERS[argv[0]](argv[1:])
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"batchrl {argv[0]}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -199,7 +199,7 @@ class Trainer:
         if resume and ckpt_path.exists():
             self._restore(load_checkpoint(self.run_dir, map_location=self.device))
         self._write_json("config.json", dataclasses.asdict(config))
-        self._write_json("version.json", {"batchrl": _package_version(), "code": code_version(),
+        self._write_json("version.json", {"batchrl": package_version(), "code": code_version(),
                                           "torch": torch.__version__})
         self._env = None
 
@@ -355,7 +355,7 @@ def plot_curve(rows: list[dict], path: Path, title: str) -> None:
     os.replace(tmp, path)
 
 
-def _package_version() -> str:
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
