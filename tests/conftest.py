@@ -1,0 +1,101 @@
+"""Shared fixtures: small Minari datasets built here (never ../shared), a tiny trained run
+and a model repository holding its export."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+PENDULUM_REF = (-1200.0, -150.0)
+
+
+def write_dataset(root: Path, dataset_id: str, episodes: list[dict], env: str = "Pendulum-v1",
+                  ref: tuple[float, float] | None = PENDULUM_REF) -> None:
+    """Write a Minari dataset under ``root`` from episode dicts of numpy arrays
+    (observations [N+1, d], actions [N, k], rewards, terminations, truncations [N])."""
+    from minari import create_dataset_from_buffers
+    from minari.data_collector import EpisodeBuffer
+
+    buffers = [EpisodeBuffer(id=i, observations=list(ep["observations"]), actions=list(ep["actions"]),
+                             rewards=list(ep["rewards"]), terminations=list(ep["terminations"]),
+                             truncations=list(ep["truncations"]), infos={})
+               for i, ep in enumerate(episodes)]
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=env, algorithm_name="test", author="batchrl tests", author_email="tests@batchrl.invalid",
+                                    description="built by the batchrl test suite", code_permalink="tests/conftest.py",
+                                    ref_min_score=ref[0] if ref else None, ref_max_score=ref[1] if ref else None,
+                                    num_episodes_average_score=1)
+    finally:
+        if old is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def pendulum_episodes(n_episodes: int, length: int, seed: int = 0) -> list[dict]:
+    """Episodes of Pendulum-v1 played by a noisy energy-pumping controller, truncated at ``length``."""
+    import gymnasium as gym
+
+    env = gym.make("Pendulum-v1", max_episode_steps=length)
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for i in range(n_episodes):
+        obs, _ = env.reset(seed=seed * 1000 + i)
+        ep = {k: [] for k in ("observations", "actions", "rewards", "terminations", "truncations")}
+        ep["observations"].append(obs)
+        done = False
+        while not done:
+            cos, sin, vel = obs
+            action = np.clip(np.array([np.sign(vel) * 1.5 - 2.0 * sin + rng.normal(0, 0.5)]), -2, 2)
+            obs, r, term, trunc, _ = env.step(action.astype(np.float32))
+            ep["observations"].append(obs)
+            ep["actions"].append(action.astype(np.float32))
+            ep["rewards"].append(r)
+            ep["terminations"].append(term)
+            ep["truncations"].append(trunc)
+            done = term or trunc
+        episodes.append({k: np.asarray(v) for k, v in ep.items()})
+    return episodes
+
+
+@pytest.fixture(scope="session")
+def minari_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("minari")
+    write_dataset(root, "test/pendulum/play-v0", pendulum_episodes(8, 100))
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("MINARI_DATASETS_PATH", None)
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = old
+
+
+@pytest.fixture(scope="session")
+def trained_run(minari_root, tmp_path_factory) -> Path:
+    """A small IQL run on the pendulum dataset (finished, with result.json)."""
+    from training.trainer import TrainConfig, Trainer
+
+    run_dir = tmp_path_factory.mktemp("runs") / "iql"
+    config = TrainConfig(algorithm="iql", dataset="test/pendulum/play-v0", steps=300, eval_every=150,
+                         eval_episodes=1, log_every=50, checkpoint_every=150, device="cpu",
+                         algo={"hidden": (32, 32), "batch_size": 64})
+    Trainer(run_dir, config, progress=False).run()
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def repository(trained_run, tmp_path_factory) -> Path:
+    """A model repository with the trained run exported twice (versions 1 and 2) as 'pendulum'."""
+    from training.export import export_run
+
+    repo = tmp_path_factory.mktemp("models")
+    export_run(trained_run, "pendulum", repo)
+    export_run(trained_run, "pendulum", repo)
+    return repo

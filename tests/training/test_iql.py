@@ -1,0 +1,130 @@
+"""IQL and BC: hand-computed losses, and a one-step task whose right answer is known."""
+import numpy as np
+import pytest
+import torch
+
+from training.algorithms import ALGORITHMS, Batch, Context
+from training.algorithms.iql import awr_weights, expectile_loss
+from training.networks import GaussianActor
+from training.trainer import algorithm_config
+
+
+def test_expectile_loss_hand_computed():
+    diff = torch.tensor([2.0, -2.0, 0.5, -0.5, 0.0])
+    # tau * d^2 above zero, (1 - tau) * d^2 below.
+    expected = torch.tensor([0.7 * 4, 0.3 * 4, 0.7 * 0.25, 0.3 * 0.25, 0.0])
+    torch.testing.assert_close(expectile_loss(diff, 0.7), expected)
+    # tau = 0.5 is half the mean squared error.
+    torch.testing.assert_close(expectile_loss(diff, 0.5), 0.5 * diff.pow(2))
+
+
+def test_expectile_minimiser_is_the_upper_expectile():
+    # For samples {0, 1} with equal mass the tau-expectile is tau.
+    v = torch.zeros((), requires_grad=True)
+    opt = torch.optim.SGD([v], lr=0.5)
+    samples = torch.tensor([0.0, 1.0])
+    for _ in range(200):
+        opt.zero_grad()
+        expectile_loss(samples - v, 0.7).mean().backward()
+        opt.step()
+    assert v.item() == pytest.approx(0.7, abs=1e-4)
+
+
+def test_awr_weights_multiply_beta_and_clip():
+    adv = torch.tensor([-1.0, 0.0, 0.5, 10.0])
+    torch.testing.assert_close(awr_weights(adv, 3.0, 100.0),
+                               torch.tensor([np.exp(-3.0), 1.0, np.exp(1.5), 100.0], dtype=torch.float32))
+
+
+def test_gaussian_log_prob_hand_computed():
+    actor = GaussianActor(2, 2, (4,))
+    with torch.no_grad():
+        actor.log_std.copy_(torch.log(torch.tensor([0.5, 2.0])))
+    obs = torch.randn(3, 2)
+    acts = torch.rand(3, 2) * 2 - 1
+    mean = actor(obs)
+    dist = torch.distributions.Normal(mean, torch.tensor([0.5, 2.0]))
+    torch.testing.assert_close(actor.log_prob(obs, acts), dist.log_prob(acts).sum(-1))
+
+
+def train_two_mode(name: str, steps: int = 1500, **overrides):
+    """One-step episodes; half the data takes a = -0.8 (reward 0), half a = +0.8 (reward 1)."""
+    torch.manual_seed(0)
+    n = 2048
+    obs = torch.randn(n, 3)
+    act = torch.where(torch.rand(n) < 0.5, -0.8, 0.8).unsqueeze(1)
+    rew = (act[:, 0] > 0).float()
+    config = algorithm_config(name, {"hidden": (64, 64), **overrides})
+    algo = ALGORITHMS[name][1](config, Context(3, 1, steps, 1.0, torch.device("cpu")))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(n, (256,), generator=gen)
+        algo.update(Batch(obs[idx], act[idx], rew[idx], obs[idx], torch.ones(256)))
+    probe = torch.randn(200, 3)
+    with torch.no_grad():
+        return algo, algo.policy()(probe).squeeze(-1), probe
+
+
+@pytest.fixture(scope="module")
+def iql_two_mode():
+    return train_two_mode("iql", normalize_rewards=False)
+
+
+def test_iql_chooses_the_better_mode(iql_two_mode):
+    _, actions, _ = iql_two_mode
+    assert actions.mean().item() > 0.6, actions.mean()
+    assert (actions > 0.4).float().mean().item() > 0.95
+
+
+def test_iql_value_is_the_upper_expectile_of_q(iql_two_mode):
+    # Q(s, +0.8) = 1 and Q(s, -0.8) = 0 with equal mass: V = the 0.7-expectile = 0.7
+    # (a flipped expectile sign would give 0.3).
+    algo, _, probe = iql_two_mode
+    with torch.no_grad():
+        v = algo.value(probe).mean().item()
+        q = torch.min(*algo.critic(probe, torch.full((200, 1), 0.8))).mean().item()
+    assert q == pytest.approx(1.0, abs=0.1)
+    assert v == pytest.approx(0.7, abs=0.08)
+
+
+def test_bc_averages_the_two_modes():
+    _, actions, _ = train_two_mode("bc")
+    assert abs(actions.mean().item()) < 0.2, actions.mean()
+
+
+def test_a_flipped_beta_would_fail_the_mode_test():
+    # The policy-improvement test is sensitive to the sign of beta: weighting by
+    # exp(-beta * A) picks the worse mode.
+    _, actions, _ = train_two_mode("iql", steps=800, normalize_rewards=False, beta=-3.0)
+    assert actions.mean().item() < -0.5
+
+
+def test_rewards_are_scaled_by_1000_over_the_return_range():
+    config = algorithm_config("iql", {"hidden": (8,)})
+    algo = ALGORITHMS["iql"][1](config, Context(3, 1, 10, 250.0, torch.device("cpu")))
+    assert algo.reward_scale == pytest.approx(4.0)
+    off = ALGORITHMS["iql"][1](algorithm_config("iql", {"hidden": (8,), "normalize_rewards": "false"}),
+                               Context(3, 1, 10, 250.0, torch.device("cpu")))
+    assert off.reward_scale == 1.0
+
+
+def test_iql_critic_target_bootstraps_through_truncation_not_termination():
+    # V is held at 5 (zero weights, bias 5, value lr 0): the critic's target must be
+    # r + 0.99 * 5 where the episode goes on (or was truncated) and r alone where it terminated.
+    torch.manual_seed(0)
+    config = algorithm_config("iql", {"hidden": (8,), "normalize_rewards": False, "value_lr": 0.0})
+    algo = ALGORITHMS["iql"][1](config, Context(2, 1, 10, 1.0, torch.device("cpu")))
+    with torch.no_grad():
+        for p in algo.value.parameters():
+            p.zero_()
+        algo.value.net[-1].bias.fill_(5.0)
+    obs = torch.randn(4, 2)
+    act = torch.rand(4, 1) * 2 - 1
+    terminals = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    with torch.no_grad():
+        q1, q2 = algo.critic(obs, act)
+    metrics = algo.update(Batch(obs, act, torch.ones(4), obs, terminals))
+    target = 1.0 + 0.99 * 5.0 * (1.0 - terminals)
+    expected = (q1 - target).pow(2).mean() + (q2 - target).pow(2).mean()
+    assert metrics["critic_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert algo.value(obs).tolist() == pytest.approx([5.0] * 4)

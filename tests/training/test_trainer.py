@@ -1,0 +1,77 @@
+"""The trainer: run folder contents, weights-only checkpoints, exact resume."""
+import json
+
+import pytest
+import torch
+
+from training.trainer import CHECKPOINT, TrainConfig, Trainer, load_checkpoint, load_policy
+
+
+def config(**kw):
+    base = dict(algorithm="iql", dataset="test/pendulum/play-v0", steps=120, eval_every=60, eval_episodes=1,
+                log_every=20, checkpoint_every=60, device="cpu", algo={"hidden": (16, 16), "batch_size": 32})
+    return TrainConfig(**{**base, **kw})
+
+
+def test_run_folder_holds_config_version_metrics_curve_checkpoint_and_result(trained_run):
+    for name in ("config.json", "version.json", "metrics.jsonl", "curve.png", CHECKPOINT, "result.json"):
+        assert (trained_run / name).is_file(), name
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [150, 300]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(50, 301, 50))
+    result = json.loads((trained_run / "result.json").read_text())
+    assert result["steps"] == 300 and result["normalized_score"] is not None
+    cfg = json.loads((trained_run / "config.json").read_text())
+    assert cfg["algo"]["expectile"] == 0.7 and cfg["algo"]["beta"] == 3.0 and cfg["algo"]["hidden"] == [32, 32]
+    assert json.loads((trained_run / "version.json").read_text())["code"]
+    assert (trained_run / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_checkpoint_loads_with_weights_only(trained_run):
+    ckpt = torch.load(trained_run / CHECKPOINT, weights_only=True)
+    assert ckpt["step"] == 300
+    assert set(ckpt["algorithm"]["modules"]) == {"actor", "critic", "value", "critic_target"}
+
+
+def test_resume_continues_exactly(minari_root, tmp_path):
+    straight = Trainer(tmp_path / "straight", config(), progress=False)
+    straight.run()
+
+    interrupted = Trainer(tmp_path / "resumed", config(), progress=False)
+    interrupted.config.steps = 60  # stop at the first checkpoint, as an interruption would
+    interrupted.run()
+    (tmp_path / "resumed" / "result.json").unlink()
+    # config.json still says 120 steps: a fresh Trainer resumes from the checkpoint at 60.
+    resumed = Trainer(tmp_path / "resumed", progress=False)
+    assert resumed.step == 60
+    resumed.run()
+
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    for group in ("actor", "critic", "value", "critic_target"):
+        for key, tensor in a["algorithm"]["modules"][group].items():
+            torch.testing.assert_close(tensor, b["algorithm"]["modules"][group][key], rtol=0, atol=0)
+    assert a["algorithm"]["schedulers"]["actor"]["last_epoch"] == b["algorithm"]["schedulers"]["actor"]["last_epoch"] == 120
+    rows_a = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "updates_per_s"} for r in rows]  # noqa: E731
+    assert strip(rows_a) == strip(rows_b)
+
+
+def test_refuses_to_overwrite_a_run(trained_run):
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(trained_run, config(), progress=False)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="unknown algorithm 'sac'"):
+        config(algorithm="sac")
+    with pytest.raises(ValueError, match="no setting 'betta'"):
+        config(algo={"betta": 1})
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        config(steps=0)
+
+
+def test_loaded_policy_acts_within_bounds(trained_run):
+    _, policy, _ = load_policy(trained_run)
+    action = policy.act([1.0, 0.0, 0.0])
+    assert action.shape == (1,) and -2.0 <= action[0] <= 2.0
