@@ -1,0 +1,45 @@
+"""Packaging contracts: import boundaries, generated code in date, the console script."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def imported_after(statement: str) -> set[str]:
+    code = f"import sys, json; {statement}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return {m.split(".")[0] for m in json.loads(out.stdout)}
+
+
+def test_server_imports_no_torch_minari_or_gymnasium():
+    mods = imported_after("import serving.server, serving.client, serving.repository")
+    assert "grpc" in mods and "onnxruntime" in mods
+    assert not {"torch", "minari", "gymnasium"} & mods
+
+
+def test_cli_imports_its_sides_lazily():
+    mods = imported_after("import batchrl.cli")
+    assert not {"torch", "minari", "gymnasium", "grpc", "onnxruntime"} & mods
+
+
+def test_training_never_imports_grpc():
+    mods = imported_after("import training.trainer, training.export")
+    assert "torch" in mods and "grpc" not in mods
+
+
+def test_generated_protos_are_up_to_date():
+    result = subprocess.run([sys.executable, "-m", "protos.generate", "--check"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_console_script_lists_commands():
+    exe = shutil.which("batchrl", path=str(Path(sys.executable).parent))
+    assert exe, "the batchrl console script is not installed beside this interpreter"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for command in ("train", "eval", "export", "serve", "rollout"):
+        assert f"  {command} " in out.stdout
