@@ -58,12 +58,15 @@ def run_job(job: Job) -> str:
 
     if (job.run_dir / RESULT).exists():
         return f"skip {job.run_dir.relative_to(ROOT)} (finished)"
-    if (job.run_dir / CHECKPOINT).exists():
-        trainer = Trainer(job.run_dir, progress=False)
-    else:
-        config = TrainConfig(algorithm=job.algorithm, dataset=job.dataset, seed=job.seed, steps=job.steps,
-                             eval_every=10_000, eval_episodes=10, checkpoint_every=5_000, device="cpu")
-        trainer = Trainer(job.run_dir, config, progress=False)
+    try:
+        if (job.run_dir / CHECKPOINT).exists():
+            trainer = Trainer(job.run_dir, progress=False)
+        else:
+            config = TrainConfig(algorithm=job.algorithm, dataset=job.dataset, seed=job.seed, steps=job.steps,
+                                 eval_every=10_000, eval_episodes=10, checkpoint_every=5_000, device="cpu")
+            trainer = Trainer(job.run_dir, config, progress=False)
+    except RuntimeError as exc:  # the run is being trained by another process
+        return f"skip {job.run_dir.relative_to(ROOT)} ({exc})"
     result = trainer.run()
     return (f"done {job.run_dir.relative_to(ROOT)}: normalised {result['normalized_score']:.1f}, "
             f"{result['updates_per_s']:.1f} updates/s")

@@ -11,6 +11,7 @@ A run folder holds:
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import subprocess
@@ -165,6 +166,18 @@ def load_policy(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, Deploy
     return config, policy.eval(), ckpt
 
 
+def lock_run(run_dir: Path):
+    """An exclusive lock on the run folder for this process's lifetime: two trainers
+    writing one run would interleave checkpoints and metrics."""
+    handle = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RuntimeError(f"run folder {run_dir} is in use by another training process") from None
+    return handle
+
+
 class Trainer:
     """Trains a new run (``config`` given) or resumes the run in ``run_dir`` (``config`` None).
 
@@ -176,6 +189,8 @@ class Trainer:
     def __init__(self, run_dir: str | Path, config: TrainConfig | None = None, progress: bool = True):
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = lock_run(self.run_dir)
         ckpt_path = self.run_dir / CHECKPOINT
         resume = config is None
         if resume:
@@ -195,7 +210,6 @@ class Trainer:
                                      self.data.action_high).to(self.device)
         self.step = 0
         self.train_seconds = 0.0
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume and ckpt_path.exists():
             self._restore(load_checkpoint(self.run_dir, map_location=self.device))
         self._write_json("config.json", dataclasses.asdict(config))
@@ -248,6 +262,17 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the run folder (run() does this when it returns)."""
+        if not self._lock.closed:
+            self._lock.close()
+
+    def _train(self) -> dict:
         cfg = self.config
         sums: dict[str, torch.Tensor] = {}
         count = 0

@@ -75,3 +75,10 @@ def test_loaded_policy_acts_within_bounds(trained_run):
     _, policy, _ = load_policy(trained_run)
     action = policy.act([1.0, 0.0, 0.0])
     assert action.shape == (1,) and -2.0 <= action[0] <= 2.0
+
+
+def test_one_trainer_per_run_folder(minari_root, tmp_path):
+    first = Trainer(tmp_path / "run", config(), progress=False)
+    with pytest.raises(RuntimeError, match="in use by another training process"):
+        Trainer(tmp_path / "run", config(), progress=False)
+    del first
