@@ -88,10 +88,7 @@ def evaluate(argv: list[str]) -> int:
     print(label)
     for i, r in enumerate(result.returns):
         print(f"episode {i + 1} (seed {args.seed + i}): return {r:.2f}")
-    line = f"mean return {result.mean_return:.2f} ± {result.std_return:.2f} over {args.episodes} episodes"
-    if result.normalized_score is not None:
-        line += f"; normalised score {result.normalized_score:.1f} ± {result.normalized_std:.1f}"
-    print(line)
+    print(result.summary())
     return 0
 
 

@@ -43,10 +43,7 @@ def rollout(server: str, model: str, env_id: str, episodes: int, seed: int, vers
             env.close()
     ref = (manifest.ref_min_score, manifest.ref_max_score) if manifest.HasField("ref_max_score") else (None, None)
     result = summarize(returns, lengths, *ref)
-    line = f"mean return {result.mean_return:.2f} ± {result.std_return:.2f} over {episodes} episodes"
-    if result.normalized_score is not None:
-        line += f"; normalised score {result.normalized_score:.1f} ± {result.normalized_std:.1f}"
-    print_fn(line)
+    print_fn(result.summary())
     return result
 
 

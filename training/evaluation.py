@@ -6,7 +6,7 @@ Depends on numpy only at import time: the rollout client reuses
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,8 +24,11 @@ class EvalResult:
     normalized_score: float | None
     normalized_std: float | None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def summary(self) -> str:
+        line = f"mean return {self.mean_return:.2f} ± {self.std_return:.2f} over {len(self.returns)} episodes"
+        if self.normalized_score is not None:
+            line += f"; normalised score {self.normalized_score:.1f} ± {self.normalized_std:.1f}"
+        return line
 
 
 def run_episodes(env, act: Act, episodes: int, seed: int, on_episode: Callable[[int, float, int], None] | None = None):
