@@ -43,3 +43,14 @@ def test_console_script_lists_commands():
     assert out.returncode == 0
     for command in ("train", "eval", "export", "serve", "rollout"):
         assert f"  {command} " in out.stdout
+
+
+def test_the_proto_check_fails_when_a_proto_changes(tmp_path):
+    shutil.copytree(ROOT / "protos", tmp_path / "protos", ignore=shutil.ignore_patterns("__pycache__"))
+    proto = tmp_path / "protos" / "batchrl" / "v1" / "policy.proto"
+    proto.write_text(proto.read_text().replace("message ListModelsRequest {}",
+                                                "message ListModelsRequest { string filter = 1; }"))
+    result = subprocess.run([sys.executable, "-m", "protos.generate", "--check"], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 1
+    assert "out of date: protos/batchrl/v1/policy_pb2.py" in result.stdout
