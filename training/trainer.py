@@ -275,7 +275,8 @@ class Trainer:
     def _train(self) -> dict:
         cfg = self.config
         sums: dict[str, torch.Tensor] = {}
-        count = 0
+        counts: dict[str, int] = {}  # per metric: some updates (e.g. delayed actors) skip some metrics
+        steps_since_log, seconds_since_log = 0, 0.0
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.algorithm} {cfg.dataset}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         tick = time.perf_counter()
@@ -283,26 +284,29 @@ class Trainer:
             metrics = self.algo.update(self.sampler.sample(self.algo.batch_size))
             for k, v in metrics.items():
                 sums[k] = sums[k] + v if k in sums else v.clone()
-            count += 1
+                counts[k] = counts.get(k, 0) + 1
             self.step += 1
+            steps_since_log += 1
             bar.update(1)
-            boundary = (self.step % cfg.log_every == 0, self.step % cfg.eval_every == 0,
-                        self.step % cfg.checkpoint_every == 0, self.step == cfg.steps)
-            if not any(boundary):
+            log, evaluate, checkpoint = (self.step % cfg.log_every == 0, self.step % cfg.eval_every == 0,
+                                         self.step % cfg.checkpoint_every == 0)
+            last = self.step == cfg.steps
+            if not (log or evaluate or checkpoint or last):
                 continue
-            now = time.perf_counter()
-            self.train_seconds += now - tick
-            if count and (boundary[0] or boundary[3]):
-                row = {k: float(v) / count for k, v in sums.items()}
-                row.update(kind="train", step=self.step, updates_per_s=count / max(now - tick, 1e-9))
+            elapsed = time.perf_counter() - tick  # training time only: evaluation and I/O are excluded
+            self.train_seconds += elapsed
+            seconds_since_log += elapsed
+            if log or last:
+                row = {k: float(v) / counts[k] for k, v in sums.items()}
+                row.update(kind="train", step=self.step, updates_per_s=steps_since_log / max(seconds_since_log, 1e-9))
                 self._log(row)
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in list(sums)[:3]})
-                sums, count = {}, 0
-            if boundary[1] or boundary[3]:
+                sums, counts, steps_since_log, seconds_since_log = {}, {}, 0, 0.0
+            if evaluate or last:
                 result = self.evaluate()
                 score = result.normalized_score if result.normalized_score is not None else result.mean_return
                 bar.set_postfix_str(f"eval {score:.1f}")
-            if boundary[2] or boundary[3]:
+            if checkpoint or last:
                 self.checkpoint()
                 self.plot()
             tick = time.perf_counter()
