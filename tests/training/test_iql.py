@@ -8,6 +8,8 @@ from training.algorithms.iql import awr_weights, expectile_loss
 from training.networks import GaussianActor
 from training.trainer import algorithm_config
 
+from tests.training.two_mode import train_two_mode
+
 
 def test_expectile_loss_hand_computed():
     diff = torch.tensor([2.0, -2.0, 0.5, -0.5, 0.0])
@@ -45,24 +47,6 @@ def test_gaussian_log_prob_hand_computed():
     mean = actor(obs)
     dist = torch.distributions.Normal(mean, torch.tensor([0.5, 2.0]))
     torch.testing.assert_close(actor.log_prob(obs, acts), dist.log_prob(acts).sum(-1))
-
-
-def train_two_mode(name: str, steps: int = 1500, **overrides):
-    """One-step episodes; half the data takes a = -0.8 (reward 0), half a = +0.8 (reward 1)."""
-    torch.manual_seed(0)
-    n = 2048
-    obs = torch.randn(n, 3)
-    act = torch.where(torch.rand(n) < 0.5, -0.8, 0.8).unsqueeze(1)
-    rew = (act[:, 0] > 0).float()
-    config = algorithm_config(name, {"hidden": (64, 64), **overrides})
-    algo = ALGORITHMS[name][1](config, Context(3, 1, steps, 1.0, torch.device("cpu")))
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(n, (256,), generator=gen)
-        algo.update(Batch(obs[idx], act[idx], rew[idx], obs[idx], torch.ones(256)))
-    probe = torch.randn(200, 3)
-    with torch.no_grad():
-        return algo, algo.policy()(probe).squeeze(-1), probe
 
 
 @pytest.fixture(scope="module")

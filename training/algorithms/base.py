@@ -45,6 +45,7 @@ class OfflineAlgorithm(ABC):
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
+        self.counters: dict[str, int] = {}  # plain integer state, e.g. the update count for delayed actors
 
     @abstractmethod
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -65,6 +66,7 @@ class OfflineAlgorithm(ABC):
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "counters": dict(self.counters),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -75,3 +77,4 @@ class OfflineAlgorithm(ABC):
                 raise ValueError(f"checkpoint {group} do not match the algorithm: {sorted(missing)}")
             for key, obj in items.items():
                 obj.load_state_dict(state[group][key])
+        self.counters.update(state["counters"])

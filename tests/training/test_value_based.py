@@ -1,0 +1,98 @@
+"""TD3+BC, CQL and BCQ: hand-checked losses, and the two-mode task each must solve."""
+import math
+
+import pytest
+import torch
+
+from tests.training.two_mode import train_two_mode
+from training.algorithms.bcq import VAE, soft_clipped_double_q, vae_loss
+from training.algorithms.cql import conservative_gap
+from training.algorithms.td3bc import td3bc_actor_loss
+from training.networks import TanhGaussianActor
+
+
+def test_td3bc_actor_loss_hand_computed():
+    q = torch.tensor([2.0, -4.0])
+    pi = torch.tensor([[0.5], [0.0]])
+    a = torch.tensor([[0.0], [1.0]])
+    loss, bc, lmbda = td3bc_actor_loss(q, pi, a, alpha=2.5)
+    assert lmbda.item() == pytest.approx(2.5 / 3.0)
+    assert bc.item() == pytest.approx((0.25 + 1.0) / 2)
+    assert loss.item() == pytest.approx(-(2.5 / 3.0) * (-1.0) + 0.625)
+
+
+def test_cql_gap_hand_computed_for_a_constant_q():
+    # Q = c everywhere: the gap is logsumexp of the negated log-densities (c cancels).
+    b, n, act_dim = 2, 10, 3
+    obs, data = torch.zeros(b, 4), torch.zeros(b, act_dim)
+    cand = torch.zeros(b, n, act_dim)
+    logp_s, logp_next = torch.full((b, n), -1.0), torch.full((b, n), 2.0)
+    gap = conservative_gap(lambda o, a: torch.full(a.shape[:-1], 7.0), obs, data, cand, cand, logp_s, cand,
+                           logp_next)
+    expected = torch.logsumexp(torch.tensor([act_dim * math.log(2.0)] * n + [1.0] * n + [-2.0] * n), 0)
+    torch.testing.assert_close(gap, torch.full((b,), expected.item()))
+
+
+def test_cql_gap_grows_when_q_is_raised_outside_the_data():
+    torch.manual_seed(0)
+    b, n, act_dim = 64, 10, 2
+    obs = torch.randn(b, 3)
+    data = torch.full((b, act_dim), 0.5)
+    uniform = torch.rand(b, n, act_dim) * 2 - 1
+    pi = torch.rand(b, n, act_dim) * 2 - 1
+    logp = torch.zeros(b, n)
+
+    def q_in_data(o, a):
+        return -(a - 0.5).pow(2).sum(-1)
+
+    def q_raised_outside(o, a):
+        return q_in_data(o, a) + 3.0 * ((a - 0.5).abs().sum(-1) > 0.2).float()
+
+    base = conservative_gap(q_in_data, obs, data, uniform, pi, logp, pi, logp).mean()
+    raised = conservative_gap(q_raised_outside, obs, data, uniform, pi, logp, pi, logp).mean()
+    assert raised > base + 2.0  # and Q at the data action is unchanged
+
+
+def test_tanh_gaussian_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    actor = TanhGaussianActor(3, 2, (16,))
+    obs = torch.randn(5, 3)
+    torch.manual_seed(1)
+    action, logp = actor.sample(obs)
+    mean, log_std = actor.trunk(obs).split(2, -1)
+    dist = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, log_std.clamp(-20, 2).exp()), [torch.distributions.TanhTransform()])
+    torch.testing.assert_close(logp, dist.log_prob(action.clamp(-1 + 1e-6, 1 - 1e-6)).sum(-1), rtol=1e-3, atol=1e-3)
+    assert action.abs().max() < 1.0
+
+
+def test_bcq_soft_clipped_double_q_hand_computed():
+    t1 = torch.tensor([[1.0, 5.0, 2.0]])
+    t2 = torch.tensor([[3.0, 4.0, 2.0]])
+    # per candidate: 0.75 * min + 0.25 * max = [1.5, 4.25, 2.0]; max over candidates 4.25
+    assert soft_clipped_double_q(t1, t2, 0.75).tolist() == [4.25]
+
+
+def test_bcq_vae_reconstructs_a_one_dimensional_action_mode():
+    torch.manual_seed(0)
+    vae = VAE(2, 1, (64, 64), latent_clip=0.5)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    obs = torch.randn(512, 2)
+    actions = (0.3 + 0.01 * torch.randn(512, 1)).clamp(-1, 1)
+    for _ in range(400):
+        recon, mean, std = vae(obs, actions)
+        loss, _, _ = vae_loss(recon, actions, mean, std, 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        samples = vae.decode(torch.randn(256, 2))
+    assert samples.mean().item() == pytest.approx(0.3, abs=0.05)
+    assert samples.std().item() < 0.05
+
+
+@pytest.mark.parametrize("name,steps,threshold", [("td3bc", 1000, 0.6), ("bcq", 800, 0.6), ("cql", 1200, 0.3)])
+def test_chooses_the_better_mode_where_bc_averages(name, steps, threshold):
+    _, actions, _ = train_two_mode(name, steps=steps)
+    assert actions.mean().item() > threshold, actions.mean()
+    assert (actions > 0).float().mean().item() > 0.95
