@@ -111,6 +111,7 @@ def publish(repository: Path, name: str, source: Path) -> tuple[int, Path]:
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; a served repository is read by others
     try:
         shutil.copyfile(source, staging / "model.onnx")
         with open(staging / "model.onnx", "rb+") as f:

@@ -82,6 +82,7 @@ def test_versions_are_integers_in_numeric_order(tmp_path):
     assert publish(repo, "m", source)[0] == 11
     assert list_versions(repo / "m") == [2, 9, 10, 11]
     assert (repo / "m" / "11" / "model.onnx").read_bytes() == b"x"
+    assert (repo / "m" / "11").stat().st_mode & 0o777 == 0o755
     assert [p.name for p in (repo / "m").iterdir() if p.name.startswith(".")] == []
 
 

@@ -77,4 +77,8 @@ class OfflineAlgorithm(ABC):
                 raise ValueError(f"checkpoint {group} do not match the algorithm: {sorted(missing)}")
             for key, obj in items.items():
                 obj.load_state_dict(state[group][key])
-        self.counters.update(state["counters"])
+        counters = state.get("counters", {})  # checkpoints written before counters existed hold none
+        if set(counters) != set(self.counters):
+            raise ValueError(f"checkpoint counters {sorted(counters)} do not match the algorithm's "
+                             f"{sorted(self.counters)}")
+        self.counters.update(counters)
