@@ -106,6 +106,16 @@ def write_table(suite: str, jobs: list[Job]) -> Path:
             "updates_per_s": float(np.mean([r["updates_per_s"] for r in results])),
             "wall_s_per_run": float(np.mean([r["train_seconds"] for r in results])),
         })
+    from training.data import load_dataset
+
+    for dataset in sorted({job.dataset for job in jobs}):
+        data = load_dataset(dataset)
+        returns = data.episode_returns
+        scores = np.asarray(data.normalized_score(returns))
+        rows.append({"dataset": dataset, "algorithm": "behaviour (dataset episodes)", "steps": 0,
+                     "seeds": [], "eval_episodes_per_seed": len(returns), "normalized_mean": float(scores.mean()),
+                     "normalized_std": float(scores.std()), "per_seed": [], "return_mean": float(returns.mean()),
+                     "updates_per_s": None, "wall_s_per_run": None})
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"suite": suite, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -113,19 +123,59 @@ def write_table(suite: str, jobs: list[Job]) -> Path:
     (RESULTS / f"{suite}.json").write_text(json.dumps(meta, indent=2) + "\n")
     lines = [f"# Benchmark `{suite}`", "",
              "Normalised score 100·(R − ref_min)/(ref_max − ref_min): mean ± std over seeds of each seed's "
-             "mean over its evaluation episodes; final policy; one CPU thread per run.", "",
+             "mean over its evaluation episodes; final policy; one CPU thread per run. The behaviour row "
+             "scores the dataset's own episodes (mean ± std over episodes).", "",
              f"Reproduce: `MINARI_DATASETS_PATH=../shared/datasets python -m benchmarks.offline --suite {suite}`", "",
              "| dataset | algorithm | steps | seeds | episodes/seed | normalised score | per seed | mean return "
              "| updates/s | wall s/run |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["dataset"], r["algorithm"])):
-        lines.append(f"| {r['dataset']} | {r['algorithm']} | {r['steps']:,} | {len(r['seeds'])} | "
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["steps"] > 0, r["algorithm"])):
+        speed = "–" if r["updates_per_s"] is None else f"{r['updates_per_s']:.1f}"
+        wall = "–" if r["wall_s_per_run"] is None else f"{r['wall_s_per_run']:.0f}"
+        steps = f"{r['steps']:,}" if r["steps"] else "–"
+        lines.append(f"| {r['dataset']} | {r['algorithm']} | {steps} | {len(r['seeds']) or '–'} | "
                      f"{r['eval_episodes_per_seed']} | {r['normalized_mean']:.1f} ± {r['normalized_std']:.1f} | "
-                     f"{', '.join(f'{s:.1f}' for s in r['per_seed'])} | {r['return_mean']:.1f} | "
-                     f"{r['updates_per_s']:.1f} | {r['wall_s_per_run']:.0f} |")
+                     f"{', '.join(f'{s:.1f}' for s in r['per_seed'])} | {r['return_mean']:.1f} | {speed} | {wall} |")
     path = RESULTS / f"{suite}.md"
+    if plot_curves(suite, jobs):
+        lines += ["", f"Learning curves (mean over seeds, shaded: min to max): `{suite}.png`."]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def plot_curves(suite: str, jobs: list[Job]) -> bool:
+    """One panel per dataset: each algorithm's evaluation score over training, averaged over seeds."""
+    curves: dict[str, dict[str, list[dict[int, float]]]] = {}
+    for job in jobs:
+        path = job.run_dir / "metrics.jsonl"
+        if not path.exists():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+        points = {r["step"]: r["normalized_score"] for r in rows if r["kind"] == "eval"}
+        if points:
+            curves.setdefault(job.dataset, {}).setdefault(job.label, []).append(points)
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4), squeeze=False)
+    for ax, (dataset, by_label) in zip(axes[0], sorted(curves.items())):
+        for label, runs in sorted(by_label.items()):
+            steps = sorted(set.intersection(*(set(r) for r in runs)))
+            values = np.array([[r[s] for s in steps] for r in runs])
+            ax.plot(steps, values.mean(0), marker="o", label=f"{label} ({len(runs)} seeds)")
+            ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+        ax.set_title(dataset)
+        ax.set_xlabel("gradient step")
+        ax.set_ylabel("normalised score (10 episodes)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{suite}.png", dpi=80)
+    plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
