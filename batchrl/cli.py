@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         return HANDLERS[argv[0]](argv[1:])
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:  # user-caused: no traceback
         print(f"batchrl {argv[0]}: error: {exc}", file=sys.stderr)
         return 1
 
