@@ -21,36 +21,32 @@ def test_td3bc_actor_loss_hand_computed():
     assert loss.item() == pytest.approx(-(2.5 / 3.0) * (-1.0) + 0.625)
 
 
-def test_cql_gap_hand_computed_for_a_constant_q():
-    # Q = c everywhere: the gap is logsumexp of the negated log-densities (c cancels).
-    b, n, act_dim = 2, 10, 3
-    obs, data = torch.zeros(b, 4), torch.zeros(b, act_dim)
-    cand = torch.zeros(b, n, act_dim)
-    logp_s, logp_next = torch.full((b, n), -1.0), torch.full((b, n), 2.0)
-    gap = conservative_gap(lambda o, a: torch.full(a.shape[:-1], 7.0), obs, data, cand, cand, logp_s, cand,
-                           logp_next)
-    expected = torch.logsumexp(torch.tensor([act_dim * math.log(2.0)] * n + [1.0] * n + [-2.0] * n), 0)
-    torch.testing.assert_close(gap, torch.full((b,), expected.item()))
+def test_cql_gap_hand_computed():
+    q_candidates = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    log_density = torch.tensor([[0.0, math.log(2.0), -1.0], [-1.0, -1.0, -1.0]])
+    q_data = torch.tensor([0.5, -2.0])
+    expected = torch.tensor([math.log(math.exp(1.0) + math.exp(2.0 - math.log(2.0)) + math.exp(4.0)) - 0.5,
+                             math.log(3 * math.exp(1.0)) + 2.0])
+    torch.testing.assert_close(conservative_gap(q_candidates, log_density, q_data), expected)
 
 
 def test_cql_gap_grows_when_q_is_raised_outside_the_data():
     torch.manual_seed(0)
-    b, n, act_dim = 64, 10, 2
-    obs = torch.randn(b, 3)
+    b, act_dim = 64, 2
     data = torch.full((b, act_dim), 0.5)
-    uniform = torch.rand(b, n, act_dim) * 2 - 1
-    pi = torch.rand(b, n, act_dim) * 2 - 1
-    logp = torch.zeros(b, n)
+    candidates = torch.rand(b, 30, act_dim) * 2 - 1
+    log_density = torch.cat([torch.full((b, 10), act_dim * math.log(0.5)), torch.zeros(b, 20)], dim=1)
 
-    def q_in_data(o, a):
+    def q_in_data(a):
         return -(a - 0.5).pow(2).sum(-1)
 
-    def q_raised_outside(o, a):
-        return q_in_data(o, a) + 3.0 * ((a - 0.5).abs().sum(-1) > 0.2).float()
+    def q_raised_outside(a):
+        return q_in_data(a) + 3.0 * ((a - 0.5).abs().sum(-1) > 0.2).float()
 
-    base = conservative_gap(q_in_data, obs, data, uniform, pi, logp, pi, logp).mean()
-    raised = conservative_gap(q_raised_outside, obs, data, uniform, pi, logp, pi, logp).mean()
-    assert raised > base + 2.0  # and Q at the data action is unchanged
+    base = conservative_gap(q_in_data(candidates), log_density, q_in_data(data)).mean()
+    raised = conservative_gap(q_raised_outside(candidates), log_density, q_raised_outside(data)).mean()
+    assert q_raised_outside(data).equal(q_in_data(data))  # Q on the data action is unchanged
+    assert raised > base + 2.0
 
 
 def test_tanh_gaussian_log_prob_matches_torch_distributions():

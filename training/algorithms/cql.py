@@ -21,7 +21,7 @@ from training.networks import TanhGaussianActor, TwinQ, soft_update
 
 @dataclass
 class CQLConfig:
-    hidden: tuple[int, ...] = (256, 256, 256)
+    hidden: tuple[int, ...] = (256, 256)  # 2 x 256 as d3rlpy; 3 x 256 runs at 4.7 updates/s on one core here
     actor_lr: float = 1e-4
     critic_lr: float = 3e-4
     alpha_lr: float = 1e-4
@@ -35,20 +35,12 @@ class CQLConfig:
     batch_size: int = 256
 
 
-def conservative_gap(q_fn, obs: torch.Tensor, data_actions: torch.Tensor, uniform: torch.Tensor,
-                     pi_s: torch.Tensor, logp_s: torch.Tensor, pi_next: torch.Tensor,
-                     logp_next: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the 3N importance-weighted candidate Q-values at s, minus Q(s, a_data); per state.
+def conservative_gap(q_candidates: torch.Tensor, log_density: torch.Tensor, q_data: torch.Tensor) -> torch.Tensor:
+    """Per state: logsumexp_j (Q(s, a_j) - log density(a_j)) - Q(s, a_data).
 
-    ``uniform``, ``pi_s`` and ``pi_next`` are [B, N, |A|]; the log-densities [B, N] are detached.
+    ``q_candidates`` and ``log_density`` are [B, 3N] (the densities detached); ``q_data`` is [B].
     """
-    b, n, act_dim = uniform.shape
-    obs_rep = obs.unsqueeze(1).expand(b, n, obs.shape[-1])
-    uniform_log_density = act_dim * math.log(0.5)
-    scored = torch.cat([q_fn(obs_rep, uniform) - uniform_log_density,
-                        q_fn(obs_rep, pi_s) - logp_s.detach(),
-                        q_fn(obs_rep, pi_next) - logp_next.detach()], dim=1)
-    return torch.logsumexp(scored, dim=1) - q_fn(obs, data_actions)
+    return torch.logsumexp(q_candidates - log_density, dim=1) - q_data
 
 
 class CQL(OfflineAlgorithm):
@@ -93,14 +85,17 @@ class CQL(OfflineAlgorithm):
             next_pi, _ = self.actor.sample(batch.next_observations)
             next_q = torch.min(*self.critic_target(batch.next_observations, next_pi))
             target = batch.rewards + cfg.discount * (1.0 - batch.terminals) * next_q
+            # 3N candidate actions per state, all scored at s, with their log-densities.
             uniform = torch.empty(b, n, self.act_dim, device=obs.device).uniform_(-1.0, 1.0)
-            pi_s, logp_s = self.actor.sample(obs.unsqueeze(1).expand(b, n, obs.shape[-1]))
-            next_rep = batch.next_observations.unsqueeze(1).expand(b, n, obs.shape[-1])
-            pi_next, logp_next = self.actor.sample(next_rep)
+            obs_rep = obs.unsqueeze(1).expand(b, n, obs.shape[-1])
+            pi_s, logp_s = self.actor.sample(obs_rep)
+            pi_next, logp_next = self.actor.sample(batch.next_observations.unsqueeze(1).expand(b, n, obs.shape[-1]))
+            candidates = torch.cat([uniform, pi_s, pi_next], dim=1)
+            log_density = torch.cat([torch.full_like(logp_s, self.act_dim * math.log(0.5)), logp_s, logp_next], dim=1)
         q1, q2 = self.critic(obs, batch.actions)
         bellman = (q1 - target).pow(2).mean() + (q2 - target).pow(2).mean()
-        gaps = [conservative_gap(lambda o, a, i=i: self.critic(o, a)[i], obs, batch.actions, uniform, pi_s, logp_s,
-                                 pi_next, logp_next).mean() for i in (0, 1)]
+        qc1, qc2 = self.critic(obs.unsqueeze(1).expand(b, 3 * n, obs.shape[-1]), candidates)
+        gaps = [conservative_gap(qc1, log_density, q1).mean(), conservative_gap(qc2, log_density, q2).mean()]
         if cfg.lagrange:
             alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
             conservative = sum(alpha_prime.detach() * cfg.min_q_weight * (g - cfg.target_action_gap) for g in gaps)
