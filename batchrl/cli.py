@@ -17,7 +17,7 @@ COMMANDS = {
 
 def train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="batchrl train", description=COMMANDS["train"])
-    parser.add_argument("--algo", help="algorithm: bc or iql")
+    parser.add_argument("--algo", help="algorithm: bc, iql, td3bc, cql or bcq")
     parser.add_argument("--dataset", help="Minari dataset id (root from MINARI_DATASETS_PATH)")
     parser.add_argument("--run-dir", help="run folder (default: runs/<dataset>/<algo>-s<seed>)")
     parser.add_argument("--steps", type=int, default=100_000, help="gradient steps (default 100000)")
