@@ -54,3 +54,13 @@ def test_the_proto_check_fails_when_a_proto_changes(tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 1
     assert "out of date: protos/batchrl/v1/policy_pb2.py" in result.stdout
+
+
+def test_train_help_names_every_registered_algorithm():
+    from training.algorithms import ALGORITHMS
+
+    out = subprocess.run([sys.executable, "-m", "batchrl.cli", "train", "--help"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert out.returncode == 0
+    for name in ALGORITHMS:
+        assert name in out.stdout
