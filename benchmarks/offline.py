@@ -56,8 +56,8 @@ SUITES: dict[str, list[Job]] = {
                   [0, 1]),
     # What was tried when default IQL stayed below BC on the medium sets: a flatter
     # advantage weighting (lower inverse temperature beta).
-    "slice-beta": grid({"iql": 100_000}, ["bench/hopper/medium-v0"], [0, 1], (("beta", "1.0"),))
-    + grid({"iql": 100_000}, ["bench/halfcheetah/medium-v0"], [0], (("beta", "1.0"),)),
+    "slice-beta": grid({"iql": 100_000}, ["bench/hopper/medium-v0", "bench/halfcheetah/medium-v0"], [0, 1],
+                       (("beta", "1.0"),)),
     # Issue 3: the value-based algorithms on the replay sets, where offline RL must beat cloning.
     # CQL and BCQ run 25k steps (about 8-20 updates/s on one core), the rest 100k.
     "value-based": grid({"cql": 25_000, "bcq": 25_000, "iql": 100_000, "td3bc": 100_000, "bc": 100_000},
