@@ -68,3 +68,13 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     assert result.returncode == 1 and "is not a run folder" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("frobnicate")
     assert result.returncode == 2 and "unknown command 'frobnicate'" in result.stderr
+
+
+def test_cli_eval_of_a_run_reproduces_its_final_evaluation(trained_run):
+    import json
+
+    result = json.loads((trained_run / "result.json").read_text())
+    out = run_cli("eval", str(trained_run), "--episodes", "1", "--seed", "0")
+    assert out.returncode == 0, out.stderr
+    assert "(iql, step 300)" in out.stdout
+    assert f"mean return {result['return_mean']:.2f}" in out.stdout
