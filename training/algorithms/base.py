@@ -39,9 +39,10 @@ class OfflineAlgorithm(ABC):
     """
 
     name: ClassVar[str]
-    batch_size: int
 
-    def __init__(self) -> None:
+    def __init__(self, config) -> None:
+        self.config = config
+        self.batch_size: int = config.batch_size
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}

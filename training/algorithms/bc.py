@@ -20,8 +20,7 @@ class BC(OfflineAlgorithm):
     name = "bc"
 
     def __init__(self, config: BCConfig, ctx: Context):
-        super().__init__()
-        self.batch_size = config.batch_size
+        super().__init__(config)
         self.actor = GaussianActor(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
         self.modules = {"actor": self.actor}
         self.optimizers = {"actor": torch.optim.Adam(self.actor.parameters(), lr=config.lr)}

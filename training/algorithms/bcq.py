@@ -132,9 +132,7 @@ class BCQ(OfflineAlgorithm):
     name = "bcq"
 
     def __init__(self, config: BCQConfig, ctx: Context):
-        super().__init__()
-        self.config = config
-        self.batch_size = config.batch_size
+        super().__init__(config)
         self.vae = VAE(ctx.obs_dim, ctx.act_dim, config.vae_hidden, config.latent_clip).to(ctx.device)
         self.actor = Perturbation(ctx.obs_dim, ctx.act_dim, config.actor_hidden, config.phi).to(ctx.device)
         self.critic = TwinQ(ctx.obs_dim, ctx.act_dim, config.critic_hidden).to(ctx.device)

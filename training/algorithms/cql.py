@@ -47,9 +47,7 @@ class CQL(OfflineAlgorithm):
     name = "cql"
 
     def __init__(self, config: CQLConfig, ctx: Context):
-        super().__init__()
-        self.config = config
-        self.batch_size = config.batch_size
+        super().__init__(config)
         self.act_dim = ctx.act_dim
         self.actor = TanhGaussianActor(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
         self.critic = TwinQ(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)

@@ -45,9 +45,7 @@ class IQL(OfflineAlgorithm):
     name = "iql"
 
     def __init__(self, config: IQLConfig, ctx: Context):
-        super().__init__()
-        self.config = config
-        self.batch_size = config.batch_size
+        super().__init__(config)
         self.reward_scale = 1000.0 / max(ctx.return_range, 1e-6) if config.normalize_rewards else 1.0
         self.actor = GaussianActor(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
         self.critic = TwinQ(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)

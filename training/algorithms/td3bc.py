@@ -39,9 +39,7 @@ class TD3BC(OfflineAlgorithm):
     name = "td3bc"
 
     def __init__(self, config: TD3BCConfig, ctx: Context):
-        super().__init__()
-        self.config = config
-        self.batch_size = config.batch_size
+        super().__init__(config)
         self.actor = DeterministicActor(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
         self.critic = TwinQ(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
