@@ -93,15 +93,17 @@ def evaluate(argv: list[str]) -> int:
 
 
 def _model_file(target: Path) -> tuple[Path, int]:
+    from protos.contract import MODEL_FILE, version_dirs
+
     if target.is_file():
         return target, int(target.parent.name) if target.parent.name.isdigit() else 0
-    if (target / "model.onnx").is_file():
-        return target / "model.onnx", int(target.name) if target.name.isdigit() else 0
-    versions = sorted(int(p.name) for p in target.iterdir() if p.name.isdigit()) if target.is_dir() else []
-    if not versions:
-        raise SystemExit(f"{target} is neither a run folder (config.json) nor a model (model.onnx, or "
+    if (target / MODEL_FILE).is_file():
+        return target / MODEL_FILE, int(target.name) if target.name.isdigit() else 0
+    complete = [v for v, folder in version_dirs(target).items() if (folder / MODEL_FILE).is_file()]
+    if not complete:
+        raise SystemExit(f"{target} is neither a run folder (config.json) nor a model ({MODEL_FILE}, or "
                          "version folders holding one)")
-    return target / str(versions[-1]) / "model.onnx", versions[-1]
+    return target / str(complete[-1]) / MODEL_FILE, complete[-1]
 
 
 def _eval_env(env_override: str | None, dataset_id: str, env_id: str | None):

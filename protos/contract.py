@@ -1,9 +1,24 @@
-"""Contract details that are not messages: how the manifest rides inside an ONNX file."""
+"""Contract details that are not messages: the model repository layout and how the
+manifest rides inside an ONNX file."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from google.protobuf import json_format
 
 from protos.batchrl.v1 import manifest_pb2
+
+# models/<name>/<integer version>/model.onnx: training writes it, serving reads it.
+MODEL_FILE = "model.onnx"
+
+
+def version_dirs(model_dir: Path) -> dict[int, Path]:
+    """{version: folder} for every integer-named folder in ``model_dir``, in numeric order."""
+    if not model_dir.is_dir():
+        return {}
+    found = {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+    return dict(sorted(found.items()))
+
 
 # ONNX metadata_props key holding the manifest, as the JSON form of ModelManifest.
 MANIFEST_KEY = "batchrl.manifest"

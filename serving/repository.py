@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from protos.contract import MODEL_FILE, version_dirs
 from serving.runtime import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -15,10 +16,10 @@ def scan(root: Path) -> dict[str, dict[int, Path]]:
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} does not exist")
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = {int(v.name): v / "model.onnx" for v in model_dir.iterdir()
-                    if v.is_dir() and v.name.isdigit() and (v / "model.onnx").is_file()}
+        versions = {v: folder / MODEL_FILE for v, folder in version_dirs(model_dir).items()
+                    if (folder / MODEL_FILE).is_file()}
         if versions:
-            found[model_dir.name] = dict(sorted(versions.items()))
+            found[model_dir.name] = versions
     return found
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,14 @@ class LoadedModel:
     @property
     def action_shape(self) -> tuple[int, ...]:
         return tuple(self.manifest.action_space.shape)
+
+    @cached_property
+    def action_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) shaped like one action; computed once, not per request."""
+        space = self.manifest.action_space
+        shape = self.action_shape
+        return (np.asarray(space.low, dtype=np.float32).reshape(shape),
+                np.asarray(space.high, dtype=np.float32).reshape(shape))
 
     def run(self, observations: np.ndarray) -> np.ndarray:
         return self.session.run(["actions"], {"observations": observations})[0]

@@ -66,9 +66,7 @@ def add_noise(model: LoadedModel, actions: np.ndarray, sampling: policy_pb2.Samp
         return actions
     rng = np.random.default_rng(sampling.seed if sampling.HasField("seed") else None)
     noisy = actions + rng.normal(0.0, sampling.noise_std, size=actions.shape).astype(np.float32)
-    low = np.asarray(model.manifest.action_space.low, dtype=np.float32).reshape(model.action_shape)
-    high = np.asarray(model.manifest.action_space.high, dtype=np.float32).reshape(model.action_shape)
-    return np.clip(noisy, low, high)
+    return np.clip(noisy, *model.action_bounds)
 
 
 class PolicyService(policy_pb2_grpc.PolicyServiceServicer):

@@ -22,7 +22,7 @@ import torch
 from google.protobuf import json_format
 
 from protos.batchrl.v1 import manifest_pb2
-from protos.contract import MANIFEST_KEY, manifest_to_json
+from protos.contract import MANIFEST_KEY, MODEL_FILE, manifest_to_json, version_dirs
 from training.data import OfflineDataset, load_dataset
 from training.trainer import RESULT, code_version, load_policy, package_version
 
@@ -94,9 +94,8 @@ def max_parity_error(policy: torch.nn.Module, path: Path, observations: np.ndarr
 
 
 def list_versions(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    """Every version number taken in ``model_dir``, complete or not."""
+    return list(version_dirs(model_dir))
 
 
 def publish(repository: Path, name: str, source: Path) -> tuple[int, Path]:
@@ -113,14 +112,14 @@ def publish(repository: Path, name: str, source: Path) -> tuple[int, Path]:
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     staging.chmod(0o755)  # mkdtemp makes it owner-only; a served repository is read by others
     try:
-        shutil.copyfile(source, staging / "model.onnx")
-        with open(staging / "model.onnx", "rb+") as f:
+        shutil.copyfile(source, staging / MODEL_FILE)
+        with open(staging / MODEL_FILE, "rb+") as f:
             os.fsync(f.fileno())
         while True:
             version = (list_versions(model_dir) or [0])[-1] + 1
             try:
                 os.rename(staging, model_dir / str(version))
-                return version, model_dir / str(version) / "model.onnx"
+                return version, model_dir / str(version) / MODEL_FILE
             except OSError:
                 if not (model_dir / str(version)).exists():
                     raise
@@ -138,7 +137,7 @@ def export_run(run_dir: str | Path, name: str, repository: str | Path = "models"
     manifest = build_manifest(config, data, int(ckpt["step"]), result)
     observations = probe_observations(data, probes)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
+        path = Path(tmp) / MODEL_FILE
         to_onnx(policy, data.obs_dim, path, manifest)
         error = max_parity_error(policy, path, observations)
         if not error <= atol:
