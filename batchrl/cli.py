@@ -17,7 +17,7 @@ COMMANDS = {
 
 def train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="batchrl train", description=COMMANDS["train"])
-    parser.add_argument("--algo", help="algorithm: bc, iql, td3bc, cql or bcq")
+    parser.add_argument("--algo", help="algorithm: bc, iql, td3bc, cql, bcq or dt (Decision Transformer)")
     parser.add_argument("--dataset", help="Minari dataset id (root from MINARI_DATASETS_PATH)")
     parser.add_argument("--run-dir", help="run folder (default: runs/<dataset>/<algo>-s<seed>)")
     parser.add_argument("--steps", type=int, default=100_000, help="gradient steps (default 100000)")
@@ -65,22 +65,31 @@ def evaluate(argv: list[str]) -> int:
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0, help="episode i is reset with seed SEED + i")
     parser.add_argument("--env", help="Gymnasium id to use instead of the dataset's evaluation environment")
+    parser.add_argument("--target-return", type=float, default=None,
+                        help="sequence policies: the return to condition on (default: the model's own)")
     args = parser.parse_args(argv)
     from training.evaluation import evaluate as run_eval
+    from training.evaluation import sequence_agent, stateless
 
     target = Path(args.target)
     if (target / "config.json").exists():
-        from training.trainer import load_policy
+        from training.trainer import load_policy, policy_act
 
         config, policy, ckpt = load_policy(target)
-        act, dataset_id, env_id = policy.act, config.dataset, None
+        if args.target_return is not None:
+            policy.target_return = args.target_return
+        act, dataset_id, env_id = policy_act(policy), config.dataset, None
         label = f"run {target} ({config.algorithm}, step {int(ckpt['step'])})"
     else:
         from serving.runtime import load_model
 
         path, version = _model_file(target)
         model = load_model(target.name, version, path, ["CPUExecutionProvider"])
-        act = lambda obs: model.run(obs[None])[0]  # noqa: E731
+        if model.is_sequence:
+            goal = model.manifest.default_target_return if args.target_return is None else args.target_return
+            act = sequence_agent(model.run, model.context_spec, goal)
+        else:
+            act = stateless(lambda obs: model.run({"observations": obs[None]})[0])
         dataset_id, env_id = model.manifest.dataset_id, model.manifest.env_id
         label = f"model {path} ({model.manifest.algorithm}, onnxruntime CPU)"
     env, ref = _eval_env(args.env, dataset_id, env_id)

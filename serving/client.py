@@ -1,6 +1,8 @@
 """A Python client for the policy service."""
 from __future__ import annotations
 
+import queue
+
 import grpc
 import numpy as np
 
@@ -32,6 +34,24 @@ class PolicyClient:
     def list_models(self) -> list[policy_pb2.ModelInfo]:
         return list(self.stub.ListModels(policy_pb2.ListModelsRequest(), timeout=self.timeout).models)
 
+    # -- sessions (sequence policies) ----------------------------------------
+    def open_session(self, model: str, version: int | None = None,
+                     target_return: float | None = None) -> policy_pb2.OpenSessionResponse:
+        return self.stub.OpenSession(open_request(model, version, target_return), timeout=self.timeout)
+
+    def step(self, session_id: str, observation: np.ndarray, reward: float | None = None) -> np.ndarray:
+        """One observation -> the session's action; ``reward`` is what the previous action earned."""
+        return decode(self.stub.Step(step_request(observation, reward, session_id), timeout=self.timeout).action,
+                      "action")
+
+    def close_session(self, session_id: str) -> int:
+        return self.stub.CloseSession(policy_pb2.CloseSessionRequest(session_id=session_id),
+                                      timeout=self.timeout).steps
+
+    def episode(self, model: str, version: int | None = None, target_return: float | None = None) -> "Episode":
+        """An Episode stream: one session for one episode, closed when the stream ends."""
+        return Episode(self.stub, open_request(model, version, target_return))
+
     def wait_ready(self, timeout: float = 10.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
@@ -39,6 +59,53 @@ class PolicyClient:
         self.channel.close()
 
     def __enter__(self) -> "PolicyClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_request(model: str, version: int | None, target_return: float | None) -> policy_pb2.OpenSessionRequest:
+    request = policy_pb2.OpenSessionRequest(model=model)
+    if version is not None:
+        request.version = version
+    if target_return is not None:
+        request.target_return = target_return
+    return request
+
+
+def step_request(observation: np.ndarray, reward: float | None, session_id: str = "") -> policy_pb2.StepRequest:
+    request = policy_pb2.StepRequest(session_id=session_id, observation=encode(observation))
+    if reward is not None:
+        request.reward = reward
+    return request
+
+
+class Episode:
+    """``with client.episode("hopper-dt") as ep: action = ep.step(obs); action = ep.step(obs, reward)``."""
+
+    _END = object()
+
+    def __init__(self, stub: policy_pb2_grpc.PolicyServiceStub, request: policy_pb2.OpenSessionRequest):
+        self._requests: queue.Queue = queue.Queue()
+        self._call = stub.Episode(iter(self._requests.get, self._END))
+        self._requests.put(policy_pb2.EpisodeRequest(open=request))
+        self.opened: policy_pb2.OpenSessionResponse = next(self._call).opened
+
+    def step(self, observation: np.ndarray, reward: float | None = None) -> np.ndarray:
+        self._requests.put(policy_pb2.EpisodeRequest(step=step_request(observation, reward)))
+        return decode(next(self._call).step.action, "action")
+
+    def close(self) -> None:
+        """End the stream (the server closes the session)."""
+        self._requests.put(self._END)
+        for _ in self._call:  # drain to the end of the stream
+            pass
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __enter__(self) -> "Episode":
         return self
 
     def __exit__(self, *exc) -> None:

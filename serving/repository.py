@@ -30,12 +30,12 @@ class Registry:
         self.models = models
 
     @classmethod
-    def load(cls, root: str | Path, providers: list, threads: int = 1) -> "Registry":
+    def load(cls, root: str | Path, providers: list, threads: int = 1, max_batch_rows: int = 1024) -> "Registry":
         models: dict[str, dict[int, LoadedModel]] = {}
         for name, versions in scan(Path(root)).items():
             for version, path in versions.items():
                 try:
-                    model = load_model(name, version, path, providers, threads)
+                    model = load_model(name, version, path, providers, threads, max_batch_rows)
                 except ValueError as exc:
                     log.error("skipping %s version %d: %s", name, version, exc)
                     continue

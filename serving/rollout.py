@@ -8,8 +8,8 @@ import argparse
 
 import numpy as np
 
-from serving.client import PolicyClient
-from training.evaluation import run_episodes, summarize
+from serving.client import Episode, PolicyClient
+from training.evaluation import Act, run_episodes, summarize
 
 
 def served_manifest(client: PolicyClient, model: str, version: int | None):
@@ -23,23 +23,52 @@ def served_manifest(client: PolicyClient, model: str, version: int | None):
     raise SystemExit(f"model {model!r} is not served at this address")
 
 
+class EpisodeStreams:
+    """A sequence policy as an ``Act``: one Episode stream (one server session) per episode."""
+
+    def __init__(self, client: PolicyClient, model: str, version: int | None, target_return: float | None):
+        self.client, self.model, self.version, self.target_return = client, model, version, target_return
+        self.episode: Episode | None = None
+
+    def __call__(self, observation: np.ndarray, reward: float | None) -> np.ndarray:
+        if reward is None:  # a new episode starts
+            self.close()
+            self.episode = self.client.episode(self.model, self.version, self.target_return)
+        return self.episode.step(observation, reward)
+
+    def close(self) -> None:
+        if self.episode is not None:
+            self.episode.close()
+            self.episode = None
+
+
 def rollout(server: str, model: str, env_id: str, episodes: int, seed: int, version: int | None = None,
-            print_fn=print):
+            print_fn=print, target_return: float | None = None):
     import gymnasium as gym
 
     with PolicyClient(server) as client:
         client.wait_ready()
         manifest = served_manifest(client, model, version)
         env = gym.make(env_id)
-        try:
-            def act(obs: np.ndarray) -> np.ndarray:
-                return client.act(model, obs[None], version=version)[0]
+        streams = None
+        if manifest.context_length > 0:
+            streams = EpisodeStreams(client, model, version, target_return)
+            act: Act = streams
+        else:
+            if target_return is not None:
+                raise SystemExit(f"model {model!r} is a feed-forward policy: --target-return applies only to "
+                                 "sequence policies")
 
+            def act(obs: np.ndarray, reward: float | None) -> np.ndarray:
+                return client.act(model, obs[None], version=version)[0]
+        try:
             returns, lengths = run_episodes(
                 env, act, episodes, seed,
                 on_episode=lambda i, r, n: print_fn(f"episode {i + 1}/{episodes} (seed {seed + i}): "
                                                     f"return {r:.2f} over {n} steps"))
         finally:
+            if streams is not None:
+                streams.close()
             env.close()
     ref = (manifest.ref_min_score, manifest.ref_max_score) if manifest.HasField("ref_max_score") else (None, None)
     result = summarize(returns, lengths, *ref)
@@ -56,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="episode i is reset with seed SEED + i")
     parser.add_argument("--server", default="127.0.0.1:50051", help="server address host:port")
+    parser.add_argument("--target-return", type=float, default=None,
+                        help="sequence policies: the return to condition on (default: the model's own)")
     args = parser.parse_args(argv)
     env_id = args.env
     if env_id is None:
         with PolicyClient(args.server) as client:
             env_id = served_manifest(client, args.model, args.version).env_id
-    rollout(args.server, args.model, env_id, args.episodes, args.seed, args.version)
+    rollout(args.server, args.model, env_id, args.episodes, args.seed, args.version,
+            target_return=args.target_return)
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -11,6 +11,11 @@ import numpy as np
 import onnxruntime as ort
 from protos.batchrl.v1 import manifest_pb2
 from protos.contract import MANIFEST_KEY, manifest_from_json
+from protos.sequence import OUTPUT as SEQUENCE_OUTPUT
+from protos.sequence import SEQUENCE_INPUTS, ContextSpec
+from serving.batcher import Batcher, Feeds
+
+FEED_FORWARD_INPUTS, FEED_FORWARD_OUTPUT = ("observations",), "actions"
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +70,29 @@ class LoadedModel:
     path: Path
     session: ort.InferenceSession
     manifest: manifest_pb2.ModelManifest
+    max_batch_rows: int = 1024
+    batcher: Batcher = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.batcher = Batcher(self.run, self.max_batch_rows)
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
+
+    @property
+    def is_sequence(self) -> bool:
+        """A sequence policy (Decision Transformer): served through sessions, not Act."""
+        return self.manifest.context_length > 0
+
+    @cached_property
+    def context_spec(self) -> ContextSpec:
+        return ContextSpec(int(np.prod(self.observation_shape)), int(np.prod(self.action_shape)),
+                           self.manifest.context_length, self.manifest.max_timestep)
+
+    @property
+    def output_name(self) -> str:
+        return SEQUENCE_OUTPUT if self.is_sequence else FEED_FORWARD_OUTPUT
 
     @property
     def observation_shape(self) -> tuple[int, ...]:
@@ -86,11 +110,28 @@ class LoadedModel:
         return (np.asarray(space.low, dtype=np.float32).reshape(shape),
                 np.asarray(space.high, dtype=np.float32).reshape(shape))
 
-    def run(self, observations: np.ndarray) -> np.ndarray:
-        return self.session.run(["actions"], {"observations": observations})[0]
+    def run(self, feeds: Feeds) -> np.ndarray:
+        """One onnxruntime run, now (in-process callers and the batcher)."""
+        return self.session.run([self.output_name], feeds)[0]
+
+    def infer(self, feeds: Feeds) -> np.ndarray:
+        """Through the model's batcher: concurrent callers share one run (the server's path)."""
+        return self.batcher.submit(feeds)
+
+    def warm_up_feeds(self) -> Feeds:
+        if not self.is_sequence:
+            return {"observations": np.zeros((1, *self.observation_shape), dtype=np.float32)}
+        spec, k = self.context_spec, self.manifest.context_length
+        mask = np.zeros((1, k), np.int64)
+        mask[0, -1] = 1
+        return {"states": np.zeros((1, k, spec.obs_dim), np.float32),
+                "actions": np.zeros((1, k, spec.act_dim), np.float32),
+                "returns_to_go": np.zeros((1, k, 1), np.float32), "timesteps": np.zeros((1, k), np.int64),
+                "attention_mask": mask}
 
 
-def load_model(name: str, version: int, path: Path, providers: list, threads: int = 1) -> LoadedModel:
+def load_model(name: str, version: int, path: Path, providers: list, threads: int = 1,
+               max_batch_rows: int = 1024) -> LoadedModel:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -99,11 +140,15 @@ def load_model(name: str, version: int, path: Path, providers: list, threads: in
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
         raise ValueError(f"{path}: onnxruntime cannot load it: {exc}") from exc
-    model = LoadedModel(name, version, path, session, read_manifest(session, path))
-    inputs = [i.name for i in session.get_inputs()]
-    if inputs != ["observations"]:
-        raise ValueError(f"{path}: inputs {inputs}, expected ['observations'] "
-                         f"(algorithm {model.manifest.algorithm!r} is not served by Act)")
+    model = LoadedModel(name, version, path, session, read_manifest(session, path), max_batch_rows)
+    inputs = tuple(i.name for i in session.get_inputs())
+    outputs = tuple(o.name for o in session.get_outputs())
+    expected = (SEQUENCE_INPUTS, SEQUENCE_OUTPUT) if model.is_sequence else (FEED_FORWARD_INPUTS,
+                                                                             FEED_FORWARD_OUTPUT)
+    if inputs != expected[0] or outputs != (expected[1],):
+        kind = "a sequence policy" if model.is_sequence else "a feed-forward policy"
+        raise ValueError(f"{path}: inputs {list(inputs)} and outputs {list(outputs)}; the manifest says "
+                         f"{kind}, which takes {list(expected[0])} and returns [{expected[1]!r}]")
     # Warm-up: the first real request should not pay for lazy initialisation.
-    model.run(np.zeros((1, *model.observation_shape), dtype=np.float32))
+    model.run(model.warm_up_feeds())
     return model

@@ -1,4 +1,5 @@
-"""The gRPC policy server: Act and ListModels, plus grpc.health.v1 and reflection.
+"""The gRPC policy server: Act, ListModels and sequence-policy sessions, plus grpc.health.v1
+and reflection.
 
 Imports neither torch, minari nor gymnasium: a serving image stays small and
 starts fast.
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from protos.batchrl.v1 import policy_pb2, policy_pb2_grpc
 from serving.repository import Registry
 from serving.runtime import LoadedModel, choose_providers
+from serving.sessions import Session, SessionNotFound, SessionStore, TooManySessions
 from serving.tensors import decode, encode
 
 log = logging.getLogger("batchrl.serve")
@@ -33,28 +35,30 @@ class RequestError(Exception):
         self.code = code
 
 
-def validate_observations(model: LoadedModel, request: policy_pb2.ActRequest) -> np.ndarray:
-    if not request.HasField("observations"):
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "observations are missing")
+def decode_observations(model: LoadedModel, tensor: policy_pb2.Tensor, what: str, batched: bool) -> np.ndarray:
+    """Decode and check observations: [batch, *obs_shape] when ``batched``, else one [*obs_shape]."""
     try:
-        obs = decode(request.observations, "observations")
+        obs = decode(tensor, what)
     except ValueError as exc:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
     expected = model.observation_shape
-    if obs.ndim != 1 + len(expected) or obs.shape[1:] != expected:
+    wanted = f"[batch, {', '.join(map(str, expected))}]" if batched else list(expected)
+    if obs.shape[int(batched):] != expected or obs.ndim != len(expected) + int(batched):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"observations have shape {list(obs.shape)}; model {model.name!r} expects "
-                           f"[batch, {', '.join(map(str, expected))}]")
-    if obs.shape[0] == 0:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "observations hold an empty batch (batch size 0)")
-    if obs.shape[0] > MAX_BATCH:
+                           f"{what} have shape {list(obs.shape)}; model {model.name!r} expects {wanted}")
+    if batched and obs.shape[0] == 0:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{what} hold an empty batch (batch size 0)")
+    if batched and obs.shape[0] > MAX_BATCH:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"batch size {obs.shape[0]} exceeds the maximum of {MAX_BATCH}")
     finite = np.isfinite(obs)
     if not finite.all():
-        row, col = map(int, np.argwhere(~finite)[0])
+        where = tuple(int(i) for i in np.argwhere(~finite)[0])
+        element = where[int(batched):]
+        element = element[0] if len(element) == 1 else list(element)
+        label = f"row {where[0]}, element {element}" if batched else f"element {element}"
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"observations must be finite: row {row}, element {col} is {obs[row, col]}")
+                           f"{what} must be finite: {label} is {obs[where]}")
     return obs
 
 
@@ -69,9 +73,22 @@ def add_noise(model: LoadedModel, actions: np.ndarray, sampling: policy_pb2.Samp
     return np.clip(noisy, *model.action_bounds)
 
 
+def guarded(context: grpc.ServicerContext, what: str, handler):
+    """Run ``handler``; a RequestError becomes its status, anything else INTERNAL (logged):
+    one bad request must never take the server down."""
+    try:
+        return handler()
+    except RequestError as exc:
+        context.abort(exc.code, str(exc))
+    except Exception:  # noqa: BLE001
+        log.exception("%s failed", what)
+        context.abort(grpc.StatusCode.INTERNAL, f"{what} failed inside the server; see the server log")
+
+
 class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, sessions: SessionStore):
         self.registry = registry
+        self.sessions = sessions
 
     def _model(self, name: str, version: int | None) -> LoadedModel:
         try:
@@ -79,18 +96,23 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         except LookupError as exc:
             raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
 
+    # -- feed-forward policies ---------------------------------------------
     def Act(self, request: policy_pb2.ActRequest, context: grpc.ServicerContext) -> policy_pb2.ActResponse:
-        try:
-            model = self._model(request.model, request.version if request.HasField("version") else None)
-            obs = validate_observations(model, request)
-            actions = model.run(obs)
-            if request.HasField("sampling"):
-                actions = add_noise(model, actions, request.sampling)
-        except RequestError as exc:
-            context.abort(exc.code, str(exc))
-        except Exception:  # noqa: BLE001 - one bad request must never take the server down
-            log.exception("Act failed for model %r", request.model)
-            context.abort(grpc.StatusCode.INTERNAL, f"model {request.model!r} failed to run; see the server log")
+        return guarded(context, f"Act on model {request.model!r}", lambda: self._act(request))
+
+    def _act(self, request: policy_pb2.ActRequest) -> policy_pb2.ActResponse:
+        model = self._model(request.model, request.version if request.HasField("version") else None)
+        if model.is_sequence:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"model {model.name!r} version {model.version} is a sequence policy "
+                               f"({model.manifest.algorithm}): it keeps per-episode context, so open a session "
+                               "(OpenSession, then Step) or an Episode stream instead of calling Act")
+        if not request.HasField("observations"):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "observations are missing")
+        obs = decode_observations(model, request.observations, "observations", batched=True)
+        actions = model.infer({"observations": obs})
+        if request.HasField("sampling"):
+            actions = add_noise(model, actions, request.sampling)
         return policy_pb2.ActResponse(model=model.name, version=model.version, actions=encode(actions))
 
     def ListModels(self, request, context) -> policy_pb2.ListModelsResponse:
@@ -101,11 +123,126 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                 info.versions.add(version=version, manifest=model.manifest, providers=model.providers)
         return response
 
+    # -- sequence policies: sessions ---------------------------------------
+    def OpenSession(self, request: policy_pb2.OpenSessionRequest, context) -> policy_pb2.OpenSessionResponse:
+        return guarded(context, f"OpenSession on model {request.model!r}", lambda: self._open(request)[1])
 
-def build_server(registry: Registry, address: str = "127.0.0.1:0", workers: int = 16) -> tuple[grpc.Server, int]:
-    """A configured, not yet started, server bound to ``address``; returns it and the bound port."""
+    def Step(self, request: policy_pb2.StepRequest, context) -> policy_pb2.StepResponse:
+        return guarded(context, "Step", lambda: self._step(self._session(request.session_id), request))
+
+    def CloseSession(self, request: policy_pb2.CloseSessionRequest, context) -> policy_pb2.CloseSessionResponse:
+        def close():
+            session = self.sessions.close(request.session_id)
+            if session is None:
+                self._session(request.session_id)  # raises NOT_FOUND, saying whether it expired
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {request.session_id!r} is closed")
+            return policy_pb2.CloseSessionResponse(steps=session.context.t)
+
+        return guarded(context, "CloseSession", close)
+
+    def Episode(self, request_iterator, context):
+        """One stream, one episode: open, step..., and the session closes when the stream ends."""
+        opened: list[Session] = []
+
+        def release():
+            while opened:
+                self.sessions.close(opened.pop().id)
+
+        context.add_callback(release)  # also runs when the client cancels mid-episode
+        try:
+            for request in request_iterator:
+                kind = request.WhichOneof("kind")
+                if kind == "open":
+                    if opened:
+                        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                      f"this stream already has session {opened[0].id}: one stream is one "
+                                      "episode; start a new stream for the next one")
+                    session, response = guarded(context, "Episode open", lambda: self._open(request.open))
+                    opened.append(session)
+                    yield policy_pb2.EpisodeResponse(opened=response)
+                elif kind == "step":
+                    if not opened:
+                        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                      "the first message of an Episode stream must be `open`")
+                    step = guarded(context, "Episode step",
+                                   lambda: self._step(self._session(opened[0].id), request.step))
+                    yield policy_pb2.EpisodeResponse(step=step)
+                else:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty EpisodeRequest: set `open` or `step`")
+        finally:
+            release()
+
+    def _open(self, request: policy_pb2.OpenSessionRequest) -> tuple[Session, policy_pb2.OpenSessionResponse]:
+        model = self._model(request.model, request.version if request.HasField("version") else None)
+        if not model.is_sequence:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"model {model.name!r} version {model.version} is a feed-forward policy "
+                               f"({model.manifest.algorithm}): call Act, sessions are for sequence policies")
+        if request.HasField("target_return"):
+            target = request.target_return
+        elif model.manifest.HasField("default_target_return"):
+            target = model.manifest.default_target_return
+        else:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"model {model.name!r} has no default target return: set target_return")
+        try:
+            session = self.sessions.open(model, target)
+        except ValueError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"target_return: {exc}") from None
+        except TooManySessions as exc:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        return session, policy_pb2.OpenSessionResponse(
+            session_id=session.id, model=model.name, version=model.version,
+            context_length=model.manifest.context_length, target_return=target)
+
+    def _session(self, session_id: str) -> Session:
+        try:
+            return self.sessions.get(session_id)
+        except SessionNotFound as exc:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+
+    def _step(self, session: Session, request: policy_pb2.StepRequest) -> policy_pb2.StepResponse:
+        if not request.HasField("observation"):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "observation is missing")
+        obs = decode_observations(session.model, request.observation, "observation", batched=False)
+        reward = request.reward if request.HasField("reward") else None
+        with session.lock:
+            try:
+                feeds = session.context.inputs(obs, reward)
+            except ValueError as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            action = session.model.infer(feeds)[0]
+            session.context.advance(obs, reward, action)
+            timestep, rtg = session.context.t - 1, session.context.return_to_go
+        return policy_pb2.StepResponse(action=encode(action.reshape(session.model.action_shape)),
+                                       timestep=timestep, return_to_go=rtg)
+
+
+def start_sweeper(sessions: SessionStore, stop: threading.Event) -> threading.Thread:
+    """Evict idle sessions in the background, so an abandoned session does not pin its model forever."""
+    interval = min(30.0, sessions.idle_timeout / 2)
+
+    def sweep():
+        while not stop.wait(interval):
+            evicted = sessions.evict_idle()
+            if evicted:
+                log.info("evicted %d idle session(s)", evicted)
+
+    thread = threading.Thread(target=sweep, name="batchrl-session-sweeper", daemon=True)
+    thread.start()
+    return thread
+
+
+def build_server(registry: Registry, address: str = "127.0.0.1:0", workers: int = 64,
+                 sessions: SessionStore | None = None) -> tuple[grpc.Server, int]:
+    """A configured, not yet started, server bound to ``address``; returns it and the bound port.
+
+    Each open Episode stream holds one worker thread for its lifetime, so ``workers``
+    bounds the concurrent streams (unary Steps hold one only while they run).
+    """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchrl"))
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyService(registry), server)
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyService(registry, sessions or SessionStore()),
+                                                        server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", SERVICE_NAME):
@@ -127,19 +264,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: CUDA when a GPU is usable, else CPU")
     parser.add_argument("--device-id", type=int, default=0, help="CUDA device index")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per model")
-    parser.add_argument("--workers", type=int, default=16, help="gRPC worker threads")
+    parser.add_argument("--workers", type=int, default=64,
+                        help="gRPC worker threads (each open Episode stream holds one)")
+    parser.add_argument("--max-batch", type=int, default=1024,
+                        help="most observations (or session steps) one model run gathers (default 1024)")
+    parser.add_argument("--max-sessions", type=int, default=1024, help="most open sessions (default 1024)")
+    parser.add_argument("--session-timeout", type=float, default=300.0,
+                        help="seconds without a Step after which a session is evicted (default 300)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     providers = choose_providers(args.device, args.device_id)
-    registry = Registry.load(Path(args.repository), providers, args.threads)
+    registry = Registry.load(Path(args.repository), providers, args.threads, args.max_batch)
     if not registry.models:
         log.warning("no models loaded from %s", args.repository)
-    server, port = build_server(registry, args.address, args.workers)
+    sessions = SessionStore(args.max_sessions, args.session_timeout)
+    server, port = build_server(registry, args.address, args.workers, sessions)
     server.start()
+    stop = threading.Event()
+    start_sweeper(sessions, stop)
     in_use = sorted({p for versions in registry.models.values() for m in versions.values() for p in m.providers})
     log.info("serving %d model(s) on %s (port %d); onnxruntime providers in use: %s",
              sum(len(v) for v in registry.models.values()), args.address, port, ", ".join(in_use) or "none")
-    stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()

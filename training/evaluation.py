@@ -10,9 +10,33 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protos.sequence import ContextSpec, RollingContext
 from training.data import normalized_score
 
-Act = Callable[[np.ndarray], np.ndarray]
+# act(observation, reward) -> action. ``reward`` is what the previous action earned, None on the
+# first step of an episode: stateful (sequence) policies start a new context there.
+Act = Callable[[np.ndarray, "float | None"], np.ndarray]
+
+
+def stateless(act_one: Callable[[np.ndarray], np.ndarray]) -> Act:
+    """A feed-forward policy (observation -> action) as an ``Act``."""
+    return lambda observation, reward: act_one(observation)
+
+
+def sequence_agent(run: Callable[[dict], np.ndarray], spec: ContextSpec, target_return: float) -> Act:
+    """A sequence policy as an ``Act``: a rolling context per episode, ``run`` maps the graph
+    inputs to actions [1, act_dim] (torch in process, onnxruntime for an exported model)."""
+    state: dict[str, RollingContext] = {}
+
+    def act(observation: np.ndarray, reward: float | None) -> np.ndarray:
+        if reward is None:
+            state["context"] = RollingContext(spec, target_return)
+        context = state["context"]
+        action = run(context.inputs(observation, reward))[0]
+        context.advance(observation, reward, action)
+        return action
+
+    return act
 
 
 @dataclass(frozen=True)
@@ -42,11 +66,12 @@ def run_episodes(env, act: Act, episodes: int, seed: int, on_episode: Callable[[
     returns, lengths = [], []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
-        total, steps, done = 0.0, 0, False
+        total, steps, done, reward = 0.0, 0, False, None
         while not done:
-            action = act(np.asarray(obs, dtype=np.float32))
+            action = act(np.asarray(obs, dtype=np.float32), reward)
             obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
+            reward = float(reward)
+            total += reward
             steps += 1
             done = terminated or truncated
         returns.append(total)

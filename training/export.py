@@ -23,7 +23,10 @@ from google.protobuf import json_format
 
 from protos.batchrl.v1 import manifest_pb2
 from protos.contract import MANIFEST_KEY, MODEL_FILE, manifest_to_json, version_dirs
+from protos import sequence
+from protos.sequence import SEQUENCE_INPUTS, ContextSpec, RollingContext
 from training.data import OfflineDataset, load_dataset
+from training.policy import DeployedSequencePolicy
 from training.trainer import RESULT, code_version, load_policy, package_version
 
 OPSET = 17
@@ -47,7 +50,41 @@ def probe_observations(data: OfflineDataset, n: int = 1000, seed: int = 0) -> np
     return np.concatenate([from_data, around]).astype(np.float32)
 
 
-def build_manifest(config, data: OfflineDataset, steps: int, result: dict | None) -> manifest_pb2.ModelManifest:
+def probe_contexts(data: OfflineDataset, context_length: int, max_timestep: int, episodes: int = 4,
+                   steps: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rolling contexts built from dataset episodes, as the server builds them: every
+    length from 1 to K (the first K steps) and full windows further in, stacked on the batch axis.
+
+    The dataset's own actions and rewards fill the context, with the episode's return as the target.
+    """
+    rng = np.random.default_rng(seed)
+    steps = 3 * context_length if steps is None else steps
+    spec = ContextSpec(data.obs_dim, data.act_dim, context_length, max_timestep)
+    chosen = rng.choice(len(data.episode_starts), size=min(episodes, len(data.episode_starts)), replace=False)
+    batches: list[dict[str, np.ndarray]] = []
+    for e in chosen:
+        start, length = int(data.episode_starts[e]), int(data.episode_lengths[e])
+        context = RollingContext(spec, float(data.rewards[start:start + length].sum()))
+        reward = None
+        for t in range(start, start + min(length, steps)):
+            batches.append(context.inputs(data.observations[t], reward))
+            context.advance(data.observations[t], reward, data.actions[t])
+            reward = float(data.rewards[t])
+    return {k: np.concatenate([b[k] for b in batches]) for k in SEQUENCE_INPUTS}
+
+
+def output_name(policy: torch.nn.Module) -> str:
+    return sequence.OUTPUT if isinstance(policy, DeployedSequencePolicy) else "actions"
+
+
+def probe_inputs(policy: torch.nn.Module, data: OfflineDataset, probes: int) -> dict[str, np.ndarray]:
+    if isinstance(policy, DeployedSequencePolicy):
+        return probe_contexts(data, policy.context_length, policy.max_timestep)
+    return {"observations": probe_observations(data, probes)}
+
+
+def build_manifest(config, data: OfflineDataset, steps: int, result: dict | None,
+                   policy: torch.nn.Module | None = None) -> manifest_pb2.ModelManifest:
     m = manifest_pb2.ModelManifest(
         algorithm=config.algorithm, dataset_id=config.dataset, env_id=data.env_id, training_steps=steps,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), batchrl_version=package_version(),
@@ -61,6 +98,9 @@ def build_manifest(config, data: OfflineDataset, steps: int, result: dict | None
     m.action_space.high.extend(data.action_high.tolist())
     if data.ref_min_score is not None and data.ref_max_score is not None:
         m.ref_min_score, m.ref_max_score = data.ref_min_score, data.ref_max_score
+    if isinstance(policy, DeployedSequencePolicy):
+        m.context_length, m.max_timestep = policy.context_length, policy.max_timestep
+        m.return_scale, m.default_target_return = policy.return_scale, policy.target_return
     if result is not None and result.get("steps") == steps:
         m.mean_return = result["return_mean"]
         if result.get("normalized_score") is not None:
@@ -68,12 +108,17 @@ def build_manifest(config, data: OfflineDataset, steps: int, result: dict | None
     return m
 
 
-def to_onnx(policy: torch.nn.Module, obs_dim: int, path: Path, manifest: manifest_pb2.ModelManifest) -> None:
+def to_onnx(policy: torch.nn.Module, example: dict[str, np.ndarray], path: Path,
+            manifest: manifest_pb2.ModelManifest) -> None:
+    """Export with the inputs named and shaped as ``example`` (one row is enough), batch axis dynamic."""
     # The TorchScript exporter (dynamo=False) on purpose: it needs no onnxscript and
     # its dynamic_axes give a symbolic batch dimension that tests exercise.
+    names = list(example)
+    output = output_name(policy)
+    args = tuple(torch.as_tensor(example[k][:1]) for k in names)
     torch.onnx.export(
-        policy, (torch.zeros(1, obs_dim),), str(path), input_names=["observations"], output_names=["actions"],
-        dynamic_axes={"observations": {0: "batch"}, "actions": {0: "batch"}}, opset_version=OPSET, dynamo=False,
+        policy, args, str(path), input_names=names, output_names=[output],
+        dynamic_axes={k: {0: "batch"} for k in [*names, output]}, opset_version=OPSET, dynamo=False,
     )
     model = onnx.load(str(path))
     model.metadata_props.add(key=MANIFEST_KEY, value=manifest_to_json(manifest))
@@ -81,13 +126,14 @@ def to_onnx(policy: torch.nn.Module, obs_dim: int, path: Path, manifest: manifes
     onnx.save(model, str(path))
 
 
-def max_parity_error(policy: torch.nn.Module, path: Path, observations: np.ndarray) -> float:
+def max_parity_error(policy: torch.nn.Module, path: Path, inputs: dict[str, np.ndarray]) -> float:
+    """Max abs difference between onnxruntime (CPU) and torch on the same inputs."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(["actions"], {"observations": observations})[0]
+    got = session.run([output_name(policy)], inputs)[0]
     with torch.no_grad():
-        want = policy(torch.from_numpy(observations)).numpy()
+        want = policy(*(torch.from_numpy(v) for v in inputs.values())).numpy()
     if got.shape != want.shape:
         raise ExportMismatch(f"ONNX output shape {got.shape} != torch output shape {want.shape}")
     return float(np.max(np.abs(got - want)))
@@ -134,15 +180,16 @@ def export_run(run_dir: str | Path, name: str, repository: str | Path = "models"
     data = load_dataset(config.dataset)
     result_path = Path(run_dir) / RESULT
     result = json.loads(result_path.read_text()) if result_path.exists() else None
-    manifest = build_manifest(config, data, int(ckpt["step"]), result)
-    observations = probe_observations(data, probes)
+    manifest = build_manifest(config, data, int(ckpt["step"]), result, policy)
+    inputs = probe_inputs(policy, data, probes)
+    count = len(next(iter(inputs.values())))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / MODEL_FILE
-        to_onnx(policy, data.obs_dim, path, manifest)
-        error = max_parity_error(policy, path, observations)
+        to_onnx(policy, inputs, path, manifest)
+        error = max_parity_error(policy, path, inputs)
         if not error <= atol:
             raise ExportMismatch(f"ONNX and torch actions differ by {error:.3g} (> {atol:g}) on "
-                                 f"{len(observations)} observations; nothing was written")
+                                 f"{count} probe inputs; nothing was written")
         version, final = publish(Path(repository), name, path)
     return {"name": name, "version": version, "path": str(final), "max_abs_diff": error,
-            "probes": len(observations), "manifest": json_format.MessageToDict(manifest)}
+            "probes": count, "manifest": json_format.MessageToDict(manifest)}

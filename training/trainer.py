@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from training.algorithms import ALGORITHMS, Batch, Context, OfflineAlgorithm
+from protos.sequence import ContextSpec
+from training.algorithms import ALGORITHMS, Context, OfflineAlgorithm
 from training.data import OfflineDataset, load_dataset
-from training.evaluation import evaluate, make_eval_env
-from training.policy import DeployedPolicy, scale_actions
+from training.evaluation import Act, evaluate, make_eval_env, sequence_agent, stateless
+from training.policy import DeployedPolicy, DeployedSequencePolicy
+from training.sampling import ReplaySampler, SegmentSampler
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -72,6 +75,11 @@ def algorithm_config(name: str, overrides: dict[str, typing.Any]):
 
 def _coerce(hint, value, key: str):
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        origin = typing.get_origin(hint)
     try:
         if origin is tuple:
             items = value.split(",") if isinstance(value, str) else value
@@ -111,26 +119,33 @@ def build_algorithm(config: TrainConfig, obs_dim: int, act_dim: int, return_rang
     return cls(algorithm_config(config.algorithm, config.algo), ctx)
 
 
-class ReplaySampler:
-    """Uniform minibatches of transitions held on the training device."""
+def make_sampler(algo: OfflineAlgorithm, data: OfflineDataset, obs_mean: np.ndarray, obs_std: np.ndarray,
+                 device: torch.device, seed: int):
+    if algo.batch_kind == "segments":
+        cfg = algo.config
+        return SegmentSampler(data, obs_mean, obs_std, device, seed, cfg.context_length, cfg.max_timestep,
+                              cfg.return_scale)
+    return ReplaySampler(data, obs_mean, obs_std, device, seed)
 
-    def __init__(self, data: OfflineDataset, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device,
-                 seed: int):
-        def put(x):
-            return torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=device)
 
-        self.obs = put((data.observations - obs_mean) / obs_std)
-        self.next_obs = put((data.next_observations - obs_mean) / obs_std)
-        self.actions = put(scale_actions(data.actions, data.action_low, data.action_high))
-        self.rewards = put(data.rewards)
-        self.terminals = put(data.terminations)
-        self.size = data.size
-        self.device = device
-        self.generator = torch.Generator().manual_seed(seed)
+def deployed_policy(algo: OfflineAlgorithm, obs_mean: np.ndarray, obs_std: np.ndarray, action_low: np.ndarray,
+                    action_high: np.ndarray, best_return: float) -> DeployedPolicy:
+    """The algorithm's acting path wrapped with normalisation and action scaling."""
+    if algo.batch_kind == "segments":
+        cfg = algo.config
+        target = best_return if cfg.target_return is None else cfg.target_return
+        return DeployedSequencePolicy(algo.policy(), obs_mean, obs_std, action_low, action_high,
+                                      cfg.context_length, cfg.max_timestep, cfg.return_scale, target)
+    return DeployedPolicy(algo.policy(), obs_mean, obs_std, action_low, action_high)
 
-    def sample(self, batch_size: int) -> Batch:
-        idx = torch.randint(self.size, (batch_size,), generator=self.generator).to(self.device)
-        return Batch(self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminals[idx])
+
+def policy_act(policy: DeployedPolicy) -> Act:
+    """The deployed policy as an evaluation ``Act`` (a rolling context per episode for sequence models)."""
+    if isinstance(policy, DeployedSequencePolicy):
+        spec = ContextSpec(int(policy.obs_mean.numel()), int(policy.action_low.numel()), policy.context_length,
+                           policy.max_timestep)
+        return sequence_agent(policy.run, spec, policy.target_return)
+    return stateless(policy.act)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -161,8 +176,9 @@ def load_policy(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, Deploy
     algo = build_algorithm(config, int(norm["obs_mean"].numel()), int(norm["action_low"].numel()),
                            float(ckpt["return_range"]), torch.device(device))
     algo.load_state_dict(ckpt["algorithm"])
-    policy = DeployedPolicy(algo.policy(), norm["obs_mean"].cpu().numpy(), norm["obs_std"].cpu().numpy(),
-                            norm["action_low"].cpu().numpy(), norm["action_high"].cpu().numpy()).to(device)
+    policy = deployed_policy(algo, norm["obs_mean"].cpu().numpy(), norm["obs_std"].cpu().numpy(),
+                             norm["action_low"].cpu().numpy(), norm["action_high"].cpu().numpy(),
+                             float(ckpt.get("best_return", float("nan")))).to(device)
     return config, policy.eval(), ckpt
 
 
@@ -204,10 +220,11 @@ class Trainer:
         self.obs_mean, self.obs_std = self.data.observation_stats()
         returns = self.data.episode_returns
         self.return_range = float(returns.max() - returns.min())
+        self.best_return = float(returns.max())
         self.algo = build_algorithm(config, self.data.obs_dim, self.data.act_dim, self.return_range, self.device)
-        self.sampler = ReplaySampler(self.data, self.obs_mean, self.obs_std, self.device, config.seed)
-        self.policy = DeployedPolicy(self.algo.policy(), self.obs_mean, self.obs_std, self.data.action_low,
-                                     self.data.action_high).to(self.device)
+        self.sampler = make_sampler(self.algo, self.data, self.obs_mean, self.obs_std, self.device, config.seed)
+        self.policy = deployed_policy(self.algo, self.obs_mean, self.obs_std, self.data.action_low,
+                                      self.data.action_high, self.best_return).to(self.device)
         self.step = 0
         self.train_seconds = 0.0
         if resume and ckpt_path.exists():
@@ -223,6 +240,7 @@ class Trainer:
             "step": self.step,
             "train_seconds": self.train_seconds,
             "return_range": self.return_range,
+            "best_return": self.best_return,  # a sequence policy's default target return
             "algorithm": self.algo.state_dict(),
             "sampler_rng": self.sampler.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -253,7 +271,7 @@ class Trainer:
         if self._env is None:
             self._env = make_eval_env(self.config.dataset)
         self.policy.eval()
-        result = evaluate(self._env, self.policy.act, self.config.eval_episodes, self.config.eval_seed,
+        result = evaluate(self._env, policy_act(self.policy), self.config.eval_episodes, self.config.eval_seed,
                           self.data.ref_min_score, self.data.ref_max_score)
         self._log({"kind": "eval", "step": self.step, "return_mean": result.mean_return,
                    "return_std": result.std_return, "normalized_score": result.normalized_score,

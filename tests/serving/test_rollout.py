@@ -25,7 +25,7 @@ def test_served_rollout_equals_in_process_evaluation(repository):
         server.stop(grace=None)
     session = ort.InferenceSession(str(repository / "pendulum" / "2" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
-    returns, _ = run_episodes(gym.make("Pendulum-v1"), lambda o: session.run(None, {"observations": o[None]})[0][0],
+    returns, _ = run_episodes(gym.make("Pendulum-v1"), lambda o, _: session.run(None, {"observations": o[None]})[0][0],
                               3, 11)
     assert served.returns == returns  # bit-for-bit: same float32 inputs, same graph
     assert len(lines) == 4 and "normalised score" in lines[-1]

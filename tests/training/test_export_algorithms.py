@@ -68,7 +68,7 @@ def test_bcq_graph_holds_its_latents_and_they_can_be_overridden(exported, tmp_pa
 
     policy.policy.latents = torch.full_like(policy.policy.latents, 0.25)
     path = tmp_path / "override.onnx"
-    to_onnx(policy, 3, path, manifest_pb2.ModelManifest(algorithm="bcq"))
+    to_onnx(policy, {"observations": obs.numpy()}, path, manifest_pb2.ModelManifest(algorithm="bcq"))
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"observations": obs.numpy()})[0]
     with torch.no_grad():
         want = policy(obs).numpy()

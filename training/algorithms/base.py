@@ -21,6 +21,22 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class SegmentBatch:
+    """A minibatch of K-step episode segments for sequence models, left-padded.
+
+    states normalised, actions in [-1, 1], returns_to_go divided by the return
+    scale [B, K, 1], timesteps [B, K] int64, mask [B, K] (1 real step, 0 padding).
+    Padding holds zeros.
+    """
+
+    states: torch.Tensor
+    actions: torch.Tensor
+    returns_to_go: torch.Tensor
+    timesteps: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Context:
     """What an algorithm may know about the dataset and the run when it is built."""
 
@@ -39,6 +55,7 @@ class OfflineAlgorithm(ABC):
     """
 
     name: ClassVar[str]
+    batch_kind: ClassVar[str] = "transitions"  # or "segments" (sequence models): which sampler feeds update()
 
     def __init__(self, config) -> None:
         self.config = config
@@ -49,12 +66,13 @@ class OfflineAlgorithm(ABC):
         self.counters: dict[str, int] = {}  # plain integer state, e.g. the update count for delayed actors
 
     @abstractmethod
-    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """One gradient step; returns detached scalar metrics (read on the host only when logged)."""
+    def update(self, batch) -> dict[str, torch.Tensor]:
+        """One gradient step on a Batch (or a SegmentBatch); returns detached scalar metrics (read on the host only when logged)."""
 
     @abstractmethod
     def policy(self) -> nn.Module:
-        """The deterministic acting path: normalised observations -> actions in [-1, 1]."""
+        """The deterministic acting path: normalised observations -> actions in [-1, 1]
+        (sequence models: the normalised context -> the last step's action)."""
 
     def step_optimizer(self, name: str, loss: torch.Tensor) -> None:
         opt = self.optimizers[name]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.batchrl.v1 import manifest_pb2 as batchrl_dot_v1_dot_manifest__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61tchrl/v1/policy.proto\x12\nbatchrl.v1\x1a\x19\x62\x61tchrl/v1/manifest.proto\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"9\n\x08Sampling\x12\x11\n\tnoise_std\x18\x01 \x01(\x02\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x8f\x01\n\nActRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12(\n\x0cobservations\x18\x03 \x01(\x0b\x32\x12.batchrl.v1.Tensor\x12&\n\x08sampling\x18\x04 \x01(\x0b\x32\x14.batchrl.v1.SamplingB\n\n\x08_version\"R\n\x0b\x41\x63tResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12#\n\x07\x61\x63tions\x18\x03 \x01(\x0b\x32\x12.batchrl.v1.Tensor\"\x13\n\x11ListModelsRequest\"_\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12+\n\x08manifest\x18\x02 \x01(\x0b\x32\x19.batchrl.v1.ModelManifest\x12\x11\n\tproviders\x18\x03 \x03(\t\"^\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x02 \x01(\x03\x12*\n\x08versions\x18\x03 \x03(\x0b\x32\x18.batchrl.v1.ModelVersion\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.batchrl.v1.ModelInfo2\x94\x01\n\rPolicyService\x12\x36\n\x03\x41\x63t\x12\x16.batchrl.v1.ActRequest\x1a\x17.batchrl.v1.ActResponse\x12K\n\nListModels\x12\x1d.batchrl.v1.ListModelsRequest\x1a\x1e.batchrl.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62\x61tchrl/v1/policy.proto\x12\nbatchrl.v1\x1a\x19\x62\x61tchrl/v1/manifest.proto\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"9\n\x08Sampling\x12\x11\n\tnoise_std\x18\x01 \x01(\x02\x12\x11\n\x04seed\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x8f\x01\n\nActRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12(\n\x0cobservations\x18\x03 \x01(\x0b\x32\x12.batchrl.v1.Tensor\x12&\n\x08sampling\x18\x04 \x01(\x0b\x32\x14.batchrl.v1.SamplingB\n\n\x08_version\"R\n\x0b\x41\x63tResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12#\n\x07\x61\x63tions\x18\x03 \x01(\x0b\x32\x12.batchrl.v1.Tensor\"\x13\n\x11ListModelsRequest\"_\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12+\n\x08manifest\x18\x02 \x01(\x0b\x32\x19.batchrl.v1.ModelManifest\x12\x11\n\tproviders\x18\x03 \x03(\t\"^\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x02 \x01(\x03\x12*\n\x08versions\x18\x03 \x03(\x0b\x32\x18.batchrl.v1.ModelVersion\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.batchrl.v1.ModelInfo\"s\n\x12OpenSessionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x1a\n\rtarget_return\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\n\n\x08_versionB\x10\n\x0e_target_return\"x\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\x05\x12\x15\n\rtarget_return\x18\x05 \x01(\x01\"j\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x0bobservation\x18\x02 \x01(\x0b\x32\x12.batchrl.v1.Tensor\x12\x13\n\x06reward\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_reward\"Z\n\x0cStepResponse\x12\"\n\x06\x61\x63tion\x18\x01 \x01(\x0b\x32\x12.batchrl.v1.Tensor\x12\x10\n\x08timestep\x18\x02 \x01(\x03\x12\x14\n\x0creturn_to_go\x18\x03 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\x14\x43loseSessionResponse\x12\r\n\x05steps\x18\x01 \x01(\x03\"q\n\x0e\x45pisodeRequest\x12.\n\x04open\x18\x01 \x01(\x0b\x32\x1e.batchrl.v1.OpenSessionRequestH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.batchrl.v1.StepRequestH\x00\x42\x06\n\x04kind\"v\n\x0f\x45pisodeResponse\x12\x31\n\x06opened\x18\x01 \x01(\x0b\x32\x1f.batchrl.v1.OpenSessionResponseH\x00\x12(\n\x04step\x18\x02 \x01(\x0b\x32\x18.batchrl.v1.StepResponseH\x00\x42\x06\n\x04kind2\xba\x03\n\rPolicyService\x12\x36\n\x03\x41\x63t\x12\x16.batchrl.v1.ActRequest\x1a\x17.batchrl.v1.ActResponse\x12K\n\nListModels\x12\x1d.batchrl.v1.ListModelsRequest\x1a\x1e.batchrl.v1.ListModelsResponse\x12N\n\x0bOpenSession\x12\x1e.batchrl.v1.OpenSessionRequest\x1a\x1f.batchrl.v1.OpenSessionResponse\x12\x39\n\x04Step\x12\x17.batchrl.v1.StepRequest\x1a\x18.batchrl.v1.StepResponse\x12Q\n\x0c\x43loseSession\x12\x1f.batchrl.v1.CloseSessionRequest\x1a .batchrl.v1.CloseSessionResponse\x12\x46\n\x07\x45pisode\x12\x1a.batchrl.v1.EpisodeRequest\x1a\x1b.batchrl.v1.EpisodeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +48,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO']._serialized_end=606
   _globals['_LISTMODELSRESPONSE']._serialized_start=608
   _globals['_LISTMODELSRESPONSE']._serialized_end=667
-  _globals['_POLICYSERVICE']._serialized_start=670
-  _globals['_POLICYSERVICE']._serialized_end=818
+  _globals['_OPENSESSIONREQUEST']._serialized_start=669
+  _globals['_OPENSESSIONREQUEST']._serialized_end=784
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=786
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=906
+  _globals['_STEPREQUEST']._serialized_start=908
+  _globals['_STEPREQUEST']._serialized_end=1014
+  _globals['_STEPRESPONSE']._serialized_start=1016
+  _globals['_STEPRESPONSE']._serialized_end=1106
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1108
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1149
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1151
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1188
+  _globals['_EPISODEREQUEST']._serialized_start=1190
+  _globals['_EPISODEREQUEST']._serialized_end=1303
+  _globals['_EPISODERESPONSE']._serialized_start=1305
+  _globals['_EPISODERESPONSE']._serialized_end=1423
+  _globals['_POLICYSERVICE']._serialized_start=1426
+  _globals['_POLICYSERVICE']._serialized_end=1868
 # @@protoc_insertion_point(module_scope)

@@ -74,3 +74,75 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("model", "version", "target_return")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_RETURN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    target_return: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., target_return: _Optional[float] = ...) -> None: ...
+
+class OpenSessionResponse(_message.Message):
+    __slots__ = ("session_id", "model", "version", "context_length", "target_return")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_RETURN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    model: str
+    version: int
+    context_length: int
+    target_return: float
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., context_length: _Optional[int] = ..., target_return: _Optional[float] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("session_id", "observation", "reward")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    observation: Tensor
+    reward: float
+    def __init__(self, session_id: _Optional[str] = ..., observation: _Optional[_Union[Tensor, _Mapping]] = ..., reward: _Optional[float] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("action", "timestep", "return_to_go")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEP_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TO_GO_FIELD_NUMBER: _ClassVar[int]
+    action: Tensor
+    timestep: int
+    return_to_go: float
+    def __init__(self, action: _Optional[_Union[Tensor, _Mapping]] = ..., timestep: _Optional[int] = ..., return_to_go: _Optional[float] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    def __init__(self, steps: _Optional[int] = ...) -> None: ...
+
+class EpisodeRequest(_message.Message):
+    __slots__ = ("open", "step")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    open: OpenSessionRequest
+    step: StepRequest
+    def __init__(self, open: _Optional[_Union[OpenSessionRequest, _Mapping]] = ..., step: _Optional[_Union[StepRequest, _Mapping]] = ...) -> None: ...
+
+class EpisodeResponse(_message.Message):
+    __slots__ = ("opened", "step")
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    opened: OpenSessionResponse
+    step: StepResponse
+    def __init__(self, opened: _Optional[_Union[OpenSessionResponse, _Mapping]] = ..., step: _Optional[_Union[StepResponse, _Mapping]] = ...) -> None: ...

@@ -26,8 +26,7 @@ if _version_not_supported:
 
 
 class PolicyServiceStub:
-    """Feed-forward policies answer Act; sequence policies (Decision Transformer)
-    will be served through per-client sessions added beside these RPCs.
+    """Feed-forward policies answer Act; sequence policies answer through sessions.
     """
 
     def __init__(self, channel):
@@ -46,11 +45,30 @@ class PolicyServiceStub:
                 request_serializer=batchrl_dot_v1_dot_policy__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=batchrl_dot_v1_dot_policy__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_unary(
+                '/batchrl.v1.PolicyService/OpenSession',
+                request_serializer=batchrl_dot_v1_dot_policy__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=batchrl_dot_v1_dot_policy__pb2.OpenSessionResponse.FromString,
+                _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/batchrl.v1.PolicyService/Step',
+                request_serializer=batchrl_dot_v1_dot_policy__pb2.StepRequest.SerializeToString,
+                response_deserializer=batchrl_dot_v1_dot_policy__pb2.StepResponse.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/batchrl.v1.PolicyService/CloseSession',
+                request_serializer=batchrl_dot_v1_dot_policy__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=batchrl_dot_v1_dot_policy__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
+        self.Episode = channel.stream_stream(
+                '/batchrl.v1.PolicyService/Episode',
+                request_serializer=batchrl_dot_v1_dot_policy__pb2.EpisodeRequest.SerializeToString,
+                response_deserializer=batchrl_dot_v1_dot_policy__pb2.EpisodeResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
-    """Feed-forward policies answer Act; sequence policies (Decision Transformer)
-    will be served through per-client sessions added beside these RPCs.
+    """Feed-forward policies answer Act; sequence policies answer through sessions.
     """
 
     def Act(self, request, context):
@@ -60,6 +78,30 @@ class PolicyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Step(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Episode(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +120,26 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     request_deserializer=batchrl_dot_v1_dot_policy__pb2.ListModelsRequest.FromString,
                     response_serializer=batchrl_dot_v1_dot_policy__pb2.ListModelsResponse.SerializeToString,
             ),
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=batchrl_dot_v1_dot_policy__pb2.OpenSessionRequest.FromString,
+                    response_serializer=batchrl_dot_v1_dot_policy__pb2.OpenSessionResponse.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=batchrl_dot_v1_dot_policy__pb2.StepRequest.FromString,
+                    response_serializer=batchrl_dot_v1_dot_policy__pb2.StepResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=batchrl_dot_v1_dot_policy__pb2.CloseSessionRequest.FromString,
+                    response_serializer=batchrl_dot_v1_dot_policy__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'Episode': grpc.stream_stream_rpc_method_handler(
+                    servicer.Episode,
+                    request_deserializer=batchrl_dot_v1_dot_policy__pb2.EpisodeRequest.FromString,
+                    response_serializer=batchrl_dot_v1_dot_policy__pb2.EpisodeResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'batchrl.v1.PolicyService', rpc_method_handlers)
@@ -87,8 +149,7 @@ def add_PolicyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PolicyService:
-    """Feed-forward policies answer Act; sequence policies (Decision Transformer)
-    will be served through per-client sessions added beside these RPCs.
+    """Feed-forward policies answer Act; sequence policies answer through sessions.
     """
 
     @staticmethod
@@ -135,6 +196,114 @@ class PolicyService:
             '/batchrl.v1.PolicyService/ListModels',
             batchrl_dot_v1_dot_policy__pb2.ListModelsRequest.SerializeToString,
             batchrl_dot_v1_dot_policy__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/batchrl.v1.PolicyService/OpenSession',
+            batchrl_dot_v1_dot_policy__pb2.OpenSessionRequest.SerializeToString,
+            batchrl_dot_v1_dot_policy__pb2.OpenSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/batchrl.v1.PolicyService/Step',
+            batchrl_dot_v1_dot_policy__pb2.StepRequest.SerializeToString,
+            batchrl_dot_v1_dot_policy__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/batchrl.v1.PolicyService/CloseSession',
+            batchrl_dot_v1_dot_policy__pb2.CloseSessionRequest.SerializeToString,
+            batchrl_dot_v1_dot_policy__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Episode(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/batchrl.v1.PolicyService/Episode',
+            batchrl_dot_v1_dot_policy__pb2.EpisodeRequest.SerializeToString,
+            batchrl_dot_v1_dot_policy__pb2.EpisodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,103 @@
+"""The input contract of sequence policies (the Decision Transformer): a rolling context.
+
+An exported sequence model takes the last K steps of an episode, left-padded,
+and returns the action for the last step. The server's sessions and the
+in-process evaluation both build those inputs with ``RollingContext``, so a
+served episode and a local one feed the graph exactly the same arrays.
+Numpy only: both sides import it.
+
+Graph inputs (batch axis first, K = the manifest's context_length):
+  states          float32 [B, K, obs_dim]   raw observations
+  actions         float32 [B, K, act_dim]   raw actions taken (zeros for the current step)
+  returns_to_go   float32 [B, K, 1]         raw (unscaled) return still to collect
+  timesteps       int64   [B, K]            step index within the episode (clamped to max_timestep - 1)
+  attention_mask  int64   [B, K]            1 for real steps, 0 for left padding
+Output: ``action`` float32 [B, act_dim], the action for the last step (named apart from the
+``actions`` input; feed-forward policies map ``observations`` to ``actions``).
+Padding holds zeros in every input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SEQUENCE_INPUTS = ("states", "actions", "returns_to_go", "timesteps", "attention_mask")
+OUTPUT = "action"
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    obs_dim: int
+    act_dim: int
+    context_length: int
+    max_timestep: int
+
+    def __post_init__(self) -> None:
+        if self.context_length < 1 or self.max_timestep < 1:
+            raise ValueError(f"context_length and max_timestep must be >= 1, got {self.context_length}, "
+                             f"{self.max_timestep}")
+
+
+class RollingContext:
+    """The last K steps of one episode.
+
+    ``inputs(observation, reward)`` gives the graph inputs for the next step
+    without changing the context; ``advance(observation, reward, action)``
+    appends that step once its action is known. A failed model run therefore
+    leaves the context as it was. ``reward`` is what the previous action
+    earned: None on the first step, required on every later one.
+    """
+
+    def __init__(self, spec: ContextSpec, target_return: float):
+        if not np.isfinite(target_return):
+            raise ValueError(f"target return must be finite, got {target_return}")
+        k = spec.context_length
+        self.spec = spec
+        self.states = np.zeros((k, spec.obs_dim), np.float32)
+        self.actions = np.zeros((k, spec.act_dim), np.float32)
+        self.returns_to_go = np.zeros((k, 1), np.float32)
+        self.timesteps = np.zeros(k, np.int64)
+        self.length = 0             # real steps in the window (<= K)
+        self.t = 0                  # steps taken in the episode
+        self.return_to_go = float(target_return)  # kept in float64; the graph gets float32
+
+    def _next_return(self, reward: float | None) -> float:
+        if self.t == 0:
+            if reward is not None:
+                raise ValueError("the first step of an episode has no previous action, so no reward: send none")
+            return self.return_to_go
+        if reward is None:
+            raise ValueError(f"step {self.t}: the reward earned by the previous action is required")
+        if not np.isfinite(reward):
+            raise ValueError(f"reward must be finite, got {reward}")
+        return self.return_to_go - float(reward)
+
+    def _appended(self, observation: np.ndarray, reward: float | None, action: np.ndarray | None):
+        rtg = self._next_return(reward)
+        obs = np.asarray(observation, dtype=np.float32).reshape(self.spec.obs_dim)
+        states = np.roll(self.states, -1, axis=0)
+        actions = np.roll(self.actions, -1, axis=0)
+        returns = np.roll(self.returns_to_go, -1, axis=0)
+        timesteps = np.roll(self.timesteps, -1)
+        states[-1] = obs
+        actions[-1] = 0.0 if action is None else action
+        returns[-1] = rtg
+        timesteps[-1] = min(self.t, self.spec.max_timestep - 1)
+        return states, actions, returns, timesteps, rtg
+
+    def inputs(self, observation: np.ndarray, reward: float | None) -> dict[str, np.ndarray]:
+        """Graph inputs (batch of one) for the step that ``observation`` starts."""
+        states, actions, returns, timesteps, _ = self._appended(observation, reward, None)
+        length = min(self.length + 1, self.spec.context_length)
+        mask = np.zeros(self.spec.context_length, np.int64)
+        mask[self.spec.context_length - length:] = 1
+        return {"states": states[None], "actions": actions[None], "returns_to_go": returns[None],
+                "timesteps": timesteps[None], "attention_mask": mask[None]}
+
+    def advance(self, observation: np.ndarray, reward: float | None, action: np.ndarray) -> None:
+        action = np.asarray(action, dtype=np.float32).reshape(self.spec.act_dim)
+        self.states, self.actions, self.returns_to_go, self.timesteps, self.return_to_go = self._appended(
+            observation, reward, action)
+        self.length = min(self.length + 1, self.spec.context_length)
+        self.t += 1
