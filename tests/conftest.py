@@ -99,3 +99,35 @@ def repository(trained_run, tmp_path_factory) -> Path:
     export_run(trained_run, "pendulum", repo)
     export_run(trained_run, "pendulum", repo)
     return repo
+
+
+DT_SETTINGS = {"embed": 32, "layers": 2, "heads": 2, "context_length": 8, "warmup_steps": 20, "batch_size": 32}
+
+
+@pytest.fixture(scope="session")
+def dt_runs(minari_root, tmp_path_factory) -> list[Path]:
+    """Two small Decision Transformer runs (seeds 0 and 1) on the pendulum dataset."""
+    from training.trainer import TrainConfig, Trainer
+
+    runs = []
+    for seed in (0, 1):
+        run_dir = tmp_path_factory.mktemp("runs") / f"dt-s{seed}"
+        config = TrainConfig(algorithm="dt", dataset="test/pendulum/play-v0", steps=200, seed=seed, eval_every=200,
+                             eval_episodes=1, log_every=50, checkpoint_every=200, device="cpu", algo=DT_SETTINGS)
+        Trainer(run_dir, config, progress=False).run()
+        runs.append(run_dir)
+    return runs
+
+
+@pytest.fixture(scope="session")
+def dt_repository(dt_runs, repository, tmp_path_factory) -> Path:
+    """A repository with the two DT runs as 'dt-a' and 'dt-b' and the IQL policy as 'pendulum'."""
+    import shutil
+
+    from training.export import export_run
+
+    repo = tmp_path_factory.mktemp("dt-models")
+    shutil.copytree(repository / "pendulum", repo / "pendulum")
+    export_run(dt_runs[0], "dt-a", repo)
+    export_run(dt_runs[1], "dt-b", repo)
+    return repo

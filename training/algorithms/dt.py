@@ -54,7 +54,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """x [B, T, E]; allowed [B, 1, T, T] bool: query i may attend key j."""
         b, t, e = x.shape
-        q, k, v = self.qkv(x).split(e, dim=2)
+        q, k, v = self.qkv(x).split(self.heads * self.head_dim, dim=2)
         q, k, v = (z.reshape(b, t, self.heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
         scores = (q @ k.transpose(-2, -1)) * self.scale
         scores = scores.masked_fill(~allowed, MASKED_SCORE)
