@@ -241,8 +241,8 @@ def build_server(registry: Registry, address: str = "127.0.0.1:0", workers: int 
     bounds the concurrent streams (unary Steps hold one only while they run).
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchrl"))
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyService(registry, sessions or SessionStore()),
-                                                        server)
+    service = PolicyService(registry, SessionStore() if sessions is None else sessions)
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", SERVICE_NAME):

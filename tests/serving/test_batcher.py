@@ -1,0 +1,84 @@
+"""The per-model batcher gathers concurrent requests into one run and gives each its own rows."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.batcher import Batcher
+
+
+class SlowDouble:
+    """A model run that doubles its input, takes a little while, and records its batch sizes."""
+
+    def __init__(self, delay=0.01, fail_on=None):
+        self.delay, self.fail_on, self.sizes = delay, fail_on, []
+
+    def __call__(self, feeds):
+        x = feeds["x"]
+        if self.fail_on is not None and (x == self.fail_on).any():
+            raise RuntimeError("bad row")
+        self.sizes.append(len(x))
+        time.sleep(self.delay)
+        return x * 2.0
+
+
+def submit_concurrently(batcher, payloads):
+    results = [None] * len(payloads)
+    errors = [None] * len(payloads)
+    start = threading.Barrier(len(payloads))
+
+    def worker(i):
+        start.wait()
+        try:
+            results[i] = batcher.submit({"x": payloads[i]})
+        except Exception as exc:  # noqa: BLE001
+            errors[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(payloads))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return results, errors
+
+
+def test_lone_request_runs_at_once_as_its_own_batch():
+    run = SlowDouble(delay=0.0)
+    batcher = Batcher(run)
+    np.testing.assert_array_equal(batcher.submit({"x": np.ones((3, 2))}), 2 * np.ones((3, 2)))
+    assert run.sizes == [3] and batcher.runs == 1
+
+
+def test_concurrent_requests_share_runs_and_get_their_own_rows():
+    run = SlowDouble()
+    batcher = Batcher(run)
+    payloads = [np.full((1 + i % 3, 2), float(i)) for i in range(32)]
+    results, errors = submit_concurrently(batcher, payloads)
+    assert errors == [None] * 32
+    for payload, result in zip(payloads, results):
+        np.testing.assert_array_equal(result, payload * 2)
+    assert batcher.requests == 32 and batcher.runs < 32  # gathered
+    assert sum(run.sizes) == sum(len(p) for p in payloads) and max(run.sizes) > 3
+
+
+def test_max_rows_bounds_a_run():
+    run = SlowDouble()
+    batcher = Batcher(run, max_rows=4)
+    results, errors = submit_concurrently(batcher, [np.full((2, 1), float(i)) for i in range(16)])
+    assert errors == [None] * 16 and max(run.sizes) <= 4
+    assert [r[0, 0] for r in results] == [2.0 * i for i in range(16)]
+
+
+def test_a_failing_request_fails_alone():
+    run = SlowDouble(fail_on=7.0)
+    batcher = Batcher(run)
+    results, errors = submit_concurrently(batcher, [np.full((1, 1), float(i)) for i in range(16)])
+    assert isinstance(errors[7], RuntimeError)
+    assert all(e is None for i, e in enumerate(errors) if i != 7)
+    assert all(r[0, 0] == 2.0 * i for i, r in enumerate(results) if i != 7)
+
+
+def test_max_rows_must_be_positive():
+    with pytest.raises(ValueError, match="max_rows"):
+        Batcher(SlowDouble(), max_rows=0)
