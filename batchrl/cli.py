@@ -77,6 +77,9 @@ def evaluate(argv: list[str]) -> int:
 
         config, policy, ckpt = load_policy(target)
         if args.target_return is not None:
+            if not hasattr(policy, "target_return"):
+                raise SystemExit(f"{config.algorithm} is a feed-forward policy: --target-return applies only to "
+                                 "sequence policies (dt)")
             policy.target_return = args.target_return
         act, dataset_id, env_id = policy_act(policy), config.dataset, None
         label = f"run {target} ({config.algorithm}, step {int(ckpt['step'])})"
@@ -85,6 +88,8 @@ def evaluate(argv: list[str]) -> int:
 
         path, version = _model_file(target)
         model = load_model(target.name, version, path, ["CPUExecutionProvider"])
+        if args.target_return is not None and not model.is_sequence:
+            raise SystemExit(f"{path} is a feed-forward policy: --target-return applies only to sequence policies")
         if model.is_sequence:
             goal = model.manifest.default_target_return if args.target_return is None else args.target_return
             act = sequence_agent(model.run, model.context_spec, goal)

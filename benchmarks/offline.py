@@ -34,6 +34,7 @@ class Job:
     seed: int
     steps: int
     settings: tuple[tuple[str, str], ...] = ()  # algorithm settings that differ from its defaults
+    eval_every: int = 10_000
 
     @property
     def label(self) -> str:
@@ -46,9 +47,13 @@ class Job:
 
 
 def grid(algorithms: dict[str, int], datasets: list[str], seeds: list[int],
-         settings: tuple[tuple[str, str], ...] = ()) -> list[Job]:
+         settings: tuple[tuple[str, str], ...] = (), eval_every: int = 10_000) -> list[Job]:
     # Seed-major order: with a limited budget every (algorithm, dataset) gets its first seed early.
-    return [Job(a, d, s, steps, settings) for s in seeds for a, steps in algorithms.items() for d in datasets]
+    return [Job(a, d, s, steps, settings, eval_every) for s in seeds for a, steps in algorithms.items()
+            for d in datasets]
+
+
+REPLAY = ["bench/hopper/medium-replay-v0", "bench/halfcheetah/medium-replay-v0"]
 
 
 SUITES: dict[str, list[Job]] = {
@@ -61,8 +66,11 @@ SUITES: dict[str, list[Job]] = {
                        (("beta", "1.0"),)),
     # Issue 3: the value-based algorithms on the replay sets, where offline RL must beat cloning.
     # CQL and BCQ run 25k steps (about 8-20 updates/s on one core), the rest 100k.
-    "value-based": grid({"bc": 100_000, "cql": 25_000, "bcq": 25_000, "td3bc": 100_000, "iql": 100_000},
-                        ["bench/hopper/medium-replay-v0", "bench/halfcheetah/medium-replay-v0"], [0, 1]),
+    "value-based": grid({"bc": 100_000, "cql": 25_000, "bcq": 25_000, "td3bc": 100_000, "iql": 100_000}, REPLAY,
+                        [0, 1]),
+    # Issue 4: the Decision Transformer (about 3 updates/s on one core: 10k steps, one seed,
+    # evaluated every 2k steps for its learning curve) beside BC's runs of the value-based suite.
+    "dt": grid({"dt": 10_000}, REPLAY, [0], eval_every=2_000) + grid({"bc": 100_000}, REPLAY, [0, 1]),
 }
 
 
@@ -79,8 +87,8 @@ def run_job(job: Job) -> str:
             trainer = Trainer(job.run_dir, progress=False)
         else:
             config = TrainConfig(algorithm=job.algorithm, dataset=job.dataset, seed=job.seed, steps=job.steps,
-                                 eval_every=10_000, eval_episodes=10, checkpoint_every=5_000, device="cpu",
-                                 algo=dict(job.settings))
+                                 eval_every=job.eval_every, eval_episodes=10,
+                                 checkpoint_every=min(5_000, job.eval_every), device="cpu", algo=dict(job.settings))
             trainer = Trainer(job.run_dir, config, progress=False)
     except RuntimeError as exc:  # the run is being trained by another process
         return f"skip {job.run_dir.relative_to(ROOT)} ({exc})"

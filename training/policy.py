@@ -58,6 +58,9 @@ class DeployedSequencePolicy(DeployedPolicy):
                            timesteps, attention_mask)
         return self.to_bounds(unit)
 
+    def act(self, observation: np.ndarray) -> np.ndarray:
+        raise TypeError("a sequence policy acts on a rolling context: use training.evaluation.sequence_agent")
+
     @torch.no_grad()
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Graph inputs as numpy (protos.sequence.SEQUENCE_INPUTS) -> actions [B, act_dim] as numpy."""
