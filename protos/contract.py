@@ -2,6 +2,7 @@
 manifest rides inside an ONNX file."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -10,6 +11,16 @@ from protos.batchrl.v1 import manifest_pb2
 
 # models/<name>/<integer version>/model.onnx: training writes it, serving reads it.
 MODEL_FILE = "model.onnx"
+# Model names: one path component that cannot reach outside the repository.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a valid model name, else ValueError saying what is allowed."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ValueError(f"model name {name!r} is invalid: use letters, digits, '.', '_' or '-' "
+                         "(at most 128, not starting with '.', '_' or '-')")
+    return name
 
 
 def version_dirs(model_dir: Path) -> dict[int, Path]:

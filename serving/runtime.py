@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -72,9 +73,33 @@ class LoadedModel:
     manifest: manifest_pb2.ModelManifest
     max_batch_rows: int = 1024
     batcher: Batcher = field(init=False, repr=False)
+    pins: int = field(default=0, init=False)        # open sessions using this version
+    retired: bool = field(default=False, init=False)  # out of the registry: serves only its holders
 
     def __post_init__(self) -> None:
         self.batcher = Batcher(self.run, self.max_batch_rows)
+        self._pin_lock = threading.Lock()
+
+    def pin(self) -> None:
+        with self._pin_lock:
+            self.pins += 1
+
+    def unpin(self) -> None:
+        with self._pin_lock:
+            self.pins -= 1
+            released = self.retired and self.pins == 0
+        if released:
+            log.info("released %s version %d: its last session closed", self.name, self.version)
+
+    def retire(self) -> None:
+        with self._pin_lock:
+            self.retired = True
+            pins = self.pins
+        if pins:
+            log.info("%s version %d left the registry; %d open session(s) keep it until they close",
+                     self.name, self.version, pins)
+        else:
+            log.info("released %s version %d", self.name, self.version)
 
     @property
     def providers(self) -> list[str]:

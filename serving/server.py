@@ -18,7 +18,8 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.batchrl.v1 import policy_pb2, policy_pb2_grpc
+from protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
+from serving.auth import authorized, read_admin_token
 from serving.repository import Registry
 from serving.runtime import LoadedModel, choose_providers
 from serving.sessions import Session, SessionNotFound, SessionStore, TooManySessions
@@ -26,6 +27,7 @@ from serving.tensors import decode, encode
 
 log = logging.getLogger("batchrl.serve")
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 MAX_BATCH = 65_536
 
 
@@ -215,7 +217,53 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             session.context.advance(obs, reward, action)
             timestep, rtg = session.context.t - 1, session.context.return_to_go
         return policy_pb2.StepResponse(action=encode(action.reshape(session.model.action_shape)),
-                                       timestep=timestep, return_to_go=rtg)
+                                       timestep=timestep, return_to_go=rtg, version=session.model.version)
+
+
+class ModelService(admin_pb2_grpc.ModelServiceServicer):
+    """Operators' model control: load and unload by name, behind the admin bearer token."""
+
+    def __init__(self, registry: Registry, admin_token: str | None):
+        self.registry = registry
+        self.admin_token = admin_token
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        allowed, reason = authorized(context.invocation_metadata(), self.admin_token)
+        if not allowed:
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+    def LoadModel(self, request: admin_pb2.LoadModelRequest, context) -> admin_pb2.LoadModelResponse:
+        def load():
+            self._authorize(context)
+            try:
+                loaded = self.registry.load_model(request.name,
+                                                  request.version if request.HasField("version") else None)
+            except LookupError as exc:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+            except ValueError as exc:  # a bad name, or a corrupt or incompatible file: the old keeps serving
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            versions = sorted(self.registry.models.get(request.name, {}))
+            log.info("LoadModel %s: loaded %s; serving versions %s", request.name,
+                     [m.version for m in loaded] or "nothing new", versions)
+            return admin_pb2.LoadModelResponse(name=request.name, loaded_versions=[m.version for m in loaded],
+                                               versions=versions, default_version=max(versions))
+
+        return guarded(context, f"LoadModel {request.name!r}", load)
+
+    def UnloadModel(self, request: admin_pb2.UnloadModelRequest, context) -> admin_pb2.UnloadModelResponse:
+        def unload():
+            self._authorize(context)
+            try:
+                removed = self.registry.unload_model(request.name)
+            except LookupError as exc:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+            except ValueError as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            log.info("UnloadModel %s: versions %s", request.name, [m.version for m in removed])
+            return admin_pb2.UnloadModelResponse(name=request.name, unloaded_versions=[m.version for m in removed],
+                                                 pinned_versions=[m.version for m in removed if m.pins])
+
+        return guarded(context, f"UnloadModel {request.name!r}", unload)
 
 
 def start_sweeper(sessions: SessionStore, stop: threading.Event) -> threading.Thread:
@@ -233,8 +281,24 @@ def start_sweeper(sessions: SessionStore, stop: threading.Event) -> threading.Th
     return thread
 
 
+def start_poller(registry: Registry, interval: float, stop: threading.Event) -> threading.Thread:
+    """Pick up new version folders (and drop removed ones) every ``interval`` seconds."""
+
+    def poll():
+        while not stop.wait(interval):
+            try:
+                for change in registry.poll():
+                    log.info("repository poll: %s", change)
+            except Exception:  # noqa: BLE001 - a failed scan must not end polling
+                log.exception("repository poll failed")
+
+    thread = threading.Thread(target=poll, name="batchrl-repository-poll", daemon=True)
+    thread.start()
+    return thread
+
+
 def build_server(registry: Registry, address: str = "127.0.0.1:0", workers: int = 64,
-                 sessions: SessionStore | None = None) -> tuple[grpc.Server, int]:
+                 sessions: SessionStore | None = None, admin_token: str | None = None) -> tuple[grpc.Server, int]:
     """A configured, not yet started, server bound to ``address``; returns it and the bound port.
 
     Each open Episode stream holds one worker thread for its lifetime, so ``workers``
@@ -243,13 +307,19 @@ def build_server(registry: Registry, address: str = "127.0.0.1:0", workers: int 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchrl"))
     service = PolicyService(registry, SessionStore() if sessions is None else sessions)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(service, server)
+    admin_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(registry, admin_token), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # Per-model health: the service name is the model name; NOT_SERVING once unloaded.
+    serving_state = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
+    registry.on_change = lambda name, up: health_servicer.set(name, serving_state[up])
+    for name in registry.models:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind the server to {address}")
@@ -271,17 +341,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-sessions", type=int, default=1024, help="most open sessions (default 1024)")
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds without a Step after which a session is evicted (default 300)")
+    parser.add_argument("--poll", type=float, default=0.0, metavar="SECONDS",
+                        help="rescan the repository every SECONDS: load new version folders, drop removed ones")
+    parser.add_argument("--admin-token-file", default=None,
+                        help="file holding the bearer token for LoadModel/UnloadModel "
+                             "(default: $BATCHRL_ADMIN_TOKEN; neither: model management is disabled)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     providers = choose_providers(args.device, args.device_id)
-    registry = Registry.load(Path(args.repository), providers, args.threads, args.max_batch)
+    registry = Registry.open(Path(args.repository), providers, args.threads, args.max_batch)
     if not registry.models:
         log.warning("no models loaded from %s", args.repository)
     sessions = SessionStore(args.max_sessions, args.session_timeout)
-    server, port = build_server(registry, args.address, args.workers, sessions)
+    admin_token = read_admin_token(args.admin_token_file)
+    server, port = build_server(registry, args.address, args.workers, sessions, admin_token)
     server.start()
     stop = threading.Event()
     start_sweeper(sessions, stop)
+    if args.poll > 0:
+        start_poller(registry, args.poll, stop)
     in_use = sorted({p for versions in registry.models.values() for m in versions.values() for p in m.providers})
     log.info("serving %d model(s) on %s (port %d); onnxruntime providers in use: %s",
              sum(len(v) for v in registry.models.values()), args.address, port, ", ".join(in_use) or "none")

@@ -64,6 +64,7 @@ class SessionStore:
                                       f"{self.max_sessions}: close finished sessions (CloseSession) and retry")
             session = Session(uuid.uuid4().hex, model, context, now)
             self._sessions[session.id] = session
+            model.pin()  # the version stays alive for this session, whatever the registry does
         return session
 
     def get(self, session_id: str) -> Session:
@@ -84,7 +85,10 @@ class SessionStore:
 
     def close(self, session_id: str) -> Session | None:
         with self._lock:
-            return self._sessions.pop(session_id, None)
+            session = self._sessions.pop(session_id, None)
+        if session is not None:
+            session.model.unpin()
+        return session
 
     def evict_idle(self) -> int:
         """Drop every session idle longer than the timeout; returns how many."""
@@ -98,12 +102,9 @@ class SessionStore:
         return len(stale)
 
     def _expire(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            session.model.unpin()
         self._expired[session_id] = None
         while len(self._expired) > self._remember:
             self._expired.popitem(last=False)
-
-    def models_in_use(self) -> set[tuple[str, int]]:
-        """(name, version) of every model an open session is pinned to."""
-        with self._lock:
-            return {(s.model.name, s.model.version) for s in self._sessions.values()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -22,7 +21,7 @@ import torch
 from google.protobuf import json_format
 
 from protos.batchrl.v1 import manifest_pb2
-from protos.contract import MANIFEST_KEY, MODEL_FILE, manifest_to_json, version_dirs
+from protos.contract import MANIFEST_KEY, MODEL_FILE, check_name, manifest_to_json, version_dirs
 from protos import sequence
 from protos.sequence import SEQUENCE_INPUTS, ContextSpec, RollingContext
 from training.data import OfflineDataset, load_dataset
@@ -30,7 +29,6 @@ from training.policy import DeployedSequencePolicy
 from training.trainer import RESULT, code_version, load_policy, package_version
 
 OPSET = 17
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class ExportMismatch(RuntimeError):
@@ -150,9 +148,7 @@ def publish(repository: Path, name: str, source: Path) -> tuple[int, Path]:
     The version folder is written beside its final place and renamed in; a
     concurrent export that takes the same number makes this one try the next.
     """
-    if not NAME_PATTERN.match(name):
-        raise ValueError(f"model name {name!r} is invalid: use letters, digits, '.', '_' or '-' "
-                         "(at most 128, not starting with '.', '_' or '-')")
+    check_name(name)
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))

@@ -17,7 +17,7 @@ from serving.tensors import encode
 
 @pytest.fixture(scope="module")
 def server(repository):
-    registry = Registry.load(repository, ["CPUExecutionProvider"])
+    registry = Registry.open(repository, ["CPUExecutionProvider"])
     srv, port = build_server(registry, "127.0.0.1:0")
     srv.start()
     yield f"127.0.0.1:{port}"

@@ -24,7 +24,7 @@ from training.trainer import load_policy
 
 @contextlib.contextmanager
 def serving(repo, sessions=None):
-    registry = Registry.load(repo, ["CPUExecutionProvider"])
+    registry = Registry.open(repo, ["CPUExecutionProvider"])
     store = SessionStore() if sessions is None else sessions
     server, port = build_server(registry, "127.0.0.1:0", sessions=store)
     server.start()

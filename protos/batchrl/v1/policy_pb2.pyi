@@ -110,14 +110,16 @@ class StepRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., observation: _Optional[_Union[Tensor, _Mapping]] = ..., reward: _Optional[float] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("action", "timestep", "return_to_go")
+    __slots__ = ("action", "timestep", "return_to_go", "version")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FIELD_NUMBER: _ClassVar[int]
     RETURN_TO_GO_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     action: Tensor
     timestep: int
     return_to_go: float
-    def __init__(self, action: _Optional[_Union[Tensor, _Mapping]] = ..., timestep: _Optional[int] = ..., return_to_go: _Optional[float] = ...) -> None: ...
+    version: int
+    def __init__(self, action: _Optional[_Union[Tensor, _Mapping]] = ..., timestep: _Optional[int] = ..., return_to_go: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
