@@ -12,6 +12,7 @@ COMMANDS = {
     "export": "export a run as models/NAME/<version>/model.onnx (checked against torch first)",
     "serve": "serve the model repository over gRPC (CUDA when usable, else CPU)",
     "rollout": "drive a Gymnasium environment through a served policy",
+    "models": "list, load or unload the models of a running server (load/unload need the admin token)",
 }
 
 
@@ -167,7 +168,46 @@ def rollout(argv: list[str]) -> int:
     return main(argv)
 
 
-HANDLERS = {"train": train, "eval": evaluate, "export": export, "serve": serve, "rollout": rollout}
+def models(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="batchrl models", description=COMMANDS["models"])
+    parser.add_argument("action", choices=["list", "load", "unload"])
+    parser.add_argument("name", nargs="?", help="model name (load, unload)")
+    parser.add_argument("--version", type=int, default=None, help="load: one version (default: every new one)")
+    parser.add_argument("--server", default="127.0.0.1:50051", help="server address host:port")
+    parser.add_argument("--token-file", default=None,
+                        help="file holding the admin token (default: $BATCHRL_ADMIN_TOKEN)")
+    args = parser.parse_args(argv)
+    if args.action != "list" and not args.name:
+        parser.error(f"{args.action} needs a model NAME")
+    import grpc
+
+    from serving.auth import read_admin_token
+    from serving.client import PolicyClient
+
+    with PolicyClient(args.server) as client:
+        try:
+            if args.action == "list":
+                for info in client.list_models():
+                    for v in info.versions:
+                        mark = "*" if v.version == info.default_version else " "
+                        print(f"{mark} {info.name} version {v.version}: {v.manifest.algorithm} on "
+                              f"{v.manifest.dataset_id} ({', '.join(v.providers)})")
+            elif args.action == "load":
+                out = client.load_model(args.name, args.version, read_admin_token(args.token_file))
+                print(f"{out.name}: loaded {list(out.loaded_versions) or 'nothing new'}; serving versions "
+                      f"{list(out.versions)} (default {out.default_version})")
+            else:
+                out = client.unload_model(args.name, read_admin_token(args.token_file))
+                pinned = f"; kept for open sessions: {list(out.pinned_versions)}" if out.pinned_versions else ""
+                print(f"{out.name}: unloaded versions {list(out.unloaded_versions)}{pinned}")
+        except grpc.RpcError as exc:
+            print(f"batchrl models {args.action}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+HANDLERS = {"train": train, "eval": evaluate, "export": export, "serve": serve, "rollout": rollout,
+            "models": models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import queue
 import grpc
 import numpy as np
 
-from protos.batchrl.v1 import policy_pb2, policy_pb2_grpc
+from protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
 from serving.tensors import decode, encode
 
 
@@ -16,6 +16,7 @@ class PolicyClient:
     def __init__(self, address: str, timeout: float | None = 10.0):
         self.channel = grpc.insecure_channel(address)
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        self.admin = admin_pb2_grpc.ModelServiceStub(self.channel)
         self.timeout = timeout
 
     def act(self, model: str, observations: np.ndarray, version: int | None = None,
@@ -52,6 +53,18 @@ class PolicyClient:
         """An Episode stream: one session for one episode, closed when the stream ends."""
         return Episode(self.stub, open_request(model, version, target_return))
 
+    # -- model control (needs the server's admin token) ---------------------
+    def load_model(self, name: str, version: int | None = None, token: str | None = None,
+                   timeout: float | None = 120.0) -> admin_pb2.LoadModelResponse:
+        request = admin_pb2.LoadModelRequest(name=name)
+        if version is not None:
+            request.version = version
+        return self.admin.LoadModel(request, timeout=timeout, metadata=_auth(token))
+
+    def unload_model(self, name: str, token: str | None = None) -> admin_pb2.UnloadModelResponse:
+        return self.admin.UnloadModel(admin_pb2.UnloadModelRequest(name=name), timeout=self.timeout,
+                                      metadata=_auth(token))
+
     def wait_ready(self, timeout: float = 10.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
@@ -63,6 +76,10 @@ class PolicyClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _auth(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def open_request(model: str, version: int | None, target_return: float | None) -> policy_pb2.OpenSessionRequest:
