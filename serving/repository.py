@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protos.contract import MODEL_FILE, check_name, version_dirs
+from serving.batcher import BatchLimits
 from serving.runtime import LoadedModel, choose_providers, load_model
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ class ModelConfig:
     """Per-model settings; a field left out of config.json takes the server's default."""
 
     max_batch_size: int | None = None   # most rows one run gathers
+    max_queue_delay_us: int | None = None  # how long a filling batch may wait for more requests
+    max_queue: int | None = None        # most requests waiting; more get RESOURCE_EXHAUSTED
     device: str | None = None           # "auto", "cuda" or "cpu"
     device_id: int | None = None
     threads: int | None = None          # onnxruntime intra-op threads
@@ -49,14 +52,19 @@ class ModelConfig:
         if not isinstance(raw, dict) or set(raw) - fields:
             unknown = sorted(set(raw) - fields) if isinstance(raw, dict) else raw
             raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(fields)}")
-        for key in ("max_batch_size", "device_id", "threads"):
-            value = raw.get(key)
-            if value is not None and (not isinstance(value, int) or value < (0 if key == "device_id" else 1)):
-                raise ValueError(f"{path}: {key} must be an integer >= {0 if key == 'device_id' else 1}, "
-                                 f"got {value!r}")
+        for key in ("max_batch_size", "max_queue_delay_us", "max_queue", "device_id", "threads"):
+            value, least = raw.get(key), 0 if key in ("device_id", "max_queue_delay_us") else 1
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise ValueError(f"{path}: {key} must be an integer >= {least}, got {value!r}")
         if raw.get("device") not in (None, "auto", "cuda", "cpu"):
             raise ValueError(f"{path}: device must be 'auto', 'cuda' or 'cpu', got {raw['device']!r}")
         return cls(**raw)
+
+    def limits(self, defaults: BatchLimits) -> BatchLimits:
+        return BatchLimits(
+            max_rows=self.max_batch_size or defaults.max_rows,
+            max_delay=defaults.max_delay if self.max_queue_delay_us is None else self.max_queue_delay_us / 1e6,
+            max_queue=self.max_queue or defaults.max_queue)
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ class Defaults:
 
     providers: list
     threads: int = 1
-    max_batch_size: int = 1024
+    limits: BatchLimits = BatchLimits()
 
 
 class Registry:
@@ -82,10 +90,10 @@ class Registry:
         self._failed: dict[Path, tuple[float, int]] = {}  # files that failed, by (mtime, size)
 
     @classmethod
-    def open(cls, root: str | Path, providers: list, threads: int = 1, max_batch_size: int = 1024,
+    def open(cls, root: str | Path, providers: list, threads: int = 1, limits: BatchLimits = BatchLimits(),
              on_change: Callable[[str, bool], None] | None = None) -> "Registry":
         """A registry with every complete version under ``root`` loaded (bad files logged and skipped)."""
-        registry = cls(root, Defaults(providers, threads, max_batch_size), on_change)
+        registry = cls(root, Defaults(providers, threads, limits), on_change)
         registry.poll()
         return registry
 
@@ -194,7 +202,7 @@ class Registry:
         providers = (self.defaults.providers if config.device is None
                      else choose_providers(config.device, config.device_id or 0))
         model = load_model(name, version, path, providers, config.threads or self.defaults.threads,
-                           config.max_batch_size or self.defaults.max_batch_size)
+                           config.limits(self.defaults.limits))
         log.info("loaded %s version %d (%s) on %s", name, version, model.manifest.algorithm,
                  ", ".join(model.providers))
         return model

@@ -14,7 +14,7 @@ from protos.batchrl.v1 import manifest_pb2
 from protos.contract import MANIFEST_KEY, manifest_from_json
 from protos.sequence import OUTPUT as SEQUENCE_OUTPUT
 from protos.sequence import SEQUENCE_INPUTS, ContextSpec
-from serving.batcher import Batcher, Feeds
+from serving.batcher import Batcher, BatchLimits, Feeds
 
 FEED_FORWARD_INPUTS, FEED_FORWARD_OUTPUT = ("observations",), "actions"
 
@@ -71,13 +71,13 @@ class LoadedModel:
     path: Path
     session: ort.InferenceSession
     manifest: manifest_pb2.ModelManifest
-    max_batch_rows: int = 1024
+    limits: BatchLimits = BatchLimits()
     batcher: Batcher = field(init=False, repr=False)
     pins: int = field(default=0, init=False)        # open sessions using this version
     retired: bool = field(default=False, init=False)  # out of the registry: serves only its holders
 
     def __post_init__(self) -> None:
-        self.batcher = Batcher(self.run, self.max_batch_rows)
+        self.batcher = Batcher(self.run, self.limits, f"{self.name!r} version {self.version}")
         self._pin_lock = threading.Lock()
 
     def pin(self) -> None:
@@ -139,9 +139,9 @@ class LoadedModel:
         """One onnxruntime run, now (in-process callers and the batcher)."""
         return self.session.run([self.output_name], feeds)[0]
 
-    def infer(self, feeds: Feeds) -> np.ndarray:
+    def infer(self, feeds: Feeds, deadline: float | None = None) -> np.ndarray:
         """Through the model's batcher: concurrent callers share one run (the server's path)."""
-        return self.batcher.submit(feeds)
+        return self.batcher.submit(feeds, deadline)
 
     def warm_up_feeds(self) -> Feeds:
         if not self.is_sequence:
@@ -156,7 +156,7 @@ class LoadedModel:
 
 
 def load_model(name: str, version: int, path: Path, providers: list, threads: int = 1,
-               max_batch_rows: int = 1024) -> LoadedModel:
+               limits: BatchLimits = BatchLimits()) -> LoadedModel:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -165,7 +165,7 @@ def load_model(name: str, version: int, path: Path, providers: list, threads: in
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
         raise ValueError(f"{path}: onnxruntime cannot load it: {exc}") from exc
-    model = LoadedModel(name, version, path, session, read_manifest(session, path), max_batch_rows)
+    model = LoadedModel(name, version, path, session, read_manifest(session, path), limits)
     inputs = tuple(i.name for i in session.get_inputs())
     outputs = tuple(o.name for o in session.get_outputs())
     expected = (SEQUENCE_INPUTS, SEQUENCE_OUTPUT) if model.is_sequence else (FEED_FORWARD_INPUTS,

@@ -10,6 +10,7 @@ import argparse
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
 from serving.auth import authorized, read_admin_token
+from serving.batcher import BatchLimits, DeadlineExceeded, QueueFull
 from serving.repository import Registry
 from serving.runtime import LoadedModel, choose_providers
 from serving.sessions import Session, SessionNotFound, SessionStore, TooManySessions
@@ -75,6 +77,12 @@ def add_noise(model: LoadedModel, actions: np.ndarray, sampling: policy_pb2.Samp
     return np.clip(noisy, *model.action_bounds)
 
 
+def deadline_of(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline on the time.monotonic() clock, if the client set one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 def guarded(context: grpc.ServicerContext, what: str, handler):
     """Run ``handler``; a RequestError becomes its status, anything else INTERNAL (logged):
     one bad request must never take the server down."""
@@ -82,6 +90,10 @@ def guarded(context: grpc.ServicerContext, what: str, handler):
         return handler()
     except RequestError as exc:
         context.abort(exc.code, str(exc))
+    except QueueFull as exc:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    except DeadlineExceeded as exc:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
     except Exception:  # noqa: BLE001
         log.exception("%s failed", what)
         context.abort(grpc.StatusCode.INTERNAL, f"{what} failed inside the server; see the server log")
@@ -100,9 +112,9 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
 
     # -- feed-forward policies ---------------------------------------------
     def Act(self, request: policy_pb2.ActRequest, context: grpc.ServicerContext) -> policy_pb2.ActResponse:
-        return guarded(context, f"Act on model {request.model!r}", lambda: self._act(request))
+        return guarded(context, f"Act on model {request.model!r}", lambda: self._act(request, deadline_of(context)))
 
-    def _act(self, request: policy_pb2.ActRequest) -> policy_pb2.ActResponse:
+    def _act(self, request: policy_pb2.ActRequest, deadline: float | None) -> policy_pb2.ActResponse:
         model = self._model(request.model, request.version if request.HasField("version") else None)
         if model.is_sequence:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -112,7 +124,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         if not request.HasField("observations"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "observations are missing")
         obs = decode_observations(model, request.observations, "observations", batched=True)
-        actions = model.infer({"observations": obs})
+        actions = model.infer({"observations": obs}, deadline)
         if request.HasField("sampling"):
             actions = add_noise(model, actions, request.sampling)
         return policy_pb2.ActResponse(model=model.name, version=model.version, actions=encode(actions))
@@ -130,7 +142,8 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         return guarded(context, f"OpenSession on model {request.model!r}", lambda: self._open(request)[1])
 
     def Step(self, request: policy_pb2.StepRequest, context) -> policy_pb2.StepResponse:
-        return guarded(context, "Step", lambda: self._step(self._session(request.session_id), request))
+        return guarded(context, "Step", lambda: self._step(self._session(request.session_id), request,
+                                                           deadline_of(context)))
 
     def CloseSession(self, request: policy_pb2.CloseSessionRequest, context) -> policy_pb2.CloseSessionResponse:
         def close():
@@ -167,7 +180,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                         context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                       "the first message of an Episode stream must be `open`")
                     step = guarded(context, "Episode step",
-                                   lambda: self._step(self._session(opened[0].id), request.step))
+                                   lambda: self._step(self._session(opened[0].id), request.step, deadline_of(context)))
                     yield policy_pb2.EpisodeResponse(step=step)
                 else:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty EpisodeRequest: set `open` or `step`")
@@ -203,7 +216,8 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         except SessionNotFound as exc:
             raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
 
-    def _step(self, session: Session, request: policy_pb2.StepRequest) -> policy_pb2.StepResponse:
+    def _step(self, session: Session, request: policy_pb2.StepRequest,
+              deadline: float | None = None) -> policy_pb2.StepResponse:
         if not request.HasField("observation"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "observation is missing")
         obs = decode_observations(session.model, request.observation, "observation", batched=False)
@@ -213,7 +227,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                 feeds = session.context.inputs(obs, reward)
             except ValueError as exc:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            action = session.model.infer(feeds)[0]
+            action = session.model.infer(feeds, deadline)[0]
             session.context.advance(obs, reward, action)
             timestep, rtg = session.context.t - 1, session.context.return_to_go
         return policy_pb2.StepResponse(action=encode(action.reshape(session.model.action_shape)),
@@ -338,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="gRPC worker threads (each open Episode stream holds one)")
     parser.add_argument("--max-batch", type=int, default=1024,
                         help="most observations (or session steps) one model run gathers (default 1024)")
+    parser.add_argument("--max-queue-delay-us", type=int, default=500,
+                        help="microseconds a filling batch may wait for more requests (default 500; a "
+                             "request that finds nothing else queued never waits)")
+    parser.add_argument("--max-queue", type=int, default=1024,
+                        help="most requests waiting per model version; more get RESOURCE_EXHAUSTED")
     parser.add_argument("--max-sessions", type=int, default=1024, help="most open sessions (default 1024)")
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds without a Step after which a session is evicted (default 300)")
@@ -349,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     providers = choose_providers(args.device, args.device_id)
-    registry = Registry.open(Path(args.repository), providers, args.threads, args.max_batch)
+    limits = BatchLimits(args.max_batch, args.max_queue_delay_us / 1e6, args.max_queue)
+    registry = Registry.open(Path(args.repository), providers, args.threads, limits)
     if not registry.models:
         log.warning("no models loaded from %s", args.repository)
     sessions = SessionStore(args.max_sessions, args.session_timeout)

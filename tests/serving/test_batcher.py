@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.batcher import Batcher
+from serving.batcher import Batcher, BatchLimits, DeadlineExceeded, QueueFull
 
 
 class SlowDouble:
@@ -64,7 +64,7 @@ def test_concurrent_requests_share_runs_and_get_their_own_rows():
 
 def test_max_rows_bounds_a_run():
     run = SlowDouble()
-    batcher = Batcher(run, max_rows=4)
+    batcher = Batcher(run, BatchLimits(max_rows=4))
     results, errors = submit_concurrently(batcher, [np.full((2, 1), float(i)) for i in range(16)])
     assert errors == [None] * 16 and max(run.sizes) <= 4
     assert [r[0, 0] for r in results] == [2.0 * i for i in range(16)]
@@ -79,6 +79,59 @@ def test_a_failing_request_fails_alone():
     assert all(r[0, 0] == 2.0 * i for i, r in enumerate(results) if i != 7)
 
 
-def test_max_rows_must_be_positive():
+def test_limits_must_be_positive():
     with pytest.raises(ValueError, match="max_rows"):
-        Batcher(SlowDouble(), max_rows=0)
+        Batcher(SlowDouble(), BatchLimits(max_rows=0))
+    with pytest.raises(ValueError, match="max_delay"):
+        Batcher(SlowDouble(), BatchLimits(max_delay=-1.0))
+
+
+def test_a_full_queue_refuses_and_an_expired_request_is_not_run():
+    run = SlowDouble(delay=0.3)
+    batcher = Batcher(run, BatchLimits(max_queue=2, max_delay=0.0))
+    first = threading.Thread(target=batcher.submit, args=({"x": np.zeros((1, 1))},))
+    first.start()  # runs for 0.3 s
+    time.sleep(0.05)
+    late = [None]
+
+    def expiring():
+        try:
+            batcher.submit({"x": np.ones((1, 1))}, deadline=time.monotonic() + 0.1)
+        except DeadlineExceeded as exc:
+            late[0] = exc
+
+    waiting = [threading.Thread(target=expiring),
+               threading.Thread(target=batcher.submit, args=({"x": np.full((1, 1), 2.0)},))]
+    for t in waiting:
+        t.start()
+    time.sleep(0.05)
+    assert batcher.queue_depth == 2
+    with pytest.raises(QueueFull, match="2 requests queued"):
+        batcher.submit({"x": np.zeros((1, 1))})
+    for t in [first, *waiting]:
+        t.join()
+    assert isinstance(late[0], DeadlineExceeded)
+    assert run.sizes == [1, 1]  # the expired request never reached the model
+
+
+def test_a_filling_batch_waits_for_more_but_a_lone_request_does_not():
+    run = SlowDouble(delay=0.0)
+    batcher = Batcher(run, BatchLimits(max_delay=0.5))
+    start = time.monotonic()
+    batcher.submit({"x": np.ones((1, 1))})
+    assert time.monotonic() - start < 0.25  # nothing else queued: ran at once
+    slow = SlowDouble(delay=0.3)
+    batcher = Batcher(slow, BatchLimits(max_delay=0.3, max_rows=64))
+    # One request runs alone (0.3 s); two arrive near its end and a third 0.1 s after it ends:
+    # the filling batch (up to 0.3 s from the oldest arrival) waits for the straggler instead of
+    # running the two at once.
+    threads = [threading.Thread(target=batcher.submit, args=({"x": np.ones((1, 1))},))]
+    threads[0].start()
+    time.sleep(0.25)
+    for delay in (0.0, 0.0, 0.15):
+        time.sleep(delay)
+        threads.append(threading.Thread(target=batcher.submit, args=({"x": np.ones((1, 1))},)))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+    assert slow.sizes == [1, 3]

@@ -210,3 +210,31 @@ def test_models_command_lists_loads_and_unloads(repo, repository, capsys, monkey
         assert cli(["models", "unload", "pendulum", "--server", client.address]) == 0
         assert "unloaded versions [1, 2]" in capsys.readouterr().out
         assert client.list_models() == []
+
+
+def test_a_full_queue_answers_resource_exhausted(repo):
+    from serving.batcher import BatchLimits
+
+    registry = Registry.open(repo, ["CPUExecutionProvider"], limits=BatchLimits(max_rows=65_536, max_queue=1))
+    server, port = build_server(registry, "127.0.0.1:0")
+    server.start()
+    codes = []
+    big = np.random.default_rng(0).normal(size=(65_536, 3)).astype(np.float32)
+    try:
+        with PolicyClient(f"127.0.0.1:{port}") as client:
+            def call():
+                try:
+                    client.act("pendulum", big)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+                    assert "queued" in exc.details()
+
+            threads = [threading.Thread(target=call) for _ in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        server.stop(grace=None)
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
