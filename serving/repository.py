@@ -78,12 +78,13 @@ class Defaults:
 
 class Registry:
     def __init__(self, root: str | Path, defaults: Defaults,
-                 on_change: Callable[[str, bool], None] | None = None):
+                 on_change: Callable[[str, bool], None] | None = None, metrics=None):
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"model repository {root} does not exist")
         self.defaults = defaults
         self.on_change = on_change  # (name, serving) after every change of a name's loaded versions
+        self.metrics = metrics      # serving.metrics.Metrics, or None
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._write = threading.Lock()        # one change at a time; readers never wait
         self._seen: dict[str, set[int]] = {}  # version folders already considered by poll()
@@ -91,9 +92,9 @@ class Registry:
 
     @classmethod
     def open(cls, root: str | Path, providers: list, threads: int = 1, limits: BatchLimits = BatchLimits(),
-             on_change: Callable[[str, bool], None] | None = None) -> "Registry":
+             on_change: Callable[[str, bool], None] | None = None, metrics=None) -> "Registry":
         """A registry with every complete version under ``root`` loaded (bad files logged and skipped)."""
-        registry = cls(root, Defaults(providers, threads, limits), on_change)
+        registry = cls(root, Defaults(providers, threads, limits), on_change, metrics)
         registry.poll()
         return registry
 
@@ -198,11 +199,18 @@ class Registry:
                 if v >= 1 and (folder / MODEL_FILE).is_file()}
 
     def _load(self, name: str, version: int, path: Path, model_dir: Path) -> LoadedModel:
-        config = ModelConfig.read(model_dir)
-        providers = (self.defaults.providers if config.device is None
-                     else choose_providers(config.device, config.device_id or 0))
-        model = load_model(name, version, path, providers, config.threads or self.defaults.threads,
-                           config.limits(self.defaults.limits))
+        try:
+            config = ModelConfig.read(model_dir)
+            providers = (self.defaults.providers if config.device is None
+                         else choose_providers(config.device, config.device_id or 0))
+            model = load_model(name, version, path, providers, config.threads or self.defaults.threads,
+                               config.limits(self.defaults.limits))
+        except (ValueError, RuntimeError) as exc:
+            if self.metrics is not None:
+                self.metrics.load_failures.labels(name).inc()
+            raise ValueError(str(exc)) from exc
+        if self.metrics is not None:
+            model.batcher.observe = self.metrics.batch_observer(name)
         log.info("loaded %s version %d (%s) on %s", name, version, model.manifest.algorithm,
                  ", ".join(model.providers))
         return model

@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
 from serving.auth import authorized, read_admin_token
 from serving.batcher import BatchLimits, DeadlineExceeded, QueueFull
+from serving.logs import configure as configure_logs
+from serving.metrics import Metrics
 from serving.repository import Registry
 from serving.runtime import LoadedModel, choose_providers
 from serving.sessions import Session, SessionNotFound, SessionStore, TooManySessions
@@ -83,39 +86,60 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def guarded(context: grpc.ServicerContext, what: str, handler):
+class Call:
+    """One RPC (or one message of a stream) for logs and metrics: its name, its model once known."""
+
+    __slots__ = ("rpc", "model", "start")
+
+    def __init__(self, rpc: str):
+        self.rpc, self.model, self.start = rpc, "", time.perf_counter()
+
+
+def guarded(context: grpc.ServicerContext, call: Call, handler, metrics: Metrics | None = None):
     """Run ``handler``; a RequestError becomes its status, anything else INTERNAL (logged):
-    one bad request must never take the server down."""
+    one bad request must never take the server down. Every outcome is counted and timed."""
+    code, message = grpc.StatusCode.OK, ""
     try:
         return handler()
     except RequestError as exc:
-        context.abort(exc.code, str(exc))
+        code, message = exc.code, str(exc)
     except QueueFull as exc:
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     except DeadlineExceeded as exc:
-        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     except Exception:  # noqa: BLE001
-        log.exception("%s failed", what)
-        context.abort(grpc.StatusCode.INTERNAL, f"{what} failed inside the server; see the server log")
+        log.exception("%s on model %r failed", call.rpc, call.model)
+        code, message = grpc.StatusCode.INTERNAL, f"{call.rpc} failed inside the server; see the server log"
+    finally:
+        if metrics is not None:
+            metrics.record(call.model, call.rpc, code.name, time.perf_counter() - call.start)
+    context.abort(code, message)
 
 
 class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, registry: Registry, sessions: SessionStore):
+    def __init__(self, registry: Registry, sessions: SessionStore, metrics: Metrics | None = None):
         self.registry = registry
         self.sessions = sessions
+        self.metrics = metrics
 
-    def _model(self, name: str, version: int | None) -> LoadedModel:
+    def _guard(self, context, call: Call, handler):
+        return guarded(context, call, handler, self.metrics)
+
+    def _model(self, call: Call, name: str, version: int | None) -> LoadedModel:
         try:
-            return self.registry.get(name, version)
+            model = self.registry.get(name, version)
         except LookupError as exc:
             raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        call.model = model.name  # only loaded names become metric labels
+        return model
 
     # -- feed-forward policies ---------------------------------------------
     def Act(self, request: policy_pb2.ActRequest, context: grpc.ServicerContext) -> policy_pb2.ActResponse:
-        return guarded(context, f"Act on model {request.model!r}", lambda: self._act(request, deadline_of(context)))
+        call = Call("Act")
+        return self._guard(context, call, lambda: self._act(call, request, deadline_of(context)))
 
-    def _act(self, request: policy_pb2.ActRequest, deadline: float | None) -> policy_pb2.ActResponse:
-        model = self._model(request.model, request.version if request.HasField("version") else None)
+    def _act(self, call: Call, request: policy_pb2.ActRequest, deadline: float | None) -> policy_pb2.ActResponse:
+        model = self._model(call, request.model, request.version if request.HasField("version") else None)
         if model.is_sequence:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"model {model.name!r} version {model.version} is a sequence policy "
@@ -139,21 +163,26 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
 
     # -- sequence policies: sessions ---------------------------------------
     def OpenSession(self, request: policy_pb2.OpenSessionRequest, context) -> policy_pb2.OpenSessionResponse:
-        return guarded(context, f"OpenSession on model {request.model!r}", lambda: self._open(request)[1])
+        call = Call("OpenSession")
+        return self._guard(context, call, lambda: self._open(call, request)[1])
 
     def Step(self, request: policy_pb2.StepRequest, context) -> policy_pb2.StepResponse:
-        return guarded(context, "Step", lambda: self._step(self._session(request.session_id), request,
-                                                           deadline_of(context)))
+        call = Call("Step")
+        return self._guard(context, call, lambda: self._step(self._session(call, request.session_id), request,
+                                                             deadline_of(context)))
 
     def CloseSession(self, request: policy_pb2.CloseSessionRequest, context) -> policy_pb2.CloseSessionResponse:
+        call = Call("CloseSession")
+
         def close():
             session = self.sessions.close(request.session_id)
             if session is None:
-                self._session(request.session_id)  # raises NOT_FOUND, saying whether it expired
+                self._session(call, request.session_id)  # raises NOT_FOUND, saying whether it expired
                 raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {request.session_id!r} is closed")
+            call.model = session.model.name
             return policy_pb2.CloseSessionResponse(steps=session.context.t)
 
-        return guarded(context, "CloseSession", close)
+        return self._guard(context, call, close)
 
     def Episode(self, request_iterator, context):
         """One stream, one episode: open, step..., and the session closes when the stream ends."""
@@ -172,23 +201,26 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                         context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                       f"this stream already has session {opened[0].id}: one stream is one "
                                       "episode; start a new stream for the next one")
-                    session, response = guarded(context, "Episode open", lambda: self._open(request.open))
+                    call = Call("EpisodeOpen")
+                    session, response = self._guard(context, call, lambda: self._open(call, request.open))
                     opened.append(session)
                     yield policy_pb2.EpisodeResponse(opened=response)
                 elif kind == "step":
                     if not opened:
                         context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                       "the first message of an Episode stream must be `open`")
-                    step = guarded(context, "Episode step",
-                                   lambda: self._step(self._session(opened[0].id), request.step, deadline_of(context)))
+                    call = Call("EpisodeStep")
+                    step = self._guard(context, call, lambda: self._step(self._session(call, opened[0].id),
+                                                                         request.step, deadline_of(context)))
                     yield policy_pb2.EpisodeResponse(step=step)
                 else:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty EpisodeRequest: set `open` or `step`")
         finally:
             release()
 
-    def _open(self, request: policy_pb2.OpenSessionRequest) -> tuple[Session, policy_pb2.OpenSessionResponse]:
-        model = self._model(request.model, request.version if request.HasField("version") else None)
+    def _open(self, call: Call,
+              request: policy_pb2.OpenSessionRequest) -> tuple[Session, policy_pb2.OpenSessionResponse]:
+        model = self._model(call, request.model, request.version if request.HasField("version") else None)
         if not model.is_sequence:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"model {model.name!r} version {model.version} is a feed-forward policy "
@@ -210,11 +242,13 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             session_id=session.id, model=model.name, version=model.version,
             context_length=model.manifest.context_length, target_return=target)
 
-    def _session(self, session_id: str) -> Session:
+    def _session(self, call: Call, session_id: str) -> Session:
         try:
-            return self.sessions.get(session_id)
+            session = self.sessions.get(session_id)
         except SessionNotFound as exc:
             raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        call.model = session.model.name
+        return session
 
     def _step(self, session: Session, request: policy_pb2.StepRequest,
               deadline: float | None = None) -> policy_pb2.StepResponse:
@@ -262,7 +296,7 @@ class ModelService(admin_pb2_grpc.ModelServiceServicer):
             return admin_pb2.LoadModelResponse(name=request.name, loaded_versions=[m.version for m in loaded],
                                                versions=versions, default_version=max(versions))
 
-        return guarded(context, f"LoadModel {request.name!r}", load)
+        return guarded(context, Call("LoadModel"), load)
 
     def UnloadModel(self, request: admin_pb2.UnloadModelRequest, context) -> admin_pb2.UnloadModelResponse:
         def unload():
@@ -277,7 +311,7 @@ class ModelService(admin_pb2_grpc.ModelServiceServicer):
             return admin_pb2.UnloadModelResponse(name=request.name, unloaded_versions=[m.version for m in removed],
                                                  pinned_versions=[m.version for m in removed if m.pins])
 
-        return guarded(context, f"UnloadModel {request.name!r}", unload)
+        return guarded(context, Call("UnloadModel"), unload)
 
 
 def start_sweeper(sessions: SessionStore, stop: threading.Event) -> threading.Thread:
@@ -311,33 +345,65 @@ def start_poller(registry: Registry, interval: float, stop: threading.Event) -> 
     return thread
 
 
-def build_server(registry: Registry, address: str = "127.0.0.1:0", workers: int = 64,
-                 sessions: SessionStore | None = None, admin_token: str | None = None) -> tuple[grpc.Server, int]:
-    """A configured, not yet started, server bound to ``address``; returns it and the bound port.
+@dataclass
+class ServerOptions:
+    address: str = "127.0.0.1:0"
+    workers: int = 64                    # each open Episode stream holds one
+    admin_token: str | None = None       # None: model management is refused
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace: float = 5.0                   # seconds in-flight requests get to finish on shutdown
 
-    Each open Episode stream holds one worker thread for its lifetime, so ``workers``
-    bounds the concurrent streams (unary Steps hold one only while they run).
-    """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchrl"))
-    service = PolicyService(registry, SessionStore() if sessions is None else sessions)
+
+@dataclass
+class Served:
+    """A configured server: start it, and drain it (health NOT_SERVING first, then stop with grace)."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    service: PolicyService
+    grace: float
+
+    def start(self) -> None:
+        self.server.start()
+
+    def drain(self, grace: float | None = None) -> None:
+        """Stop accepting, let requests in flight finish within the grace period, then stop."""
+        self.health.enter_graceful_shutdown()  # every service NOT_SERVING: balancers stop sending
+        self.server.stop(self.grace if grace is None else grace).wait()
+
+    def stop(self) -> None:
+        self.server.stop(None)
+
+
+def build_server(registry: Registry, options: ServerOptions | str = ServerOptions(),
+                 sessions: SessionStore | None = None, metrics: Metrics | None = None) -> Served:
+    """A configured, not yet started, server bound to ``options.address`` (a bare string is the address)."""
+    if isinstance(options, str):
+        options = ServerOptions(address=options)
+    grpc_options = [("grpc.max_receive_message_length", options.max_message_bytes),
+                    ("grpc.max_send_message_length", options.max_message_bytes)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="batchrl"),
+                         options=grpc_options)
+    service = PolicyService(registry, SessionStore() if sessions is None else sessions, metrics)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(service, server)
-    admin_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(registry, admin_token), server)
+    admin_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(registry, options.admin_token), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     # Per-model health: the service name is the model name; NOT_SERVING once unloaded.
-    serving_state = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
-    registry.on_change = lambda name, up: health_servicer.set(name, serving_state[up])
+    state = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
+    registry.on_change = lambda name, up: health_servicer.set(name, state[up])
     for name in registry.models:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = server.add_insecure_port(options.address)
     if port == 0:
-        raise OSError(f"cannot bind the server to {address}")
-    return server, port
+        raise OSError(f"cannot bind the server to {options.address}")
+    return Served(server, port, health_servicer, service, options.grace)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,27 +431,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin-token-file", default=None,
                         help="file holding the bearer token for LoadModel/UnloadModel "
                              "(default: $BATCHRL_ADMIN_TOKEN; neither: model management is disabled)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics over HTTP on this port (0: any free port; default: off)")
+    parser.add_argument("--metrics-address", default="127.0.0.1", help="address of the metrics endpoint")
+    parser.add_argument("--max-message-mb", type=float, default=64.0, help="largest request or response (MiB)")
+    parser.add_argument("--grace", type=float, default=5.0,
+                        help="seconds requests in flight get to finish after SIGTERM (default 5)")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(args.log_format)
     providers = choose_providers(args.device, args.device_id)
     limits = BatchLimits(args.max_batch, args.max_queue_delay_us / 1e6, args.max_queue)
-    registry = Registry.open(Path(args.repository), providers, args.threads, limits)
+    metrics = Metrics()
+    registry = Registry.open(Path(args.repository), providers, args.threads, limits, metrics=metrics)
     if not registry.models:
         log.warning("no models loaded from %s", args.repository)
     sessions = SessionStore(args.max_sessions, args.session_timeout)
-    admin_token = read_admin_token(args.admin_token_file)
-    server, port = build_server(registry, args.address, args.workers, sessions, admin_token)
-    server.start()
+    options = ServerOptions(address=args.address, workers=args.workers,
+                            admin_token=read_admin_token(args.admin_token_file),
+                            max_message_bytes=int(args.max_message_mb * 1024 * 1024), grace=args.grace)
+    served = build_server(registry, options, sessions, metrics)
+    if args.metrics_port is not None:
+        metrics.watch(registry, sessions)
+        log.info("metrics on http://%s:%d/metrics", args.metrics_address,
+                 metrics.serve(args.metrics_port, args.metrics_address))
+    served.start()  # models were loaded and warmed up above: ready when the port opens
     stop = threading.Event()
     start_sweeper(sessions, stop)
     if args.poll > 0:
         start_poller(registry, args.poll, stop)
     in_use = sorted({p for versions in registry.models.values() for m in versions.values() for p in m.providers})
     log.info("serving %d model(s) on %s (port %d); onnxruntime providers in use: %s",
-             sum(len(v) for v in registry.models.values()), args.address, port, ", ".join(in_use) or "none")
+             sum(len(v) for v in registry.models.values()), args.address, served.port, ", ".join(in_use) or "none")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    log.info("shutting down: finishing requests in flight")
-    server.stop(grace=5).wait()
+    log.info("draining: health NOT_SERVING, no new requests, up to %.1f s for those in flight", args.grace)
+    served.drain()
+    log.info("stopped")
     return 0

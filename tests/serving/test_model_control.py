@@ -14,7 +14,7 @@ from batchrl.cli import main as cli
 from protos.batchrl.v1 import policy_pb2, policy_pb2_grpc
 from serving.client import PolicyClient
 from serving.repository import Registry
-from serving.server import build_server
+from serving.server import ServerOptions, build_server
 from serving.tensors import encode
 
 TOKEN = "s3cret-admin-token"
@@ -31,7 +31,8 @@ def install(repo, name, version, source):
 @contextlib.contextmanager
 def serving(repo, token=TOKEN):
     registry = Registry.open(repo, ["CPUExecutionProvider"])
-    server, port = build_server(registry, "127.0.0.1:0", admin_token=token)
+    served = build_server(registry, ServerOptions(admin_token=token))
+    server, port = served.server, served.port
     server.start()
     try:
         with PolicyClient(f"127.0.0.1:{port}") as client:
@@ -216,7 +217,8 @@ def test_a_full_queue_answers_resource_exhausted(repo):
     from serving.batcher import BatchLimits
 
     registry = Registry.open(repo, ["CPUExecutionProvider"], limits=BatchLimits(max_rows=65_536, max_queue=1))
-    server, port = build_server(registry, "127.0.0.1:0")
+    served = build_server(registry, "127.0.0.1:0")
+    server, port = served.server, served.port
     server.start()
     codes = []
     big = np.random.default_rng(0).normal(size=(65_536, 3)).astype(np.float32)

@@ -16,7 +16,8 @@ from training.evaluation import run_episodes
 
 def test_served_rollout_equals_in_process_evaluation(repository):
     registry = Registry.open(repository, ["CPUExecutionProvider"])
-    server, port = build_server(registry, "127.0.0.1:0")
+    served = build_server(registry, "127.0.0.1:0")
+    server, port = served.server, served.port
     server.start()
     try:
         lines = []

@@ -18,7 +18,8 @@ from serving.tensors import encode
 @pytest.fixture(scope="module")
 def server(repository):
     registry = Registry.open(repository, ["CPUExecutionProvider"])
-    srv, port = build_server(registry, "127.0.0.1:0")
+    served = build_server(registry, "127.0.0.1:0")
+    srv, port = served.server, served.port
     srv.start()
     yield f"127.0.0.1:{port}"
     srv.stop(grace=None)

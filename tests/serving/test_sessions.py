@@ -26,7 +26,8 @@ from training.trainer import load_policy
 def serving(repo, sessions=None):
     registry = Registry.open(repo, ["CPUExecutionProvider"])
     store = SessionStore() if sessions is None else sessions
-    server, port = build_server(registry, "127.0.0.1:0", sessions=store)
+    served = build_server(registry, "127.0.0.1:0", sessions=store)
+    server, port = served.server, served.port
     server.start()
     try:
         with PolicyClient(f"127.0.0.1:{port}") as client:

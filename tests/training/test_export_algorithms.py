@@ -42,7 +42,8 @@ def test_export_parity(exported, name):
 
 def test_served_act_matches_onnxruntime_for_every_algorithm(exported):
     repo, runs = exported
-    server, port = build_server(Registry.open(repo, ["CPUExecutionProvider"]), "127.0.0.1:0")
+    served = build_server(Registry.open(repo, ["CPUExecutionProvider"]), "127.0.0.1:0")
+    server, port = served.server, served.port
     server.start()
     obs = np.random.default_rng(3).normal(size=(16, 3)).astype(np.float32)
     try:

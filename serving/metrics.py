@@ -1,0 +1,74 @@
+"""Prometheus metrics of the server, served on their own HTTP port (`batchrl serve --metrics-port`).
+
+Counters and histograms are updated as requests are answered and models run;
+gauges (queue depth, open sessions, loaded versions) are read from the live
+registry and session store at scrape time, so they are never stale.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("batchrl_requests", "RPCs answered, by model, RPC and status code",
+                                ["model", "rpc", "code"], registry=self.registry)
+        self.latency = Histogram("batchrl_request_duration_seconds", "RPC latency in the server, by model and RPC",
+                                 ["model", "rpc"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_requests = Histogram("batchrl_batch_requests", "requests gathered into one model run",
+                                        ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.batch_rows = Histogram("batchrl_batch_rows", "rows (observations or session steps) in one model run",
+                                    ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.load_failures = Counter("batchrl_model_load_failures", "model files rejected at load, by model",
+                                     ["model"], registry=self.registry)
+
+    def record(self, model: str, rpc: str, code: str, seconds: float) -> None:
+        self.requests.labels(model, rpc, code).inc()
+        self.latency.labels(model, rpc).observe(seconds)
+
+    def batch_observer(self, model: str) -> Callable[[int, int], None]:
+        requests, rows = self.batch_requests.labels(model), self.batch_rows.labels(model)
+
+        def observe(n_requests: int, n_rows: int) -> None:
+            requests.observe(n_requests)
+            rows.observe(n_rows)
+
+        return observe
+
+    def watch(self, registry, sessions) -> None:
+        """Report the live state of ``registry`` (a serving Registry) and ``sessions`` at each scrape."""
+        self.registry.register(_LiveState(registry, sessions))
+
+    def serve(self, port: int, address: str = "0.0.0.0"):
+        """Start the HTTP endpoint in a daemon thread; returns the bound port."""
+        server, _ = start_http_server(port, address, registry=self.registry)
+        return server.server_port
+
+
+class _LiveState:
+    def __init__(self, registry, sessions):
+        self.registry, self.sessions = registry, sessions
+
+    def collect(self):
+        depth = GaugeMetricFamily("batchrl_queue_depth", "requests waiting for a model run",
+                                  labels=["model", "version"])
+        pinned = GaugeMetricFamily("batchrl_model_sessions", "open sessions on a loaded model version",
+                                   labels=["model", "version"])
+        loaded = GaugeMetricFamily("batchrl_model_versions_loaded", "versions of a model loaded",
+                                   labels=["model"])
+        for name, versions in self.registry.models.items():
+            loaded.add_metric([name], len(versions))
+            for version, model in versions.items():
+                depth.add_metric([name, str(version)], model.batcher.queue_depth)
+                pinned.add_metric([name, str(version)], model.pins)
+        yield depth
+        yield pinned
+        yield loaded
+        yield GaugeMetricFamily("batchrl_open_sessions", "open sequence-policy sessions", value=len(self.sessions))
