@@ -13,8 +13,18 @@ from serving.tensors import decode, encode
 class PolicyClient:
     """Blocking client: ``with PolicyClient("127.0.0.1:50051") as c: c.act("hopper-iql", obs)``."""
 
-    def __init__(self, address: str, timeout: float | None = 10.0):
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, timeout: float | None = 10.0, tls_ca: bytes | None = None,
+                 client_cert: bytes | None = None, client_key: bytes | None = None,
+                 max_message_bytes: int = 64 * 1024 * 1024):
+        """Plaintext by default; ``tls_ca`` (PEM bytes) switches to TLS, and ``client_cert`` with
+        ``client_key`` present a client certificate (mutual TLS)."""
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if tls_ca is None and client_cert is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            creds = grpc.ssl_channel_credentials(tls_ca, client_key, client_cert)
+            self.channel = grpc.secure_channel(address, creds, options=options)
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
         self.admin = admin_pb2_grpc.ModelServiceStub(self.channel)
         self.timeout = timeout

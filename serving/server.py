@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
 from serving.auth import authorized, read_admin_token
 from serving.batcher import BatchLimits, DeadlineExceeded, QueueFull
+from serving.limits import ClientLimiter
 from serving.logs import configure as configure_logs
 from serving.metrics import Metrics
 from serving.repository import Registry
@@ -352,6 +353,22 @@ class ServerOptions:
     admin_token: str | None = None       # None: model management is refused
     max_message_bytes: int = 64 * 1024 * 1024
     grace: float = 5.0                   # seconds in-flight requests get to finish on shutdown
+    per_client_limit: int | None = None  # concurrent requests per client (token identity, else peer address)
+    tls_cert: str | None = None          # PEM server certificate (chain) and key: TLS instead of plaintext
+    tls_key: str | None = None
+    client_ca: str | None = None         # PEM CA: require client certificates signed by it (mutual TLS)
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        if not self.tls_cert and not self.tls_key:
+            if self.client_ca:
+                raise ValueError("--client-ca needs --tls-cert and --tls-key (mutual TLS is on top of TLS)")
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        read = lambda path: Path(path).read_bytes()  # noqa: E731
+        ca = read(self.client_ca) if self.client_ca else None
+        return grpc.ssl_server_credentials([(read(self.tls_key), read(self.tls_cert))], root_certificates=ca,
+                                           require_client_auth=ca is not None)
 
 
 @dataclass
@@ -383,8 +400,9 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
         options = ServerOptions(address=options)
     grpc_options = [("grpc.max_receive_message_length", options.max_message_bytes),
                     ("grpc.max_send_message_length", options.max_message_bytes)]
+    interceptors = [ClientLimiter(options.per_client_limit)] if options.per_client_limit else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="batchrl"),
-                         options=grpc_options)
+                         options=grpc_options, interceptors=interceptors)
     service = PolicyService(registry, SessionStore() if sessions is None else sessions, metrics)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(service, server)
     admin_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(registry, options.admin_token), server)
@@ -400,7 +418,9 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
     reflection.enable_server_reflection(
         (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(options.address)
+    credentials = options.credentials()
+    port = (server.add_secure_port(options.address, credentials) if credentials is not None
+            else server.add_insecure_port(options.address))
     if port == 0:
         raise OSError(f"cannot bind the server to {options.address}")
     return Served(server, port, health_servicer, service, options.grace)
@@ -438,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds requests in flight get to finish after SIGTERM (default 5)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
+    parser.add_argument("--per-client-limit", type=int, default=None,
+                        help="most concurrent requests per client (its token identity, else its address)")
+    parser.add_argument("--tls-cert", default=None, help="PEM server certificate: serve TLS")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)")
     args = parser.parse_args(argv)
     configure_logs(args.log_format)
     providers = choose_providers(args.device, args.device_id)
@@ -449,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     sessions = SessionStore(args.max_sessions, args.session_timeout)
     options = ServerOptions(address=args.address, workers=args.workers,
                             admin_token=read_admin_token(args.admin_token_file),
-                            max_message_bytes=int(args.max_message_mb * 1024 * 1024), grace=args.grace)
+                            max_message_bytes=int(args.max_message_mb * 1024 * 1024), grace=args.grace,
+                            per_client_limit=args.per_client_limit, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                            client_ca=args.client_ca)
     served = build_server(registry, options, sessions, metrics)
     if args.metrics_port is not None:
         metrics.watch(registry, sessions)
