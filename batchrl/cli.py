@@ -13,6 +13,7 @@ COMMANDS = {
     "serve": "serve the model repository over gRPC (CUDA when usable, else CPU)",
     "rollout": "drive a Gymnasium environment through a served policy",
     "models": "list, load or unload the models of a running server (load/unload need the admin token)",
+    "bench-serve": "serving load benchmark: policy server vs bare gRPC echo vs in-process onnxruntime",
 }
 
 
@@ -168,6 +169,12 @@ def rollout(argv: list[str]) -> int:
     return main(argv)
 
 
+def bench_serve(argv: list[str]) -> int:
+    from serving.bench import main
+
+    return main(argv)
+
+
 def models(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="batchrl models", description=COMMANDS["models"])
     parser.add_argument("action", choices=["list", "load", "unload"])
@@ -207,14 +214,15 @@ def models(argv: list[str]) -> int:
 
 
 HANDLERS = {"train": train, "eval": evaluate, "export": export, "serve": serve, "rollout": rollout,
-            "models": models}
+            "models": models, "bench-serve": bench_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in HANDLERS:
         lines = ["usage: batchrl COMMAND [options]   (batchrl COMMAND --help for its options)", "", "commands:"]
-        lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+        width = max(map(len, COMMANDS))
+        lines += [f"  {name:<{width}} {text}" for name, text in COMMANDS.items()]
         print("\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nbatchrl: unknown command {argv[0]!r}", file=sys.stderr)

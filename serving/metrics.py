@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -26,6 +26,8 @@ class Metrics:
                                         ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
         self.batch_rows = Histogram("batchrl_batch_rows", "rows (observations or session steps) in one model run",
                                     ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("batchrl_requests_in_flight", "RPCs received and not yet answered, by RPC",
+                               ["rpc"], registry=self.registry)
         self.load_failures = Counter("batchrl_model_load_failures", "model files rejected at load, by model",
                                      ["model"], registry=self.registry)
 

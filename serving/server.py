@@ -100,6 +100,8 @@ def guarded(context: grpc.ServicerContext, call: Call, handler, metrics: Metrics
     """Run ``handler``; a RequestError becomes its status, anything else INTERNAL (logged):
     one bad request must never take the server down. Every outcome is counted and timed."""
     code, message = grpc.StatusCode.OK, ""
+    if metrics is not None:
+        metrics.in_flight.labels(call.rpc).inc()
     try:
         return handler()
     except RequestError as exc:
@@ -113,6 +115,7 @@ def guarded(context: grpc.ServicerContext, call: Call, handler, metrics: Metrics
         code, message = grpc.StatusCode.INTERNAL, f"{call.rpc} failed inside the server; see the server log"
     finally:
         if metrics is not None:
+            metrics.in_flight.labels(call.rpc).dec()
             metrics.record(call.model, call.rpc, code.name, time.perf_counter() - call.start)
     context.abort(code, message)
 
