@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     print(port, flush=True)
     stop.wait()
-    server.stop(None).wait(5)
+    server.stop(None).wait(1)
     # A stream handler can stay blocked in gRPC's request iterator after stop (seen when the signal lands
     # while streams open or close), and a normal exit would join its thread forever. Nothing to flush here.
     sys.stdout.flush()

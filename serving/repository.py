@@ -86,7 +86,8 @@ class Registry:
         self.on_change = on_change  # (name, serving) after every change of a name's loaded versions
         self.metrics = metrics      # serving.metrics.Metrics, or None
         self._models: dict[str, dict[int, LoadedModel]] = {}
-        self._write = threading.Lock()        # one change at a time; readers never wait
+        self._write = threading.Lock()        # guards the swap itself; readers never wait
+        self._changing = threading.RLock()    # one load/unload/poll at a time (they are rare and slow)
         self._seen: dict[str, set[int]] = {}  # version folders already considered by poll()
         self._failed: dict[Path, tuple[float, int]] = {}  # files that failed, by (mtime, size)
 
@@ -129,6 +130,10 @@ class Registry:
         All or nothing: if a file is corrupt or incompatible, ValueError names it and the
         versions already loaded keep serving. LookupError when there is nothing to load.
         """
+        with self._changing:
+            return self._load_model(name, version)
+
+    def _load_model(self, name: str, version: int | None) -> list[LoadedModel]:
         model_dir = self.model_dir(name)
         if version is not None and version < 1:
             raise ValueError(f"version must be a positive integer, got {version}")
@@ -149,13 +154,18 @@ class Registry:
     def unload_model(self, name: str) -> list[LoadedModel]:
         """Take every version of ``name`` out of service; requests and sessions holding one finish on it."""
         check_name(name)
-        if name not in self._models:
-            raise LookupError(f"model {name!r} is not loaded; loaded models: {sorted(self._models) or 'none'}")
-        return self._swap(name, remove_all=True)
+        with self._changing:
+            if name not in self._models:
+                raise LookupError(f"model {name!r} is not loaded; loaded models: {sorted(self._models) or 'none'}")
+            return self._swap(name, remove_all=True)
 
     def poll(self) -> list[str]:
         """Load version folders that appeared since the last poll and drop versions whose folder
         went away. Failures are logged and retried only when the file changes. Returns what changed."""
+        with self._changing:
+            return self._poll()
+
+    def _poll(self) -> list[str]:
         changes: list[str] = []
         names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         for name in names:
