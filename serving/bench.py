@@ -62,6 +62,7 @@ import grpc
 import numpy as np
 
 from protos.batchrl.v1 import policy_pb2
+from protos.contract import MODEL_FILE, version_dirs
 from serving.echo import ECHO_METHOD, STREAM_METHOD
 from serving.tensors import decode, encode
 
@@ -221,7 +222,10 @@ class ServerProcess:
         self.port: int | None = None
         self._ready = threading.Event()
         self._pattern = re.compile(port_pattern)
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Its own session: Ctrl-C reaches only the benchmark, which then stops the server with one SIGTERM
+        # (`batchrl serve` can hang when SIGINT and SIGTERM arrive back to back).
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
         for stream in (self.proc.stdout, self.proc.stderr):
             threading.Thread(target=self._drain, args=(stream,), daemon=True, name=f"{name}-output").start()
 
@@ -241,8 +245,8 @@ class ServerProcess:
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
         self._ready.wait(timeout)
         if self.port is None:
-            state = "exited with status %s" % self.proc.poll() if self.proc.poll() is not None else \
-                f"printed no port within {timeout:.0f} s"
+            code = self.proc.poll()
+            state = f"printed no port within {timeout:.0f} s" if code is None else f"exited with status {code}"
             raise RuntimeError(f"{self.name} ({shlex.join(self.argv)}) {state}; its last output:\n  "
                                + "\n  ".join(self.log))
 
@@ -261,27 +265,38 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.terminate()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM (the servers drain), then SIGKILL if it is still there after ``timeout`` seconds."""
+    def stop(self, deadline: float) -> None:
+        """SIGTERM (the servers drain), then SIGKILL if it is still there at ``deadline`` (time.monotonic)."""
         self.terminate()
         try:
-            self.proc.wait(timeout=timeout)
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            progress(f"warning: {self.name} did not stop on SIGTERM; killed")
             self.proc.kill()
             self.proc.wait()
 
 
+def stop_all(servers: list[ServerProcess], grace: float = 5.0) -> None:
+    for srv in servers:  # all at once: their drains overlap
+        srv.terminate()
+    deadline = time.monotonic() + grace
+    for srv in servers:
+        srv.stop(deadline)
+
+
 def policy_server(name: str, s: Settings, pinning: Pinning, extra: list[str] = ()) -> ServerProcess:
+    # CPU whatever the machine has (pinning measures CPU serving); a short drain, as nothing is in flight
+    # when the benchmark stops it.
     argv = [*pinning.prefix(), sys.executable, "-m", "batchrl.cli", "serve", "-r", str(s.repository),
             "--address", "127.0.0.1:0", "--device", "cpu", "--threads", str(s.threads), "--workers", str(s.workers),
             "--metrics-port", "0", "--grace", "1", *extra]
     return ServerProcess(name, argv, r"\(port (\d+)\)")
 
 
-def echo_server(s: Settings, pinning: Pinning, response_bytes: int, stream_response_bytes: int) -> ServerProcess:
+def echo_server(s: Settings, pinning: Pinning, response_bytes: int) -> ServerProcess:
+    """Replies (unary and stream) of ``response_bytes``: the size of the policy server's own answer."""
     argv = [*pinning.prefix(), sys.executable, "-m", "serving.echo", "--address", "127.0.0.1:0",
-            "--workers", str(s.workers), "--response-bytes", str(response_bytes),
-            "--stream-response-bytes", str(stream_response_bytes)]
+            "--workers", str(s.workers), "--response-bytes", str(response_bytes)]
     return ServerProcess("echo server", argv, r"^(\d+)$")
 
 
@@ -416,13 +431,13 @@ def open_loop(call, job: Job, start: float, end: float) -> dict:
     def done(scheduled: float, future: grpc.Future) -> None:
         nonlocal pending
         t1 = time.perf_counter()
-        if start <= scheduled < end:
-            code = future.code()
-            if code == grpc.StatusCode.OK:
-                latencies.append(t1 - scheduled)
-            else:
-                errors[code.name] += 1
-        with idle:
+        code = future.code()
+        with idle:  # callbacks may run on more than one gRPC thread
+            if start <= scheduled < end:
+                if code == grpc.StatusCode.OK:
+                    latencies.append(t1 - scheduled)
+                else:
+                    errors[code.name] += 1
             pending -= 1
             idle.notify_all()
 
@@ -600,9 +615,27 @@ class Workload:
     batch: int = 1
 
 
+@dataclass
+class Servers:
+    on: ServerProcess    # the policy server as `batchrl serve` runs it
+    off: ServerProcess   # the same with batching off
+    echo: ServerProcess
+
+
+@dataclass
+class Workloads:
+    echo_unary: Workload
+    echo_stream: Workload
+    single: Workload              # Act, one observation
+    batch: Workload               # Act, --batch-size observations
+    episode: Workload | None      # Episode stream steps: sequence policies only
+
+
 class Bench:
-    def __init__(self, s: Settings, pool: LoadGenerators, pinning: Pinning):
-        self.s, self.pool = s, pool
+    def __init__(self, s: Settings, pool: LoadGenerators, pinning: Pinning, servers: Servers, work: Workloads,
+                 model_path: Path):
+        self.s, self.pool, self.pinning, self.servers, self.work = s, pool, pinning, servers, work
+        self.model_path = model_path
         self.rows: list[Row] = []
         self.in_process_meta: dict = {}  # onnxruntime version and model file of phase 5
         every = len(os.sched_getaffinity(0))
@@ -657,6 +690,69 @@ class Bench:
         progress(f"[{row.phase}/{N_PHASES}] {row.name} ({row.target}), {load}, batch "
                  f"{row.batch_size}: {row.qps:,.0f} req/s, {row.obs_per_s:,.0f} obs/s, p99 {p99}{busy}{errors}")
 
+    # -- the phases, in order ---------------------------------------------------
+    def run_phases(self) -> None:
+        sequence = self.work.episode is not None
+        self.unary_floor_and_act(sequence)
+        self.streams(sequence)
+        self.batches(sequence)
+        self.local(sequence)
+        self.batching(sequence)
+        self.half_load(sequence)
+
+    def unary_floor_and_act(self, sequence: bool) -> None:
+        for c in self.s.concurrency:
+            self.measure(1, "echo unary", self.servers.echo, self.work.echo_unary, c)
+        if sequence:
+            progress("[2/7] skipped: a sequence policy does not answer Act")
+            return
+        for c in self.s.concurrency:
+            self.measure(2, "Act unary", self.servers.on, self.work.single, c)
+
+    def streams(self, sequence: bool) -> None:
+        streams = min(STREAM_CONCURRENCY, self.s.workers)
+        if streams < STREAM_CONCURRENCY:
+            progress(f"note: {streams} streams instead of {STREAM_CONCURRENCY}: each open stream holds one of "
+                     f"the {self.s.workers} server workers")
+        self.measure(3, "echo stream", self.servers.echo, self.work.echo_stream, streams)
+        if sequence:
+            self.measure(3, "Episode stream", self.servers.on, self.work.episode, streams)
+
+    def batches(self, sequence: bool) -> None:
+        if sequence:
+            progress("[4/7] skipped: a sequence policy takes one observation per step")
+            return
+        for c in BATCH_CONCURRENCIES:
+            self.measure(4, "Act batch", self.servers.on, self.work.batch, c)
+
+    def local(self, sequence: bool) -> None:
+        sizes = [1] if sequence else [1, self.s.batch_size]
+        progress(f"[5/7] in-process onnxruntime on {self.model_path}, batch {sizes}, "
+                 f"{self.s.threads} intra-op thread(s)")
+        result = in_process(self.model_path, self.s, sizes, self.pinning.server)
+        self.in_process_meta = {"onnxruntime": result["onnxruntime"], "path": str(self.model_path)}
+        for r in result["runs"]:
+            self.add(make_row(5, "in-process onnxruntime", "session.run", 1, r["batch"], r["latencies"], {},
+                              r["elapsed"], r["cpu"], "server CPU: the in-process runner's own",
+                              server_cpu_util=r["cpu"] / r["elapsed"] / self.server_cpus))
+
+    def batching(self, sequence: bool) -> None:
+        # Streams hold a server worker each, so a sequence policy gets at most --workers of them.
+        clients = min(BATCHING_CONCURRENCY, self.s.workers) if sequence else BATCHING_CONCURRENCY
+        work = self.work.episode if sequence else self.work.single
+        self.measure(6, "batching on", self.servers.on, work, clients)
+        self.measure(6, "batching off", self.servers.off, work, clients)
+
+    def half_load(self, sequence: bool) -> None:
+        if sequence:
+            progress("[7/7] skipped: the open loop sends unary Act requests, which a sequence policy does not "
+                     "answer")
+            return
+        best = max((r for r in self.rows if r.phase == 2), key=lambda r: r.qps)
+        if best.qps <= 0:
+            raise RuntimeError("phase 2 completed no Act request: no load to halve for phase 7")
+        self.measure(7, "open loop, half load", self.servers.on, self.work.single, None, rate=HALF_LOAD * best.qps)
+
 
 # -- the run -------------------------------------------------------------------
 def model_info(address: str, name: str) -> policy_pb2.ModelInfo:
@@ -693,7 +789,8 @@ def probe(address: str, work: Workload, action_shape: tuple[int, ...]) -> int:
             actions = decode(policy_pb2.ActResponse.FromString(raw).actions, "actions")
             expected = (work.batch, *action_shape)
         else:
-            raw = list(ch.stream_stream(work.method)(iter([*work.prelude, work.payload]), timeout=REQUEST_TIMEOUT))[-1]
+            messages = iter([*work.prelude, work.payload])
+            raw = list(ch.stream_stream(work.method)(messages, timeout=REQUEST_TIMEOUT))[-1]
             actions = decode(policy_pb2.EpisodeResponse.FromString(raw).step.action, "action")
             expected = action_shape
     if actions.shape != expected:
@@ -704,11 +801,13 @@ def probe(address: str, work: Workload, action_shape: tuple[int, ...]) -> int:
 
 def warn_about_model_config(s: Settings) -> None:
     path = s.repository / s.model / "config.json"
-    if path.is_file():
-        overrides = json.loads(path.read_text())
-        if overrides:
-            progress(f"warning: {path} sets {overrides}; it overrides the benchmark's server options "
-                     "(batching off, --threads) for this model")
+    try:
+        overrides = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return  # the server refuses the model and says why
+    if overrides:
+        progress(f"warning: {path} sets {overrides}; it overrides the benchmark's server options "
+                 "(batching off, --threads) for this model")
 
 
 def run(s: Settings) -> dict:
@@ -720,100 +819,50 @@ def run(s: Settings) -> dict:
         progress(f"note: concurrency {uneven} does not divide over {s.processes} processes; the shares differ "
                  "by one request so the total stays exact")
     load_before = os.getloadavg()
-    servers: list[ServerProcess] = []
+    started: list[ServerProcess] = []
     pool = None
     try:
         progress(f"starting {s.processes} load generator(s) and the policy servers")
         pool = LoadGenerators(s.processes, pinning.client)
         on = policy_server("policy server", s, pinning)
-        servers.append(on)
+        started.append(on)
         off = policy_server("policy server, batching off", s, pinning,
                             ["--max-batch", "1", "--max-queue-delay-us", "0"])
-        servers.append(off)
+        started.append(off)
         on.wait_ready()
         off.wait_ready()
-        info = model_info(on.address, s.model)
-        version = max(info.versions, key=lambda v: v.version)
+        version = max(model_info(on.address, s.model).versions, key=lambda v: v.version)  # what Act answers with
         manifest = version.manifest
         obs_shape, action_shape = tuple(manifest.observation_space.shape), tuple(manifest.action_space.shape)
         sequence = manifest.context_length > 0
-        rng = np.random.default_rng(0)
-        obs_batch = rng.standard_normal((s.batch_size, *obs_shape)).astype(np.float32)
-        single = act_workload(s.model, obs_batch[:1])
-        batch = act_workload(s.model, obs_batch)
-        episode = episode_workload(s.model, obs_batch[0]) if sequence else None
-        if sequence:
-            response_bytes = stream_response_bytes = probe(on.address, episode, action_shape)
-            probe(off.address, episode, action_shape)
-        else:
-            response_bytes = stream_response_bytes = probe(on.address, single, action_shape)
-            probe(off.address, single, action_shape)
+        obs = np.random.default_rng(0).standard_normal((s.batch_size, *obs_shape)).astype(np.float32)
+        single, batch = act_workload(s.model, obs[:1]), act_workload(s.model, obs)
+        episode = episode_workload(s.model, obs[0]) if sequence else None
+        # Check every request shape on the server that will get it, and measure the response to imitate.
+        response_bytes = probe(on.address, episode or single, action_shape)
+        probe(off.address, episode or single, action_shape)
+        if not sequence:
             probe(on.address, batch, action_shape)
-        # The echo gets the policy request's own bytes and answers as many bytes as the policy server.
-        echo_request = episode.payload if sequence else single.payload
-        echo = echo_server(s, pinning, response_bytes, stream_response_bytes)
-        servers.append(echo)
+        echo_request = (episode or single).payload  # the echo gets the policy request's own bytes
+        echo = echo_server(s, pinning, response_bytes)
+        started.append(echo)
         echo.wait_ready()
         pool.wait_ready()
-        affinity = {srv.name: srv.affinity() for srv in servers}
-        progress(f"servers up ({', '.join(f'{srv.name} :{srv.port}' for srv in servers)}); "
+        affinity = {srv.name: srv.affinity() for srv in started}
+        progress(f"servers up ({', '.join(f'{srv.name} :{srv.port}' for srv in started)}); "
                  f"{'sequence' if sequence else 'feed-forward'} model {s.model} version {version.version}; "
                  f"{pinning.note}")
-        bench = Bench(s, pool, pinning)
-        phases(bench, s, on, off, echo, Workload(ECHO_METHOD, "unary", echo_request),
-               Workload(STREAM_METHOD, "stream", echo_request), single, batch, episode,
-               s.repository / s.model / str(version.version) / "model.onnx", pinning)
+        work = Workloads(Workload(ECHO_METHOD, "unary", echo_request), Workload(STREAM_METHOD, "stream", echo_request),
+                         single, batch, episode)
+        model_path = version_dirs(s.repository / s.model)[version.version] / MODEL_FILE
+        bench = Bench(s, pool, pinning, Servers(on, off, echo), work, model_path)
+        bench.run_phases()
     finally:
-        for srv in servers:  # all at once: their drains overlap
-            srv.terminate()
-        for srv in servers:
-            srv.stop()
+        stop_all(started)
         if pool is not None:
             pool.close()
     return report_data(s, bench.rows, bench.in_process_meta, pinning, affinity, sequence, version.version,
                        response_bytes, len(echo_request), load_before)
-
-
-def phases(bench: Bench, s: Settings, on: ServerProcess, off: ServerProcess, echo: ServerProcess,
-           echo_unary: Workload, echo_stream: Workload, single: Workload, batch: Workload,
-           episode: Workload | None, model_path: Path, pinning: Pinning) -> None:
-    for c in s.concurrency:
-        bench.measure(1, "echo unary", echo, echo_unary, c)
-    if episode is None:
-        for c in s.concurrency:
-            bench.measure(2, "Act unary", on, single, c)
-    else:
-        progress("[2/7] skipped: a sequence policy does not answer Act")
-    streams = min(STREAM_CONCURRENCY, s.workers)
-    if streams < STREAM_CONCURRENCY:
-        progress(f"note: {streams} streams instead of {STREAM_CONCURRENCY}: each open stream holds one of the "
-                 f"{s.workers} server workers")
-    bench.measure(3, "echo stream", echo, echo_stream, streams)
-    if episode is not None:
-        bench.measure(3, "Episode stream", on, episode, streams)
-        progress("[4/7] skipped: a sequence policy takes one observation per step")
-    else:
-        for c in BATCH_CONCURRENCIES:
-            bench.measure(4, "Act batch", on, batch, c)
-    sizes = [1] if episode is not None else [1, s.batch_size]
-    progress(f"[5/7] in-process onnxruntime on {model_path}, batch {sizes}, {s.threads} intra-op thread(s)")
-    local = in_process(model_path, s, sizes, pinning.server)
-    bench.in_process_meta = {"onnxruntime": local["onnxruntime"], "path": str(model_path)}
-    for r in local["runs"]:
-        bench.add(make_row(5, "in-process onnxruntime", "session.run", 1, r["batch"], r["latencies"], {},
-                           r["elapsed"], r["cpu"], "server CPU: the in-process runner's own",
-                           server_cpu_util=r["cpu"] / r["elapsed"] / bench.server_cpus))
-    clients = BATCHING_CONCURRENCY if episode is None else min(BATCHING_CONCURRENCY, s.workers)
-    work = single if episode is None else episode
-    bench.measure(6, "batching on", on, work, clients)
-    bench.measure(6, "batching off", off, work, clients)
-    if episode is not None:
-        progress("[7/7] skipped: the open loop sends unary Act requests, which a sequence policy does not answer")
-        return
-    best = max((r for r in bench.rows if r.phase == 2), key=lambda r: r.qps)
-    if best.qps <= 0:
-        raise RuntimeError("phase 2 completed no Act request: no load to halve for phase 7")
-    bench.measure(7, "open loop, half load", on, single, None, rate=HALF_LOAD * best.qps)
 
 
 # -- report --------------------------------------------------------------------
@@ -854,8 +903,8 @@ def headline(rows: list[Row], s: Settings, sequence: bool) -> dict:
                     "value": half.p99_ms, "p50_ms": half.p50_ms, "p90_ms": half.p90_ms,
                     "offered_qps": HALF_LOAD * best.qps, "target": None}
     on, off = find(rows, 6, "batching on")[0], find(rows, 6, "batching off")[0]
-    out["d"] = ratio(f"batching gain: QPS batching on / off, {on.concurrency} single-observation clients",
-                     on.qps, off.qps, None)
+    clients = "Episode streams" if sequence else "single-observation Act clients"
+    out["d"] = ratio(f"batching gain: QPS batching on / off, {on.concurrency} {clients}", on.qps, off.qps, None)
     return out
 
 

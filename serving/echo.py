@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
+
+from serving.signals import StopSignals
 
 SERVICE = "batchrl.bench.Echo"
 ECHO_METHOD = f"/{SERVICE}/Echo"
@@ -79,15 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"serving.echo: error: {exc}", file=sys.stderr)
         return 1
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    signals = StopSignals()
     server.start()
     print(port, flush=True)
-    stop.wait()
+    signals.wait()
     server.stop(None).wait(1)
-    # A stream handler can stay blocked in gRPC's request iterator after stop (seen when the signal lands
-    # while streams open or close), and a normal exit would join its thread forever. Nothing to flush here.
+    # An echo has nothing to flush, and a handler thread still inside gRPC must not hold the exit up.
     sys.stdout.flush()
     os._exit(0)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import threading
 import time
 from concurrent import futures
@@ -28,6 +27,7 @@ from serving.logs import configure as configure_logs
 from serving.metrics import Metrics
 from serving.repository import Registry
 from serving.runtime import LoadedModel, choose_providers
+from serving.signals import StopSignals
 from serving.sessions import Session, SessionNotFound, SessionStore, TooManySessions
 from serving.tensors import decode, encode
 
@@ -468,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)")
     args = parser.parse_args(argv)
     configure_logs(args.log_format)
+    signals = StopSignals()  # before anything slow: a SIGTERM during start-up is then a clean stop too
     providers = choose_providers(args.device, args.device_id)
     limits = BatchLimits(args.max_batch, args.max_queue_delay_us / 1e6, args.max_queue)
     metrics = Metrics()
@@ -493,10 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     in_use = sorted({p for versions in registry.models.values() for m in versions.values() for p in m.providers})
     log.info("serving %d model(s) on %s (port %d); onnxruntime providers in use: %s",
              sum(len(v) for v in registry.models.values()), args.address, served.port, ", ".join(in_use) or "none")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.info("draining: health NOT_SERVING, no new requests, up to %.1f s for those in flight", args.grace)
+    received = signals.wait()
+    stop.set()
+    log.info("%s: draining: health NOT_SERVING, no new requests, up to %.1f s for those in flight",
+             received.name, args.grace)
     served.drain()
     log.info("stopped")
     return 0

@@ -159,3 +159,19 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path):
     assert results == [(65_536, 3)] * 16, results  # every request in flight was answered
     assert proc.returncode == 0, "".join(log)
     assert "draining" in "".join(log)
+
+
+def test_two_stop_signals_in_a_row_still_stop_cleanly(repository):
+    """A second signal while the first is being handled must not hang the server."""
+    for first, second in ((signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGTERM)):
+        proc = subprocess.Popen([sys.executable, "-m", "batchrl.cli", "serve", "-r", str(repository), "--address",
+                                 "127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
+        try:
+            while "(port " not in proc.stderr.readline():
+                assert proc.poll() is None
+            proc.send_signal(first)
+            proc.send_signal(second)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
