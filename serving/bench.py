@@ -222,8 +222,8 @@ class ServerProcess:
         self.port: int | None = None
         self._ready = threading.Event()
         self._pattern = re.compile(port_pattern)
-        # Its own session: Ctrl-C reaches only the benchmark, which then stops the server with one SIGTERM
-        # (`batchrl serve` can hang when SIGINT and SIGTERM arrive back to back).
+        # Its own session: Ctrl-C reaches only the benchmark, which then stops each server with one SIGTERM
+        # and waits for it to drain.
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
         for stream in (self.proc.stdout, self.proc.stderr):
