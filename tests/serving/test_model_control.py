@@ -1,6 +1,5 @@
 """Model control on a live server: hot swap under load, poll, corrupt files, version pinning,
 the admin token, and names that try to leave the repository."""
-import contextlib
 import os
 import shutil
 import threading
@@ -12,9 +11,9 @@ import pytest
 
 from batchrl.cli import main as cli
 from protos.batchrl.v1 import policy_pb2, policy_pb2_grpc
-from serving.client import PolicyClient
 from serving.repository import Registry
-from serving.server import ServerOptions, build_server
+from serving.server import ServerOptions
+from tests.serving.running import running
 from serving.tensors import encode
 
 TOKEN = "s3cret-admin-token"
@@ -28,21 +27,6 @@ def install(repo, name, version, source):
     os.rename(staging, repo / name / str(version))
 
 
-@contextlib.contextmanager
-def serving(repo, token=TOKEN):
-    registry = Registry.open(repo, ["CPUExecutionProvider"])
-    served = build_server(registry, ServerOptions(admin_token=token))
-    server, port = served.server, served.port
-    server.start()
-    try:
-        with PolicyClient(f"127.0.0.1:{port}") as client:
-            client.wait_ready()
-            client.address = f"127.0.0.1:{port}"
-            yield client, registry
-    finally:
-        server.stop(grace=None)
-
-
 @pytest.fixture
 def repo(repository, tmp_path):
     """A repository holding only version 1 of 'pendulum'."""
@@ -52,7 +36,8 @@ def repo(repository, tmp_path):
 
 
 def test_hot_swap_under_load_fails_no_request(repo, repository):
-    with serving(repo) as (client, registry):
+    with running(repo, ServerOptions(admin_token=TOKEN)) as srv:
+        client, registry = srv.client, srv.registry
         swapped = []
         notify = registry.on_change
         registry.on_change = lambda name, up: (swapped.append(time.perf_counter()), notify(name, up))
@@ -117,7 +102,8 @@ def test_a_corrupt_or_incompatible_model_is_rejected_while_the_old_one_serves(re
     onnx.save(bare, tmp_path / "bare.onnx")
     install(repo, "pendulum", 6, tmp_path / "bare.onnx")
     obs = np.ones((2, 3), np.float32)
-    with serving(repo) as (client, registry):  # at start both are rejected, version 1 serves
+    with running(repo, ServerOptions(admin_token=TOKEN)) as srv:  # at start both are rejected, version 1 serves
+        client, registry = srv.client, srv.registry
         assert sorted(registry.models["pendulum"]) == [1]
         for version, message in ((5, "onnxruntime cannot load it"), (6, "no 'batchrl.manifest' metadata")):
             with pytest.raises(grpc.RpcError) as info:
@@ -136,7 +122,8 @@ def test_a_session_keeps_its_version_across_a_swap_and_unload(dt_repository, tmp
     repo = tmp_path / "models"
     install(repo, "dt", 1, dt_repository / "dt-a" / "1" / "model.onnx")
     obs = np.zeros(3, np.float32)
-    with serving(repo) as (client, registry):
+    with running(repo, ServerOptions(admin_token=TOKEN)) as srv:
+        client, registry = srv.client, srv.registry
         old = client.open_session("dt", target_return=-300.0).session_id
         first = client.stub.Step(policy_pb2.StepRequest(session_id=old, observation=encode(obs)))
         install(repo, "dt", 2, dt_repository / "dt-b" / "1" / "model.onnx")
@@ -159,7 +146,8 @@ def test_a_session_keeps_its_version_across_a_swap_and_unload(dt_repository, tmp
 
 
 def test_model_control_needs_the_admin_token(repo):
-    with serving(repo) as (client, _):
+    with running(repo, ServerOptions(admin_token=TOKEN)) as srv:
+        client = srv.client
         for token, message in ((None, "authorization: Bearer"), ("wrong", "not the server's admin token")):
             for call in (lambda: client.load_model("pendulum", token=token),
                          lambda: client.unload_model("pendulum", token=token)):
@@ -167,7 +155,8 @@ def test_model_control_needs_the_admin_token(repo):
                     call()
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and message in info.value.details()
         assert client.act("pendulum", np.ones((1, 3), np.float32)).shape == (1, 1)  # nothing was unloaded
-    with serving(repo, token=None) as (client, _):
+    with running(repo, ServerOptions(admin_token=None)) as srv:
+        client = srv.client
         with pytest.raises(grpc.RpcError) as info:
             client.unload_model("pendulum", token=TOKEN)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "disabled" in info.value.details()
@@ -177,7 +166,8 @@ def test_names_and_versions_cannot_leave_the_repository(repo, tmp_path):
     outside = tmp_path / "outside"
     install(outside, "evil", 1, repo / "pendulum" / "1" / "model.onnx")
     (repo / "link").symlink_to(outside / "evil")
-    with serving(repo) as (client, registry):
+    with running(repo, ServerOptions(admin_token=TOKEN)) as srv:
+        client, registry = srv.client, srv.registry
         assert "link" not in registry.models  # the symlinked folder was refused at start
         for name in ("../outside/evil", "..", "a/b", "/etc", ".hidden", "", "link"):
             with pytest.raises(grpc.RpcError) as info:
@@ -199,16 +189,17 @@ def test_per_model_config_sets_batching_and_bad_config_is_rejected(repo):
 
 
 def test_models_command_lists_loads_and_unloads(repo, repository, capsys, monkeypatch):
-    with serving(repo) as (client, _):
-        assert cli(["models", "list", "--server", client.address]) == 0
+    with running(repo, ServerOptions(admin_token=TOKEN)) as srv:
+        client = srv.client
+        assert cli(["models", "list", "--server", srv.address]) == 0
         assert "* pendulum version 1: iql" in capsys.readouterr().out
         install(repo, "pendulum", 2, repository / "pendulum" / "2" / "model.onnx")
-        assert cli(["models", "load", "pendulum", "--server", client.address]) == 1  # no token
+        assert cli(["models", "load", "pendulum", "--server", srv.address]) == 1  # no token
         assert "UNAUTHENTICATED" in capsys.readouterr().err
         monkeypatch.setenv("BATCHRL_ADMIN_TOKEN", TOKEN)
-        assert cli(["models", "load", "pendulum", "--server", client.address]) == 0
+        assert cli(["models", "load", "pendulum", "--server", srv.address]) == 0
         assert "loaded [2]; serving versions [1, 2] (default 2)" in capsys.readouterr().out
-        assert cli(["models", "unload", "pendulum", "--server", client.address]) == 0
+        assert cli(["models", "unload", "pendulum", "--server", srv.address]) == 0
         assert "unloaded versions [1, 2]" in capsys.readouterr().out
         assert client.list_models() == []
 
@@ -216,27 +207,20 @@ def test_models_command_lists_loads_and_unloads(repo, repository, capsys, monkey
 def test_a_full_queue_answers_resource_exhausted(repo):
     from serving.batcher import BatchLimits
 
-    registry = Registry.open(repo, ["CPUExecutionProvider"], limits=BatchLimits(max_rows=65_536, max_queue=1))
-    served = build_server(registry, "127.0.0.1:0")
-    server, port = served.server, served.port
-    server.start()
     codes = []
     big = np.random.default_rng(0).normal(size=(65_536, 3)).astype(np.float32)
-    try:
-        with PolicyClient(f"127.0.0.1:{port}") as client:
-            def call():
-                try:
-                    client.act("pendulum", big)
-                    codes.append(grpc.StatusCode.OK)
-                except grpc.RpcError as exc:
-                    codes.append(exc.code())
-                    assert "queued" in exc.details()
+    with running(repo, limits=BatchLimits(max_rows=65_536, max_queue=1)) as srv:
+        def call():
+            try:
+                srv.client.act("pendulum", big)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                assert "queued" in exc.details()
 
-            threads = [threading.Thread(target=call) for _ in range(16)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-    finally:
-        server.stop(grace=None)
+        threads = [threading.Thread(target=call) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes

@@ -1,6 +1,5 @@
 """TLS and mutual TLS, the per-client request limit, the message size limit, and a fuzz run of
 malformed requests during which valid traffic keeps succeeding."""
-import contextlib
 import threading
 
 import grpc
@@ -10,18 +9,8 @@ import trustme
 
 from protos.batchrl.v1 import policy_pb2, policy_pb2_grpc
 from serving.client import PolicyClient
-from serving.repository import Registry
-from serving.server import ServerOptions, build_server
-
-
-@contextlib.contextmanager
-def serving(repo, **options):
-    served = build_server(Registry.open(repo, ["CPUExecutionProvider"]), ServerOptions(**options))
-    served.start()
-    try:
-        yield f"127.0.0.1:{served.port}"
-    finally:
-        served.stop()
+from serving.server import ServerOptions
+from tests.serving.running import running
 
 
 def works(client):
@@ -44,18 +33,19 @@ def test_tls_and_mutual_tls(repository, tmp_path):
     cert, key = write(tmp_path, "cert.pem", server_cert.cert_chain_pems[0]), write(tmp_path, "key.pem",
                                                                                    server_cert.private_key_pem)
     trusted = ca.cert_pem.bytes()
-    with serving(repository, tls_cert=cert, tls_key=key) as address:
-        with PolicyClient(address) as plain:
+    with running(repository, ServerOptions(tls_cert=cert, tls_key=key), connect=False) as srv:
+        with PolicyClient(srv.address) as plain:
             assert not works(plain)  # plaintext is refused
-        with PolicyClient(address, tls_ca=trusted) as secure:
+        with PolicyClient(srv.address, tls_ca=trusted) as secure:
             assert works(secure)
-    with serving(repository, tls_cert=cert, tls_key=key,
-                 client_ca=write(tmp_path, "client-ca.pem", client_ca.cert_pem)) as address:
-        with PolicyClient(address, tls_ca=trusted) as anonymous:
+    with running(repository, ServerOptions(tls_cert=cert, tls_key=key,
+                                           client_ca=write(tmp_path, "client-ca.pem", client_ca.cert_pem)),
+                 connect=False) as srv:
+        with PolicyClient(srv.address, tls_ca=trusted) as anonymous:
             assert not works(anonymous)  # no client certificate
         for issuer, accepted in ((client_ca, True), (stranger, False)):
             mine = issuer.issue_cert("controller-7")
-            with PolicyClient(address, tls_ca=trusted, client_cert=mine.cert_chain_pems[0].bytes(),
+            with PolicyClient(srv.address, tls_ca=trusted, client_cert=mine.cert_chain_pems[0].bytes(),
                               client_key=mine.private_key_pem.bytes()) as client:
                 assert works(client) is accepted
     with pytest.raises(ValueError, match="both --tls-cert and --tls-key"):
@@ -64,8 +54,8 @@ def test_tls_and_mutual_tls(repository, tmp_path):
 
 def test_per_client_limit_bounds_one_client_not_the_others(repository):
     big = np.random.default_rng(0).normal(size=(65_536, 3)).astype(np.float32)
-    with serving(repository, per_client_limit=2) as address:
-        stub = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(address))
+    with running(repository, ServerOptions(per_client_limit=2), connect=False) as srv:
+        stub = policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(srv.address))
         request = policy_pb2.ActRequest(model="pendulum", observations=policy_pb2.Tensor(shape=big.shape,
                                                                                           data=big.tobytes()))
         codes, other = [], []
@@ -144,14 +134,14 @@ def test_fuzz_never_crashes_the_server_and_valid_traffic_keeps_working(repositor
     rng = np.random.default_rng(0)
     requests = malformed_requests(rng, 1300)
     assert len(requests) >= 1000
-    with serving(repository, max_message_bytes=1 << 20) as address:
-        channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 8 << 20)])
+    with running(repository, ServerOptions(max_message_bytes=1 << 20), connect=False) as srv:
+        channel = grpc.insecure_channel(srv.address, options=[("grpc.max_send_message_length", 8 << 20)])
         stub = policy_pb2_grpc.PolicyServiceStub(channel)
         valid, stop = [], threading.Event()
 
         def steady():
             obs = np.ones((2, 3), np.float32)
-            with PolicyClient(address) as client:
+            with PolicyClient(srv.address) as client:
                 while not stop.is_set():
                     valid.append(client.act("pendulum", obs).shape)
 
@@ -176,7 +166,7 @@ def test_fuzz_never_crashes_the_server_and_valid_traffic_keeps_working(repositor
         finally:
             stop.set()
             steady_thread.join()
-        with PolicyClient(address) as client:
+        with PolicyClient(srv.address) as client:
             assert works(client)  # still up
     unexpected = [g for g in got if g[1] not in refused]
     assert not unexpected, unexpected[:5]

@@ -1,5 +1,4 @@
 """Decision Transformer sessions over a real gRPC server on 127.0.0.1."""
-import contextlib
 import threading
 import time
 
@@ -12,30 +11,12 @@ import torch
 
 from protos.batchrl.v1 import policy_pb2
 from protos.sequence import SEQUENCE_INPUTS
-from serving.client import PolicyClient
-from serving.repository import Registry
 from serving.rollout import rollout
 from serving.runtime import load_model
-from serving.server import build_server
 from serving.sessions import SessionStore
+from tests.serving.running import running
 from training.evaluation import run_episodes, sequence_agent
 from training.trainer import load_policy
-
-
-@contextlib.contextmanager
-def serving(repo, sessions=None):
-    registry = Registry.open(repo, ["CPUExecutionProvider"])
-    store = SessionStore() if sessions is None else sessions
-    served = build_server(registry, "127.0.0.1:0", sessions=store)
-    server, port = served.server, served.port
-    server.start()
-    try:
-        with PolicyClient(f"127.0.0.1:{port}") as client:
-            client.wait_ready()
-            client.address = f"127.0.0.1:{port}"
-            yield client, registry, store
-    finally:
-        server.stop(grace=None)
 
 
 def in_process_agent(repo, name, record=None):
@@ -54,8 +35,9 @@ def in_process_agent(repo, name, record=None):
 def test_served_episode_equals_in_process_evaluation(dt_repository, dt_runs):
     recorded = []
     local_returns, _ = run_episodes(gym.make("Pendulum-v1"), in_process_agent(dt_repository, "dt-a", recorded), 2, 3)
-    with serving(dt_repository) as (client, _, store):
-        served = rollout(client.address, "dt-a", "Pendulum-v1", episodes=2, seed=3, print_fn=lambda _: None)
+    with running(dt_repository) as srv:
+        client, store = srv.client, srv.sessions
+        served = rollout(srv.address, "dt-a", "Pendulum-v1", episodes=2, seed=3, print_fn=lambda _: None)
         # the same first episode step by step through unary sessions: the same actions, bit for bit
         env = gym.make("Pendulum-v1")
         obs, _ = env.reset(seed=3)
@@ -98,7 +80,8 @@ def play(client, script):
 
 def test_64_concurrent_sessions_over_two_models_match_each_run_alone(dt_repository):
     scripts = [client_script(i) for i in range(64)]
-    with serving(dt_repository) as (client, registry, _):
+    with running(dt_repository) as srv:
+        client, registry = srv.client, srv.registry
         alone = [play(client, s) for s in scripts]
         batchers = [registry.get(name).batcher for name in ("dt-a", "dt-b")]
         runs_before = sum(b.runs for b in batchers)
@@ -121,7 +104,8 @@ def test_64_concurrent_sessions_over_two_models_match_each_run_alone(dt_reposito
 
 
 def test_idle_sessions_expire(dt_repository):
-    with serving(dt_repository, SessionStore(idle_timeout=0.3)) as (client, _, store):
+    with running(dt_repository, sessions=SessionStore(idle_timeout=0.3)) as srv:
+        client, store = srv.client, srv.sessions
         session = client.open_session("dt-a").session_id
         client.step(session, np.zeros(3, np.float32))
         time.sleep(0.6)
@@ -135,7 +119,8 @@ def test_idle_sessions_expire(dt_repository):
 
 
 def test_session_limit(dt_repository):
-    with serving(dt_repository, SessionStore(max_sessions=2)) as (client, _, _):
+    with running(dt_repository, sessions=SessionStore(max_sessions=2)) as srv:
+        client = srv.client
         first = client.open_session("dt-a").session_id
         client.open_session("dt-b")
         with pytest.raises(grpc.RpcError) as info:
@@ -154,7 +139,8 @@ def wait_for(condition, timeout=5.0):
 
 def test_episode_stream_equals_unary_session_and_a_cancelled_stream_frees_its_session(dt_repository):
     script = client_script(5)
-    with serving(dt_repository) as (client, _, store):
+    with running(dt_repository) as srv:
+        client, store = srv.client, srv.sessions
         unary = play(client, script)
         model, observations, rewards, target = script
         with client.episode(model, target_return=target) as episode:
@@ -182,7 +168,8 @@ def expect(code, call, match):
 
 def test_misuse_gets_a_clear_status_and_leaves_the_session_intact(dt_repository):
     script = client_script(9, steps=4)
-    with serving(dt_repository) as (client, _, _):
+    with running(dt_repository) as srv:
+        client = srv.client
         clean = play(client, script)
         model, observations, rewards, target = script
         expect(grpc.StatusCode.FAILED_PRECONDITION, lambda: client.act("dt-a", observations[:2]), "open a session")

@@ -1,0 +1,38 @@
+"""A policy server on 127.0.0.1 (ephemeral port) over a model repository, for tests."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.client import PolicyClient
+from serving.repository import Registry
+from serving.server import ServerOptions, build_server
+from serving.sessions import SessionStore
+
+
+@dataclass
+class Running:
+    address: str
+    registry: Registry
+    sessions: SessionStore
+    client: PolicyClient | None  # None when the test connects its own way (TLS)
+
+
+@contextlib.contextmanager
+def running(repo: Path, options: ServerOptions | None = None, sessions: SessionStore | None = None,
+            connect: bool = True, **registry_options):
+    registry = Registry.open(repo, ["CPUExecutionProvider"], **registry_options)
+    store = SessionStore() if sessions is None else sessions
+    served = build_server(registry, options or ServerOptions(), store)
+    served.start()
+    address = f"127.0.0.1:{served.port}"
+    try:
+        if not connect:
+            yield Running(address, registry, store, None)
+            return
+        with PolicyClient(address) as client:
+            client.wait_ready()
+            yield Running(address, registry, store, client)
+    finally:
+        served.stop()
