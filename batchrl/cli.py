@@ -153,7 +153,7 @@ def export(argv: list[str]) -> int:
 
     out = export_run(args.run, args.name, args.repository, atol=args.atol)
     print(f"wrote {out['path']} (version {out['version']}); ONNX vs torch max abs diff "
-          f"{out['max_abs_diff']:.2e} on {out['probes']} observations")
+          f"{out['max_abs_diff']:.2e} on {out['probes']} probe inputs (observations, or contexts for sequence models)")
     return 0
 
 
