@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,12 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from batchrl.version import package_version
 from protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
 from serving.auth import authorized, read_admin_token
-from serving.batcher import BatchLimits, DeadlineExceeded, QueueFull
+from serving.batcher import BatchLimits
+from serving.calls import Call, RequestError, deadline_of, guarded
+from serving.kserve import KServeService, kv, kv_grpc
 from serving.limits import ClientLimiter
 from serving.logs import configure as configure_logs
 from serving.metrics import Metrics
@@ -34,13 +36,8 @@ from serving.tensors import decode, encode
 log = logging.getLogger("batchrl.serve")
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+KSERVE_SERVICE_NAME = kv.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MAX_BATCH = 65_536
-
-
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def decode_observations(model: LoadedModel, tensor: policy_pb2.Tensor, what: str, batched: bool) -> np.ndarray:
@@ -81,50 +78,12 @@ def add_noise(model: LoadedModel, actions: np.ndarray, sampling: policy_pb2.Samp
     return np.clip(noisy, *model.action_bounds)
 
 
-def deadline_of(context: grpc.ServicerContext) -> float | None:
-    """The call's deadline on the time.monotonic() clock, if the client set one."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-class Call:
-    """One RPC (or one message of a stream) for logs and metrics: its name, its model once known."""
-
-    __slots__ = ("rpc", "model", "start")
-
-    def __init__(self, rpc: str):
-        self.rpc, self.model, self.start = rpc, "", time.perf_counter()
-
-
-def guarded(context: grpc.ServicerContext, call: Call, handler, metrics: Metrics | None = None):
-    """Run ``handler``; a RequestError becomes its status, anything else INTERNAL (logged):
-    one bad request must never take the server down. Every outcome is counted and timed."""
-    code, message = grpc.StatusCode.OK, ""
-    if metrics is not None:
-        metrics.in_flight.labels(call.rpc).inc()
-    try:
-        return handler()
-    except RequestError as exc:
-        code, message = exc.code, str(exc)
-    except QueueFull as exc:
-        code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    except DeadlineExceeded as exc:
-        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-    except Exception:  # noqa: BLE001
-        log.exception("%s on model %r failed", call.rpc, call.model)
-        code, message = grpc.StatusCode.INTERNAL, f"{call.rpc} failed inside the server; see the server log"
-    finally:
-        if metrics is not None:
-            metrics.in_flight.labels(call.rpc).dec()
-            metrics.record(call.model, call.rpc, code.name, time.perf_counter() - call.start)
-    context.abort(code, message)
-
-
 class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(self, registry: Registry, sessions: SessionStore, metrics: Metrics | None = None):
         self.registry = registry
         self.sessions = sessions
         self.metrics = metrics
+        self.draining = False  # set when the server drains: readiness turns false
 
     def _guard(self, context, call: Call, handler):
         return guarded(context, call, handler, self.metrics)
@@ -284,19 +243,34 @@ class ModelService(admin_pb2_grpc.ModelServiceServicer):
         if not allowed:
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, reason)
 
+    def load(self, context, name: str, version: int | None) -> list[LoadedModel]:
+        """Authorize, then load (all or nothing); the statuses of both model-control protocols."""
+        self._authorize(context)
+        try:
+            loaded = self.registry.load_model(name, version)
+        except LookupError as exc:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        except ValueError as exc:  # a bad name, or a corrupt or incompatible file: the old keeps serving
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        log.info("load %s: loaded %s; serving versions %s", name, [m.version for m in loaded] or "nothing new",
+                 sorted(self.registry.models.get(name, {})))
+        return loaded
+
+    def unload(self, context, name: str) -> list[LoadedModel]:
+        self._authorize(context)
+        try:
+            removed = self.registry.unload_model(name)
+        except LookupError as exc:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        except ValueError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        log.info("unload %s: versions %s", name, [m.version for m in removed])
+        return removed
+
     def LoadModel(self, request: admin_pb2.LoadModelRequest, context) -> admin_pb2.LoadModelResponse:
         def load():
-            self._authorize(context)
-            try:
-                loaded = self.registry.load_model(request.name,
-                                                  request.version if request.HasField("version") else None)
-            except LookupError as exc:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
-            except ValueError as exc:  # a bad name, or a corrupt or incompatible file: the old keeps serving
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            loaded = self.load(context, request.name, request.version if request.HasField("version") else None)
             versions = sorted(self.registry.models.get(request.name, {}))
-            log.info("LoadModel %s: loaded %s; serving versions %s", request.name,
-                     [m.version for m in loaded] or "nothing new", versions)
             return admin_pb2.LoadModelResponse(name=request.name, loaded_versions=[m.version for m in loaded],
                                                versions=versions, default_version=max(versions))
 
@@ -304,14 +278,7 @@ class ModelService(admin_pb2_grpc.ModelServiceServicer):
 
     def UnloadModel(self, request: admin_pb2.UnloadModelRequest, context) -> admin_pb2.UnloadModelResponse:
         def unload():
-            self._authorize(context)
-            try:
-                removed = self.registry.unload_model(request.name)
-            except LookupError as exc:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
-            except ValueError as exc:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            log.info("UnloadModel %s: versions %s", request.name, [m.version for m in removed])
+            removed = self.unload(context, request.name)
             return admin_pb2.UnloadModelResponse(name=request.name, unloaded_versions=[m.version for m in removed],
                                                  pinned_versions=[m.version for m in removed if m.pins])
 
@@ -389,6 +356,7 @@ class Served:
 
     def drain(self, grace: float | None = None) -> None:
         """Stop accepting, let requests in flight finish within the grace period, then stop."""
+        self.service.draining = True
         self.health.enter_graceful_shutdown()  # every service NOT_SERVING: balancers stop sending
         self.server.stop(self.grace if grace is None else grace).wait()
 
@@ -408,10 +376,13 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
                          options=grpc_options, interceptors=interceptors)
     service = PolicyService(registry, SessionStore() if sessions is None else sessions, metrics)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(service, server)
-    admin_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(registry, options.admin_token), server)
+    admin = ModelService(registry, options.admin_token)
+    admin_pb2_grpc.add_ModelServiceServicer_to_server(admin, server)
+    kv_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(service, admin, version=package_version()),
+                                                       server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME):
+    for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME, KSERVE_SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     # Per-model health: the service name is the model name; NOT_SERVING once unloaded.
     state = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
@@ -419,8 +390,8 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
     for name in registry.models:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, ADMIN_SERVICE_NAME, KSERVE_SERVICE_NAME,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     credentials = options.credentials()
     port = (server.add_secure_port(options.address, credentials) if credentials is not None
             else server.add_insecure_port(options.address))

@@ -26,7 +26,8 @@ from protos import sequence
 from protos.sequence import SEQUENCE_INPUTS, ContextSpec, RollingContext
 from training.data import OfflineDataset, load_dataset
 from training.policy import DeployedSequencePolicy
-from training.trainer import RESULT, code_version, load_policy, package_version
+from batchrl.version import package_version
+from training.trainer import RESULT, code_version, load_policy
 
 OPSET = 17
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from batchrl.version import package_version
 from protos.sequence import ContextSpec
 from training.algorithms import ALGORITHMS, Context, OfflineAlgorithm
 from training.data import OfflineDataset, load_dataset
@@ -400,12 +401,3 @@ def plot_curve(rows: list[dict], path: Path, title: str) -> None:
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
     os.replace(tmp, path)
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("batchrl")
-    except PackageNotFoundError:
-        return "0+unknown"
