@@ -1,5 +1,6 @@
-"""The gRPC policy server: Act, ListModels and sequence-policy sessions, plus grpc.health.v1
-and reflection.
+"""The gRPC policy server, one port for: batchrl's PolicyService (Act, ListModels, sequence-policy
+sessions), model control (ModelService, behind the admin token), the Open Inference Protocol
+(serving/kserve.py), grpc.health.v1 and reflection.
 
 Imports neither torch, minari nor gymnasium: a serving image stays small and
 starts fast.
