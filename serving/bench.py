@@ -30,11 +30,21 @@ requests. Phases:
 6. 64 single-observation clients against batching on, then off;
 7. open loop at half the best QPS of phase 2: each process sends on a fixed
    schedule without waiting for answers (futures), and latency runs from the
-   scheduled send time, so a stalled server cannot hide its queueing delay.
+   scheduled send time, so a stalled server cannot hide its queueing delay;
+8. client libraries, side by side at concurrency 32 on the policy server: the
+   same closed loop, but each thread calls a Python client library with one
+   observation instead of sending pre-serialized bytes: tritonclient's
+   ``InferenceServerClient.infer`` (Open Inference Protocol ModelInfer, then
+   ``as_numpy("actions")``; one client per process, its ``InferInput`` built
+   once per thread) and batchrl's ``PolicyClient.act`` (one client per
+   process). Both build and parse every message, so these rows include the
+   libraries' own client-side cost (see the client CPU column); the phase is
+   skipped for a sequence policy.
 
 The headline ratios (Act/echo QPS, served/in-process batch throughput, p99 at
-half load, batching gain) and every row come from this run; the report says
-the machine, its load average, the pinning and the command that reproduces it.
+half load, batching gain, tritonclient/PolicyClient QPS) and every row come
+from this run; the report says the machine, its load average, the pinning and
+the command that reproduces it.
 """
 from __future__ import annotations
 
@@ -67,18 +77,20 @@ from serving.echo import ECHO_METHOD, STREAM_METHOD
 from serving.tensors import decode, encode
 
 ACT_METHOD = "/batchrl.v1.PolicyService/Act"
+MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 EPISODE_METHOD = "/batchrl.v1.PolicyService/Episode"
 STREAM_CONCURRENCY = 32    # streams in phase 3: each holds a server worker thread while open
 BATCH_CONCURRENCIES = (1, 4)
 BATCHING_CONCURRENCY = 64  # clients in the batching on/off comparison
 HALF_LOAD = 0.5            # phase 7 offers this fraction of the best phase-2 QPS
+CLIENT_LIBRARY_CONCURRENCY = STREAM_CONCURRENCY  # phase 8: the load of headline (a), for both libraries
 TARGET_ACT_VS_ECHO = 0.7
 TARGET_SERVED_VS_IN_PROCESS = 0.4
 LEAD = 0.3                 # seconds between sending a job and its warm-up: workers connect meanwhile
 REQUEST_TIMEOUT = 30.0     # per request; only a stuck server hits it
 STARTUP_TIMEOUT = 90.0     # a busy machine imports onnxruntime slowly
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # what `batchrl serve` and the echo accept by default
-N_PHASES = 7
+N_PHASES = 8
 
 
 def progress(message: str) -> None:
@@ -310,13 +322,17 @@ def channel(address: str) -> grpc.Channel:
 @dataclass(frozen=True)
 class Job:
     """One process's share of one measurement. ``kind``: unary (closed loop), stream (ping-pong
-    on one stream per slot, after the ``prelude`` messages) or open (scheduled sends at ``rate``)."""
+    on one stream per slot, after the ``prelude`` messages), open (scheduled sends at ``rate``), or
+    a client library in closed loop (``CLIENT_LIBRARIES``: ``payload`` is then the raw float32
+    observation of ``shape``, sent to ``model``)."""
 
     address: str
     method: str
     kind: str
     payload: bytes
     prelude: tuple[bytes, ...] = ()
+    model: str = ""
+    shape: tuple[int, ...] = ()
     slots: int = 1
     rate: float = 0.0
     offset: float = 0.0     # open loop: this process's first send, seconds after the warm-up begins
@@ -348,6 +364,8 @@ def run_job(job: Job) -> dict:
     # Map the shared wall-clock schedule onto this process's perf_counter once.
     start = time.perf_counter() + (job.start_wall - time.time())
     end = start + job.duration
+    if job.kind in CLIENT_LIBRARIES:
+        return client_library_job(job, start, end)
     with channel(job.address) as ch:
         try:
             grpc.channel_ready_future(ch).result(timeout=REQUEST_TIMEOUT)
@@ -356,19 +374,94 @@ def run_job(job: Job) -> dict:
         late = max(0.0, time.perf_counter() - (start - job.warmup))
         if job.kind == "open":
             out = open_loop(ch.unary_unary(job.method), job, start, end)
+        elif job.kind == "unary":
+            # Every slot shares the process's channel and sends the pre-serialized request.
+            call = functools.partial(ch.unary_unary(job.method), job.payload, timeout=REQUEST_TIMEOUT)
+            out = closed_loop(unary_slot, [call] * job.slots, job, start, end)
         else:
-            call = ch.unary_unary(job.method) if job.kind == "unary" else ch.stream_stream(job.method)
-            slot = unary_slot if job.kind == "unary" else stream_slot
-            latencies = [[] for _ in range(job.slots)]
-            errors = [Counter() for _ in range(job.slots)]
-            threads = [threading.Thread(target=slot, args=(call, job, start, end, latencies[i], errors[i]))
-                       for i in range(job.slots)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            out = {"latencies": np.fromiter((x for rec in latencies for x in rec), dtype=np.float64),
-                   "errors": dict(sum(errors, Counter()))}
+            out = closed_loop(stream_slot, [ch.stream_stream(job.method)] * job.slots, job, start, end)
+    out["late_start"] = late
+    return out
+
+
+def closed_loop(slot, calls: list, job: Job, start: float, end: float) -> dict:
+    """One thread per slot, each running ``slot`` with its own call until ``end``."""
+    latencies = [[] for _ in calls]
+    errors = [Counter() for _ in calls]
+    threads = [threading.Thread(target=slot, args=(call, job, start, end, latencies[i], errors[i]))
+               for i, call in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"latencies": np.fromiter((x for rec in latencies for x in rec), dtype=np.float64),
+            "errors": dict(sum(errors, Counter()))}
+
+
+class CallFailed(Exception):
+    """A client library's failed call, carrying the gRPC status name it reported (as RpcError.code().name)."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+def error_name(exc: Exception) -> str:
+    return exc.status if isinstance(exc, CallFailed) else exc.code().name
+
+
+def triton_calls(job: Job, obs: np.ndarray):
+    """tritonclient: one InferenceServerClient for the process (its infer is thread-safe), an InferInput per slot."""
+    import tritonclient.grpc as triton  # here, in the load generator: `import serving.bench` stays light
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(job.address)
+
+    def slot_call():
+        inputs = [triton.InferInput("observations", list(obs.shape), "FP32")]
+        inputs[0].set_data_from_numpy(obs)
+
+        def call() -> np.ndarray:
+            try:
+                return client.infer(job.model, inputs, client_timeout=REQUEST_TIMEOUT).as_numpy("actions")
+            except InferenceServerException as exc:  # tritonclient's form of a grpc.RpcError
+                raise CallFailed(str(exc.status() or "UNKNOWN").removeprefix("StatusCode."),
+                                 exc.message()) from None
+        return call
+
+    return client, [slot_call() for _ in range(job.slots)]
+
+
+def policy_client_calls(job: Job, obs: np.ndarray):
+    """batchrl's PolicyClient: one for the process (one channel, as every other phase), shared by the slots."""
+    from serving.client import PolicyClient
+
+    client = PolicyClient(job.address, timeout=REQUEST_TIMEOUT)
+    client.wait_ready(REQUEST_TIMEOUT)
+    return client, [functools.partial(client.act, job.model, obs)] * job.slots
+
+
+CLIENT_LIBRARIES = {"triton": triton_calls, "batchrl": policy_client_calls}
+
+
+def client_library_job(job: Job, start: float, end: float) -> dict:
+    obs = np.frombuffer(job.payload, dtype=np.float32).reshape(job.shape)
+    client, calls = CLIENT_LIBRARIES[job.kind](job, obs)
+    try:
+        # One call before the warm-up: it connects, and a wrong request fails the job with the server's words.
+        try:
+            actions = calls[0]()
+        except (grpc.RpcError, CallFailed) as exc:
+            raise RuntimeError(f"{job.kind} client: first call to {job.address} failed: "
+                               f"{exc if isinstance(exc, CallFailed) else f'{exc.code().name}: {exc.details()}'}"
+                               ) from None
+        if actions.shape[:1] != obs.shape[:1]:
+            raise RuntimeError(f"{job.kind} client: {len(obs)} observation(s) got actions of shape "
+                               f"{list(actions.shape)}")
+        late = max(0.0, time.perf_counter() - (start - job.warmup))
+        out = closed_loop(unary_slot, calls, job, start, end)
+    finally:
+        client.close()
     out["late_start"] = late
     return out
 
@@ -380,14 +473,14 @@ def _sleep_until(t: float) -> None:
 
 
 def unary_slot(call, job: Job, start: float, end: float, record: list, errors: Counter) -> None:
+    """Closed loop: ``call()`` (one request, blocking) back to back; the latency of those ending in the window."""
     _sleep_until(start - job.warmup)
-    payload = job.payload
     while (t0 := time.perf_counter()) < end:
         try:
-            call(payload, timeout=REQUEST_TIMEOUT)
-        except grpc.RpcError as exc:
+            call()
+        except (grpc.RpcError, CallFailed) as exc:
             if start <= time.perf_counter() < end:
-                errors[exc.code().name] += 1
+                errors[error_name(exc)] += 1
             continue
         t1 = time.perf_counter()
         if start <= t1 < end:
@@ -613,6 +706,8 @@ class Workload:
     payload: bytes
     prelude: tuple[bytes, ...] = ()
     batch: int = 1
+    model: str = ""                # client libraries: the model, and the shape of the observation in payload
+    shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -629,6 +724,8 @@ class Workloads:
     single: Workload              # Act, one observation
     batch: Workload               # Act, --batch-size observations
     episode: Workload | None      # Episode stream steps: sequence policies only
+    triton: Workload | None       # tritonclient ModelInfer, one observation: feed-forward policies only
+    policy_client: Workload | None  # PolicyClient.act, the same observation: feed-forward policies only
 
 
 class Bench:
@@ -650,7 +747,8 @@ class Bench:
         shares = split(concurrency, s.processes) if rate is None else [1] * s.processes
         start_wall = time.time() + LEAD + s.warmup
         jobs = [Job(server.address, work.method, "open" if rate is not None else work.kind, work.payload,
-                    work.prelude, slots=n, rate=(rate or 0.0) / len(shares), offset=(i / rate if rate else 0.0),
+                    work.prelude, work.model, work.shape, slots=n, rate=(rate or 0.0) / len(shares),
+                    offset=(i / rate if rate else 0.0),
                     start_wall=start_wall, warmup=s.warmup, duration=s.duration) for i, n in enumerate(shares)]
         clients = [proc.pid for proc in self.pool.procs[:len(jobs)]]
         self.pool.send(jobs)
@@ -699,12 +797,13 @@ class Bench:
         self.local(sequence)
         self.batching(sequence)
         self.half_load(sequence)
+        self.client_libraries(sequence)
 
     def unary_floor_and_act(self, sequence: bool) -> None:
         for c in self.s.concurrency:
             self.measure(1, "echo unary", self.servers.echo, self.work.echo_unary, c)
         if sequence:
-            progress("[2/7] skipped: a sequence policy does not answer Act")
+            progress(f"[2/{N_PHASES}] skipped: a sequence policy does not answer Act")
             return
         for c in self.s.concurrency:
             self.measure(2, "Act unary", self.servers.on, self.work.single, c)
@@ -720,14 +819,14 @@ class Bench:
 
     def batches(self, sequence: bool) -> None:
         if sequence:
-            progress("[4/7] skipped: a sequence policy takes one observation per step")
+            progress(f"[4/{N_PHASES}] skipped: a sequence policy takes one observation per step")
             return
         for c in BATCH_CONCURRENCIES:
             self.measure(4, "Act batch", self.servers.on, self.work.batch, c)
 
     def local(self, sequence: bool) -> None:
         sizes = [1] if sequence else [1, self.s.batch_size]
-        progress(f"[5/7] in-process onnxruntime on {self.model_path}, batch {sizes}, "
+        progress(f"[5/{N_PHASES}] in-process onnxruntime on {self.model_path}, batch {sizes}, "
                  f"{self.s.threads} intra-op thread(s)")
         result = in_process(self.model_path, self.s, sizes, self.pinning.server)
         self.in_process_meta = {"onnxruntime": result["onnxruntime"], "path": str(self.model_path)}
@@ -745,13 +844,27 @@ class Bench:
 
     def half_load(self, sequence: bool) -> None:
         if sequence:
-            progress("[7/7] skipped: the open loop sends unary Act requests, which a sequence policy does not "
-                     "answer")
+            progress(f"[7/{N_PHASES}] skipped: the open loop sends unary Act requests, which a sequence policy does "
+                     "not answer")
             return
         best = max((r for r in self.rows if r.phase == 2), key=lambda r: r.qps)
         if best.qps <= 0:
             raise RuntimeError("phase 2 completed no Act request: no load to halve for phase 7")
         self.measure(7, "open loop, half load", self.servers.on, self.work.single, None, rate=HALF_LOAD * best.qps)
+
+    def client_libraries(self, sequence: bool) -> None:
+        if sequence:
+            progress(f"[8/{N_PHASES}] skipped: tritonclient ModelInfer and PolicyClient.act without a session "
+                     "need a feed-forward policy (a sequence policy answers Episode streams and sequence_id requests)")
+            return
+        c = CLIENT_LIBRARY_CONCURRENCY
+        triton = self.measure(8, "tritonclient ModelInfer", self.servers.on, self.work.triton, c)
+        ours = self.measure(8, "batchrl PolicyClient.act", self.servers.on, self.work.policy_client, c)
+        # Each row names the other, so the pair reads as one comparison wherever a row is quoted.
+        for row, other, what in ((triton, ours, "InferenceServerClient.infer + as_numpy"),
+                                 (ours, triton, "PolicyClient.act")):
+            versus = f"{row.qps / other.qps:.2f}x the QPS of {other.name}" if other.qps > 0 else ""
+            row.note = "; ".join(x for x in (f"{what}, one client per process", versus, row.note) if x)
 
 
 # -- the run -------------------------------------------------------------------
@@ -838,6 +951,7 @@ def run(s: Settings) -> dict:
         obs = np.random.default_rng(0).standard_normal((s.batch_size, *obs_shape)).astype(np.float32)
         single, batch = act_workload(s.model, obs[:1]), act_workload(s.model, obs)
         episode = episode_workload(s.model, obs[0]) if sequence else None
+        library = {} if sequence else {"model": s.model, "shape": obs[:1].shape, "payload": obs[:1].tobytes()}
         # Check every request shape on the server that will get it, and measure the response to imitate.
         response_bytes = probe(on.address, episode or single, action_shape)
         probe(off.address, episode or single, action_shape)
@@ -853,7 +967,9 @@ def run(s: Settings) -> dict:
                  f"{'sequence' if sequence else 'feed-forward'} model {s.model} version {version.version}; "
                  f"{pinning.note}")
         work = Workloads(Workload(ECHO_METHOD, "unary", echo_request), Workload(STREAM_METHOD, "stream", echo_request),
-                         single, batch, episode)
+                         single, batch, episode,
+                         Workload(MODEL_INFER_METHOD, "triton", **library) if library else None,
+                         Workload(ACT_METHOD, "batchrl", **library) if library else None)
         model_path = version_dirs(s.repository / s.model)[version.version] / MODEL_FILE
         bench = Bench(s, pool, pinning, Servers(on, off, echo), work, model_path)
         bench.run_phases()
@@ -905,6 +1021,15 @@ def headline(rows: list[Row], s: Settings, sequence: bool) -> dict:
     on, off = find(rows, 6, "batching on")[0], find(rows, 6, "batching off")[0]
     clients = "Episode streams" if sequence else "single-observation Act clients"
     out["d"] = ratio(f"batching gain: QPS batching on / off, {on.concurrency} {clients}", on.qps, off.qps, None)
+    label = f"tritonclient QPS / PolicyClient QPS at concurrency {CLIENT_LIBRARY_CONCURRENCY}"
+    if sequence:
+        out["e"] = {"label": label, "value": None, "why": "phase 8 needs a feed-forward policy"}
+    else:
+        triton, ours = find(rows, 8, "tritonclient ModelInfer")[0], find(rows, 8, "batchrl PolicyClient.act")[0]
+        out["e"] = ratio(f"{label}, one observation per request: {triton.qps:,.0f} vs {ours.qps:,.0f} req/s, "
+                         f"p99 {fmt(triton.p99_ms, 3)} vs {fmt(ours.p99_ms, 3)} ms (informational)",
+                         triton.qps, ours.qps, None)
+        out["e"].update(p99_ms={"tritonclient": triton.p99_ms, "PolicyClient": ours.p99_ms})
     return out
 
 
@@ -974,7 +1099,7 @@ def markdown(data: dict) -> str:
               f"{' '.join(f'{x:.2f}' for x in m['load_average_after'])} (other work on the machine shows here).",
               f"- Pinning: {pin['note']}; observed server affinity {pin['observed_server_affinity']}.",
               f"- Load: {s['processes']} generator process(es), concurrency "
-              f"{','.join(map(str, s['concurrency']))} (phases 1-2), "
+              f"{','.join(map(str, s['concurrency']))} (phases 1-2; phase 8 at {CLIENT_LIBRARY_CONCURRENCY}), "
               f"{s['duration']:g} s per measurement after {s['warmup']:g} s warm-up; server: {s['workers']} gRPC "
               f"workers, {s['threads']} onnxruntime intra-op thread(s), CPU.",
               f"- Single-observation Act: {data['model']['single_request_bytes']} request bytes, "

@@ -27,11 +27,11 @@ def test_bench_serve_measures_every_phase_and_writes_the_report(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=140)
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
-    assert "[7/7]" in result.stderr  # a progress line per phase
+    assert "[8/8]" in result.stderr  # a progress line per phase
 
     data = json.loads(Path(f"{out}.json").read_text())
     rows = data["phases"]
-    assert {r["phase"] for r in rows} == set(range(1, 8))
+    assert {r["phase"] for r in rows} == set(range(1, 9))
     for row in rows:
         assert row["requests"] > 0 and row["errors"] == {}, row
         assert row["qps"] > 0 and row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"], row
@@ -41,13 +41,19 @@ def test_bench_serve_measures_every_phase_and_writes_the_report(tmp_path):
     assert [r["batch_size"] for r in by(5)] == [1, 8]
     assert [(r["name"], r["concurrency"]) for r in by(6)] == [("batching on", 64), ("batching off", 64)]
     assert by(7)[0]["concurrency"] is None  # open loop
-    for r in by(1) + by(2) + by(6) + by(7):
+    # The same load through the two client libraries, side by side at the headline's concurrency.
+    assert [(r["name"], r["concurrency"], r["batch_size"], r["target"]) for r in by(8)] == [
+        ("tritonclient ModelInfer", 32, 1, "policy server"), ("batchrl PolicyClient.act", 32, 1, "policy server")]
+    assert "the QPS of batchrl PolicyClient.act" in by(8)[0]["note"]
+    for r in by(1) + by(2) + by(6) + by(7) + by(8):
         assert r["cpu_ms_per_request"] > 0, r  # the server was busy, and that was seen in /proc
 
     headline = data["headline"]
-    assert set(headline) == {"a", "b", "c", "d"}
+    assert set(headline) == {"a", "b", "c", "d", "e"}
     assert all(h["value"] > 0 for h in headline.values())
     assert headline["a"]["target"] == 0.7 and headline["b"]["target"] == 0.4
+    assert headline["e"]["target"] is None
+    assert headline["e"]["numerator"] == by(8)[0]["qps"] and headline["e"]["denominator"] == by(8)[1]["qps"]
     # The response the echo imitates was measured on the real server, not assumed.
     assert data["model"]["single_response_bytes"] > 0
 
@@ -57,9 +63,11 @@ def test_bench_serve_measures_every_phase_and_writes_the_report(tmp_path):
         assert "not pinned" in data["pinning"]["note"]
 
     md = Path(f"{out}.md").read_text()
-    for key in "abcd":
+    for key in "abcde":
         assert f"| ({key}) |" in md
     assert "Act QPS / echo QPS" in md and "batching gain" in md and "p99 latency" in md
+    assert "tritonclient QPS / PolicyClient QPS at concurrency 32" in md
+    assert "| 8. tritonclient ModelInfer |" in md and "| 8. batchrl PolicyClient.act |" in md
     assert data["command"] in md and "--concurrency 1,4" in data["command"]
     assert elapsed < 60, f"the tiny benchmark took {elapsed:.0f} s"
 
@@ -108,8 +116,9 @@ def test_cpu_lists_read_like_taskset():
         parse_cpus("2-1", "--client-cores")
 
 
-def test_benchmark_imports_no_torch_minari_or_gymnasium():
+def test_benchmark_imports_no_torch_minari_gymnasium_or_tritonclient():
     code = "import sys, json, serving.bench, serving.echo; print(json.dumps(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     mods = {m.split(".")[0] for m in json.loads(out.stdout)}
     assert "grpc" in mods and not {"torch", "minari", "gymnasium"} & mods
+    assert "tritonclient" not in mods  # only the load generators import it, for phase 8
