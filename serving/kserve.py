@@ -136,7 +136,7 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
                       f"[1, {', '.join(map(str, model.observation_shape))}]")
         reward = None
         if "reward" in inputs:
-            values = self.policy_tensor(inputs["reward"], "reward")
+            values = tensor_values(inputs["reward"])
             if values.size != 1:
                 raise bad(f"input 'reward' has shape {list(values.shape)}; expected [1, 1]")
             reward = float(values.reshape(-1)[0])
@@ -178,10 +178,6 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
             if self._sequences.get(key) == session_id:
                 del self._sequences[key]
         self.policy.sessions.close(session_id)
-
-    @staticmethod
-    def policy_tensor(tensor: policy_pb2.Tensor, what: str) -> np.ndarray:
-        return np.frombuffer(tensor.data, dtype=WIRE_DTYPE).reshape(tuple(tensor.shape))
 
     def _response(self, request, model: LoadedModel, name: str, tensor: policy_pb2.Tensor) -> kv.ModelInferResponse:
         out = kv.ModelInferResponse.InferOutputTensor(name=name, datatype="FP32", shape=list(tensor.shape))
@@ -236,6 +232,10 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
 
 def bad(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def tensor_values(tensor: policy_pb2.Tensor) -> np.ndarray:
+    return np.frombuffer(tensor.data, dtype=WIRE_DTYPE).reshape(tuple(tensor.shape))
 
 
 def parse_version(text: str) -> int | None:
