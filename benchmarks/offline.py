@@ -126,7 +126,8 @@ def write_table(suite: str, jobs: list[Job]) -> Path:
                      "normalized_std": float(scores.std()), "per_seed": [], "return_mean": float(returns.mean()),
                      "updates_per_s": None, "wall_s_per_run": None})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"suite": suite, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    unfinished = [str(job.run_dir.relative_to(RUNS)) for job in jobs if not (job.run_dir / "result.json").exists()]
+    meta = {"suite": suite, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "unfinished": unfinished,
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "threads_per_run": 1, "policy": "final (last step)", "rows": rows}
     (RESULTS / f"{suite}.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -145,6 +146,9 @@ def write_table(suite: str, jobs: list[Job]) -> Path:
         lines.append(f"| {r['dataset']} | {r['algorithm']} | {steps} | {len(r['seeds']) or '–'} | "
                      f"{r['eval_episodes_per_seed']} | {r['normalized_mean']:.1f} ± {r['normalized_std']:.1f} | "
                      f"{', '.join(f'{s:.1f}' for s in r['per_seed'])} | {r['return_mean']:.1f} | {speed} | {wall} |")
+    if unfinished:
+        lines += ["", f"**Partial:** {len(jobs) - len(unfinished)} of {len(jobs)} runs finished; not yet: "
+                  + ", ".join(f"`{m}`" for m in unfinished) + ". Rerun the command to finish them (it resumes)."]
     path = RESULTS / f"{suite}.md"
     if plot_curves(suite, jobs):
         lines += ["", f"Learning curves (mean over seeds, shaded: min to max): `{suite}.png`."]
