@@ -2,11 +2,14 @@
 
 Act requests and session Steps both go through it. It has no thread of its
 own: a caller that finds the model idle becomes the runner, takes what is
-queued (its own request included, up to ``max_rows`` rows) and scatters the
-results; callers that arrive meanwhile queue, and the next of them to wake
-runs their requests together. A request that finds nothing else queued runs
-at once; when others are queued but the batch is not full, the runner waits
-up to ``max_delay`` (counted from the oldest queued request) for more.
+queued (its own request first, up to ``max_rows`` rows), runs it and scatters
+the results; callers that arrive meanwhile queue. When the runner is done it
+hands the runner role to the oldest queued request, whose thread runs the next
+batch. Every waiting thread is woken exactly once (its result is ready, or it
+is the next runner): no thundering herd, which on a busy server costs more
+than the model itself. A request that finds nothing else queued runs at once;
+when others are queued but the batch is not full, the runner waits up to
+``max_delay`` (counted from the oldest queued request) for more.
 The queue is bounded (QueueFull), and a request whose deadline has passed is
 dropped (DeadlineExceeded) rather than run.
 """
@@ -39,7 +42,7 @@ class DeadlineExceeded(TimeoutError):
 
 
 class _Request:
-    __slots__ = ("feeds", "rows", "deadline", "arrived", "result", "error", "done")
+    __slots__ = ("feeds", "rows", "deadline", "arrived", "result", "error", "done", "wake")
 
     def __init__(self, feeds: Feeds, deadline: float | None):
         self.feeds = feeds
@@ -49,6 +52,7 @@ class _Request:
         self.result: np.ndarray | None = None
         self.error: BaseException | None = None
         self.done = False
+        self.wake: threading.Lock | None = None  # held while the request waits; released once
 
     def output(self) -> np.ndarray:
         if self.error is not None:
@@ -67,11 +71,11 @@ class Batcher:
         self._run = run
         self.max_rows, self.max_delay, self.max_queue, self.name = max_rows, max_delay, max_queue, name
         self._lock = threading.Lock()
-        self._done = threading.Condition(self._lock)   # followers wait here for their results or their turn
         self._arrival = threading.Condition(self._lock)  # the runner waits here while a batch fills
+        self._filling = False    # the runner is waiting on _arrival
         self._queue: deque[_Request] = deque()
         self._queued_rows = 0
-        self._busy = False
+        self._busy = False       # a runner exists; invariant: not busy => queue empty
         self.runs = 0            # model runs so far and the requests they served: their ratio
         self.requests = 0        # is the mean batch size (in requests)
         self.observe: Callable[[int, int], None] | None = None  # (requests, rows) of every run
@@ -92,33 +96,51 @@ class Batcher:
                                 "retry later or raise max_queue")
             self._queue.append(request)
             self._queued_rows += request.rows
-            self._arrival.notify()
-            while self._busy and not request.done:
-                self._done.wait()
+            if self._busy:
+                request.wake = threading.Lock()
+                request.wake.acquire()
+                if self._filling:
+                    self._arrival.notify()
+            else:
+                self._busy = True
+        if request.wake is not None:
+            request.wake.acquire()  # woken once: the result is ready, or this thread runs the next batch
             if request.done:
                 return request.output()
-            self._busy = True
-        try:
-            while not request.done:
-                with self._lock:
-                    self._fill()
-                    batch = self._take()
-                self._execute(batch)
-                with self._lock:
-                    self._done.notify_all()
-        finally:
-            with self._lock:
-                self._busy = False
-                self._done.notify_all()
+        self._run_batch()  # this request heads the queue, so the batch includes it
         return request.output()
+
+    def _run_batch(self) -> None:
+        """As the runner: run one batch, wake its waiters, hand the role to the next queued request."""
+        batch: list[_Request] = []
+        try:
+            with self._lock:
+                self._fill()
+                batch = self._take()
+            self._execute(batch)
+        finally:
+            for r in batch:
+                if not r.done:  # only if _execute itself was interrupted
+                    r.error, r.done = RuntimeError("the batch was interrupted before it ran"), True
+                if r.wake is not None:
+                    r.wake.release()
+            with self._lock:
+                if self._queue:
+                    self._queue[0].wake.release()  # queued while busy, so it waits on its wake lock
+                else:
+                    self._busy = False
 
     def _fill(self) -> None:
         """With others queued and room left, wait up to max_delay (from the oldest) for more."""
         if self.max_delay <= 0 or len(self._queue) < 2:
             return
         until = self._queue[0].arrived + self.max_delay
-        while self._queued_rows < self.max_rows and (left := until - time.monotonic()) > 0:
-            self._arrival.wait(left)
+        self._filling = True
+        try:
+            while self._queued_rows < self.max_rows and (left := until - time.monotonic()) > 0:
+                self._arrival.wait(left)
+        finally:
+            self._filling = False
 
     def _take(self) -> list[_Request]:
         batch = [self._queue.popleft()]

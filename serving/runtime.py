@@ -105,7 +105,7 @@ class LoadedModel:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    @property
+    @cached_property
     def is_sequence(self) -> bool:
         """A sequence policy (Decision Transformer): served through sessions, not Act."""
         return self.manifest.context_length > 0
@@ -115,15 +115,15 @@ class LoadedModel:
         return ContextSpec(int(np.prod(self.observation_shape)), int(np.prod(self.action_shape)),
                            self.manifest.context_length, self.manifest.max_timestep)
 
-    @property
+    @cached_property
     def output_name(self) -> str:
         return SEQUENCE_OUTPUT if self.is_sequence else FEED_FORWARD_OUTPUT
 
-    @property
+    @cached_property
     def observation_shape(self) -> tuple[int, ...]:
         return tuple(self.manifest.observation_space.shape)
 
-    @property
+    @cached_property
     def action_shape(self) -> tuple[int, ...]:
         return tuple(self.manifest.action_space.shape)
 

@@ -48,8 +48,8 @@ def decode_observations(model: LoadedModel, tensor: policy_pb2.Tensor, what: str
     except ValueError as exc:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
     expected = model.observation_shape
-    wanted = f"[batch, {', '.join(map(str, expected))}]" if batched else list(expected)
     if obs.shape[int(batched):] != expected or obs.ndim != len(expected) + int(batched):
+        wanted = f"[batch, {', '.join(map(str, expected))}]" if batched else list(expected)
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{what} have shape {list(obs.shape)}; model {model.name!r} expects {wanted}")
     if batched and obs.shape[0] == 0:

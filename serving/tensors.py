@@ -1,6 +1,8 @@
 """Tensors on the wire: a shape plus raw little-endian float32 bytes."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from protos.batchrl.v1 import policy_pb2
@@ -15,10 +17,10 @@ def encode(array: np.ndarray) -> policy_pb2.Tensor:
 
 def decode(tensor: policy_pb2.Tensor, what: str = "tensor") -> np.ndarray:
     """A read-only view over the message's bytes (no copy); ValueError names what is wrong."""
-    shape = tuple(int(d) for d in tensor.shape)
+    shape = tuple(tensor.shape)  # ints already (a repeated int64 field); math.prod is exact and fast
     if any(d < 0 for d in shape):
         raise ValueError(f"{what}: negative dimension in shape {list(shape)}")
-    expected = 4 * int(np.prod(shape, dtype=np.int64)) if shape else 4
+    expected = 4 * math.prod(shape)
     if len(tensor.data) != expected:
         raise ValueError(f"{what}: {len(tensor.data)} bytes of data for shape {list(shape)} "
                          f"(expected {expected}: float32, 4 bytes per element)")

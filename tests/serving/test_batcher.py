@@ -135,3 +135,33 @@ def test_a_filling_batch_waits_for_more_but_a_lone_request_does_not():
     for t in threads:
         t.join()
     assert slow.sizes == [1, 3]
+
+
+def test_sustained_load_hands_the_runner_role_on_without_losing_or_mixing_requests():
+    """64 threads each submitting 40 requests back to back, batches capped at 5 rows: every
+    request gets exactly its own rows back, the queue drains (the runner role is always handed
+    on) and the batcher ends idle."""
+    run = SlowDouble(delay=0.0)
+    batcher = Batcher(run, BatchLimits(max_rows=5, max_delay=0.0002))
+    wrong, failures = [], []
+
+    def client(i):
+        for j in range(40):
+            x = np.full((1 + (i + j) % 2, 3), float(1000 * i + j))
+            try:
+                out = batcher.submit({"x": x})
+            except Exception as exc:  # noqa: BLE001
+                failures.append(exc)
+                continue
+            if out.shape != x.shape or not (out == 2 * x).all():
+                wrong.append((i, j))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a request was never woken"
+    assert failures == [] and wrong == []
+    assert batcher.requests == 64 * 40 and batcher.runs < batcher.requests and max(run.sizes) <= 5
+    assert batcher.queue_depth == 0 and not batcher._busy
