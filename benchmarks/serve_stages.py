@@ -28,6 +28,7 @@ import argparse
 import json
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,7 @@ def serve(stage: str, repository: Path, workers: int, threads: int) -> None:
     served = srv.build_server(registry, srv.ServerOptions(workers=workers), metrics=metrics)
     signals = StopSignals()
     served.start()
+    print(f"metrics on port {metrics.serve(0, '127.0.0.1')}", flush=True)
     print(f"serving (port {served.port})", flush=True)
     signals.wait()
     served.stop()
@@ -110,18 +112,39 @@ def run(args) -> dict:
         echo.wait_ready()
         pool.wait_ready()
         measure = bench.Bench(s, pool, pinning, None, None, Path()).measure
-        rows = {}
+        rows, batching = {}, {}
         for _ in range(args.rounds):  # alternate, so drift on the machine spreads over every variant
             for name, server, work in [("echo", echo, bench.Workload(bench.ECHO_METHOD, "unary", single.payload))] + [
                     (stage, servers[stage], single) for stage in STAGES]:
+                before = batch_totals(server, s.model)
                 rows.setdefault(name, []).append(measure(1, name, server, work, args.concurrency))
+                after = batch_totals(server, s.model)
+                if before and after[1] > before[1]:
+                    batching.setdefault(name, []).append((after[0] - before[0]) / (after[1] - before[1]))
     finally:
         bench.stop_all(started)
         if pool is not None:
             pool.close()
     return {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "pinning": pinning.note,
             "rows": {name: [{"qps": r.qps, "cpu_ms_per_request": r.cpu_ms_per_request, "errors": r.errors,
-                             "server_cpu_util": r.server_cpu_util} for r in runs] for name, runs in rows.items()}}
+                             "server_cpu_util": r.server_cpu_util} for r in runs] for name, runs in rows.items()},
+            "requests_per_model_run": batching}
+
+
+def batch_totals(server, model: str) -> tuple[float, float] | None:
+    """(requests, model runs) so far, from the server's batchrl_batch_requests histogram; None for
+    a server without metrics (the echo) or without batcher runs."""
+    port = next((int(line.rsplit(" ", 1)[1]) for line in server.log if line.startswith("metrics on port ")), None)
+    if port is None:
+        return None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        for suffix in ("sum", "count"):
+            if line.startswith(f'batchrl_batch_requests_{suffix}{{model="{model}"}}'):
+                values[suffix] = float(line.rsplit(" ", 1)[1])
+    return (values["sum"], values["count"]) if len(values) == 2 else (0.0, 0.0)
 
 
 def write(data: dict, output: Path) -> Path:
@@ -134,15 +157,18 @@ def write(data: dict, output: Path) -> Path:
         f"{a['concurrency']})", "",
         "Written by `python -m benchmarks.serve_stages` (its docstring explains the method). Each variant is the "
         "real server with one part replaced; rounds alternate the variants. " + data["pinning"] + ".", "",
-        "| server | what it does | QPS per round | mean QPS | / echo | server CPU µs/request | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| server | what it does | QPS per round | mean QPS | / echo | server CPU µs/request | requests per model run "
+        "| errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in rows.items():
         what = "bare gRPC echo (serving/echo.py), raw bytes" if name == "echo" else STAGES[name]
         errors = sum(sum(r["errors"].values()) for r in runs)
         per_round = ", ".join(f"{r['qps']:,.0f}" for r in runs)
+        runs_per = data["requests_per_model_run"].get(name)
+        gathered = f"{np.mean(runs_per):.2f}" if runs_per else "–"
         lines.append(f"| {name} | {what} | {per_round} | {mean[name]:,.0f} | "
-                     f"{mean[name] / mean['echo']:.2f} | {cpu[name]:.0f} | {errors} |")
+                     f"{mean[name] / mean['echo']:.2f} | {cpu[name]:.0f} | {gathered} | {errors} |")
     command = (f"python -m benchmarks.serve_stages --model {a['model']} --repository {a['repository']} "
                f"--duration {a['duration']:g} --rounds {a['rounds']} --concurrency {a['concurrency']} "
                f"--server-cores {a['server_cores']} --client-cores {a['client_cores']}")
