@@ -6,8 +6,8 @@ queued (its own request first, up to ``max_rows`` rows), runs it and scatters
 the results; callers that arrive meanwhile queue. When the runner is done it
 hands the runner role to the oldest queued request, whose thread runs the next
 batch. Every waiting thread is woken exactly once (its result is ready, or it
-is the next runner): no thundering herd, which on a busy server costs more
-than the model itself. A request that finds nothing else queued runs at once;
+is the next runner), never by a broadcast to all waiters. A request that
+finds nothing else queued runs at once;
 when others are queued but the batch is not full, the runner waits up to
 ``max_delay`` (counted from the oldest queued request) for more.
 The queue is bounded (QueueFull), and a request whose deadline has passed is
