@@ -182,16 +182,18 @@ def models(argv: list[str]) -> int:
     parser.add_argument("--version", type=int, default=None, help="load: one version (default: every new one)")
     parser.add_argument("--server", default="127.0.0.1:50051", help="server address host:port")
     parser.add_argument("--token-file", default=None,
-                        help="file holding the admin token (default: $BATCHRL_ADMIN_TOKEN)")
+                        help="file holding the admin token (default: $BATCHRL_ADMIN_TOKEN); list sends it too, "
+                             "else $BATCHRL_DATA_TOKEN, to a server that needs a data-plane token")
     args = parser.parse_args(argv)
     if args.action != "list" and not args.name:
         parser.error(f"{args.action} needs a model NAME")
     import grpc
 
-    from serving.auth import read_admin_token
+    from serving.auth import DATA_TOKEN_ENV, read_admin_token, read_token
     from serving.client import PolicyClient
 
-    with PolicyClient(args.server) as client:
+    admin_token = read_admin_token(args.token_file)
+    with PolicyClient(args.server, token=admin_token or read_token(None, DATA_TOKEN_ENV)) as client:
         try:
             if args.action == "list":
                 for info in client.list_models():
@@ -200,11 +202,11 @@ def models(argv: list[str]) -> int:
                         print(f"{mark} {info.name} version {v.version}: {v.manifest.algorithm} on "
                               f"{v.manifest.dataset_id} ({', '.join(v.providers)})")
             elif args.action == "load":
-                out = client.load_model(args.name, args.version, read_admin_token(args.token_file))
+                out = client.load_model(args.name, args.version, admin_token)
                 print(f"{out.name}: loaded {list(out.loaded_versions) or 'nothing new'}; serving versions "
                       f"{list(out.versions)} (default {out.default_version})")
             else:
-                out = client.unload_model(args.name, read_admin_token(args.token_file))
+                out = client.unload_model(args.name, admin_token)
                 pinned = f"; kept for open sessions: {list(out.pinned_versions)}" if out.pinned_versions else ""
                 print(f"{out.name}: unloaded versions {list(out.unloaded_versions)}{pinned}")
         except grpc.RpcError as exc:

@@ -22,6 +22,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the graph takes float32: a larger value becomes infinite
+
+
+def check_float32(value: float, what: str) -> float:
+    """``value`` if it stays finite as float32 (NaN fails too), else ValueError naming ``what``."""
+    if not abs(value) <= FLOAT32_MAX:
+        raise ValueError(f"{what} must be finite in float32 (|value| <= {FLOAT32_MAX:.4g}), got {value}")
+    return value
+
+
 SEQUENCE_INPUTS = ("states", "actions", "returns_to_go", "timesteps", "attention_mask")
 OUTPUT = "action"
 
@@ -50,8 +60,7 @@ class RollingContext:
     """
 
     def __init__(self, spec: ContextSpec, target_return: float):
-        if not np.isfinite(target_return):
-            raise ValueError(f"target return must be finite, got {target_return}")
+        check_float32(target_return, "target return")
         k = spec.context_length
         self.spec = spec
         self.states = np.zeros((k, spec.obs_dim), np.float32)
@@ -69,9 +78,8 @@ class RollingContext:
             return self.return_to_go
         if reward is None:
             raise ValueError(f"step {self.t}: the reward earned by the previous action is required")
-        if not np.isfinite(reward):
-            raise ValueError(f"reward must be finite, got {reward}")
-        return self.return_to_go - float(reward)
+        check_float32(reward, "reward")
+        return check_float32(self.return_to_go - float(reward), f"the return-to-go after step {self.t}'s reward")
 
     def _appended(self, observation: np.ndarray, reward: float | None, action: np.ndarray | None):
         rtg = self._next_return(reward)

@@ -10,6 +10,15 @@ import grpc
 from serving.batcher import DeadlineExceeded, QueueFull
 
 log = logging.getLogger("batchrl.serve")
+MAX_DETAILS = 1024  # characters of an error message: details travel in metadata, which has a size limit
+
+
+def quoted(text: str, limit: int = 64) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters: a client's 16 KB name must not
+    come back in full (nor push the answer past the metadata limit)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class RequestError(Exception):
@@ -54,4 +63,6 @@ def guarded(context: grpc.ServicerContext, call: Call, handler, metrics=None):
         if metrics is not None:
             metrics.in_flight.labels(call.rpc).dec()
             metrics.record(call.model, call.rpc, code.name, time.perf_counter() - call.start)
+    if len(message) > MAX_DETAILS:
+        message = message[:MAX_DETAILS - 3] + "..."
     context.abort(code, message)

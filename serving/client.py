@@ -15,9 +15,10 @@ class PolicyClient:
 
     def __init__(self, address: str, timeout: float | None = 10.0, tls_ca: bytes | None = None,
                  client_cert: bytes | None = None, client_key: bytes | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024):
+                 max_message_bytes: int = 64 * 1024 * 1024, token: str | None = None):
         """Plaintext by default; ``tls_ca`` (PEM bytes) switches to TLS, and ``client_cert`` with
-        ``client_key`` present a client certificate (mutual TLS)."""
+        ``client_key`` present a client certificate (mutual TLS). ``token``: the data-plane bearer
+        token, for a server started with one."""
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         if tls_ca is None and client_cert is None:
@@ -28,6 +29,7 @@ class PolicyClient:
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
         self.admin = admin_pb2_grpc.ModelServiceStub(self.channel)
         self.timeout = timeout
+        self.metadata = _auth(token)
 
     def act(self, model: str, observations: np.ndarray, version: int | None = None,
             noise_std: float = 0.0, seed: int | None = None) -> np.ndarray:
@@ -39,29 +41,31 @@ class PolicyClient:
             request.sampling.noise_std = noise_std
             if seed is not None:
                 request.sampling.seed = seed
-        response = self.stub.Act(request, timeout=self.timeout)
+        response = self.stub.Act(request, timeout=self.timeout, metadata=self.metadata)
         return decode(response.actions, "actions")
 
     def list_models(self) -> list[policy_pb2.ModelInfo]:
-        return list(self.stub.ListModels(policy_pb2.ListModelsRequest(), timeout=self.timeout).models)
+        return list(self.stub.ListModels(policy_pb2.ListModelsRequest(), timeout=self.timeout,
+                                         metadata=self.metadata).models)
 
     # -- sessions (sequence policies) ----------------------------------------
     def open_session(self, model: str, version: int | None = None,
                      target_return: float | None = None) -> policy_pb2.OpenSessionResponse:
-        return self.stub.OpenSession(open_request(model, version, target_return), timeout=self.timeout)
+        return self.stub.OpenSession(open_request(model, version, target_return), timeout=self.timeout,
+                                     metadata=self.metadata)
 
     def step(self, session_id: str, observation: np.ndarray, reward: float | None = None) -> np.ndarray:
         """One observation -> the session's action; ``reward`` is what the previous action earned."""
-        return decode(self.stub.Step(step_request(observation, reward, session_id), timeout=self.timeout).action,
-                      "action")
+        return decode(self.stub.Step(step_request(observation, reward, session_id), timeout=self.timeout,
+                                     metadata=self.metadata).action, "action")
 
     def close_session(self, session_id: str) -> int:
         return self.stub.CloseSession(policy_pb2.CloseSessionRequest(session_id=session_id),
-                                      timeout=self.timeout).steps
+                                      timeout=self.timeout, metadata=self.metadata).steps
 
     def episode(self, model: str, version: int | None = None, target_return: float | None = None) -> "Episode":
         """An Episode stream: one session for one episode, closed when the stream ends."""
-        return Episode(self.stub, open_request(model, version, target_return))
+        return Episode(self.stub, open_request(model, version, target_return), self.metadata)
 
     # -- model control (needs the server's admin token) ---------------------
     def load_model(self, name: str, version: int | None = None, token: str | None = None,
@@ -113,9 +117,10 @@ class Episode:
 
     _END = object()
 
-    def __init__(self, stub: policy_pb2_grpc.PolicyServiceStub, request: policy_pb2.OpenSessionRequest):
+    def __init__(self, stub: policy_pb2_grpc.PolicyServiceStub, request: policy_pb2.OpenSessionRequest,
+                 metadata: tuple = ()):
         self._requests: queue.Queue = queue.Queue()
-        self._call = stub.Episode(iter(self._requests.get, self._END))
+        self._call = stub.Episode(iter(self._requests.get, self._END), metadata=metadata)
         self._requests.put(policy_pb2.EpisodeRequest(open=request))
         self.opened: policy_pb2.OpenSessionResponse = next(self._call).opened
 

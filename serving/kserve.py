@@ -17,7 +17,7 @@ output `action` [1, act_dim]. Responses always carry raw_output_contents.
 """
 from __future__ import annotations
 
-import threading
+import math
 
 import grpc
 import numpy as np
@@ -27,21 +27,22 @@ from tritonclient.grpc import service_pb2_grpc as kv_grpc
 
 from protos.batchrl.v1 import policy_pb2
 from protos.contract import version_dirs
-from serving.calls import Call, RequestError, deadline_of
+from serving.auth import Tokens
+from serving.calls import Call, RequestError, deadline_of, quoted
 from serving.runtime import LoadedModel
 from serving.tensors import WIRE_DTYPE
 
+MAX_SEQUENCE_ID = 128  # characters of a string sequence_id
 EXTENSIONS = ["model_configuration", "model_repository", "sequence", "parameters"]
 PLATFORM = "onnxruntime_onnx"
 
 
 class KServeService(kv_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, policy, admin, name: str = "batchrl", version: str = ""):
+    def __init__(self, policy, admin, tokens: Tokens, name: str = "batchrl", version: str = ""):
         self.policy = policy  # serving.server.PolicyService: registry, sessions, metrics, errors
-        self.admin = admin    # serving.server.ModelService: the admin token
+        self.admin = admin    # serving.server.ModelService: load and unload
+        self.tokens = tokens  # RepositoryIndex shows unloaded folders to the admin only
         self.name, self.version = name, version
-        self._sequences: dict[tuple[str, str], str] = {}  # (model, sequence id) -> batchrl session id
-        self._lock = threading.Lock()
 
     # -- health and metadata -------------------------------------------------
     def ServerLive(self, request, context):
@@ -120,9 +121,12 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
         if "sequence_id" not in params:
             raise bad(f"model {model.name!r} is a sequence policy: set the sequence_id parameter (and "
                       "sequence_start on an episode's first request)")
-        sequence = parameter_value(params["sequence_id"], "sequence_id")
+        sequence = parameter_value(params["sequence_id"], "sequence_id", ("int64_param", "uint64_param",
+                                                                           "string_param"))
         if sequence in ("", 0):
             raise bad("sequence_id must be a non-zero integer or a non-empty string")
+        if isinstance(sequence, str) and len(sequence) > MAX_SEQUENCE_ID:
+            raise bad(f"sequence_id {quoted(sequence)} is longer than {MAX_SEQUENCE_ID} characters")
         start = bool(params["sequence_start"].bool_param) if "sequence_start" in params else False
         end = bool(params["sequence_end"].bool_param) if "sequence_end" in params else False
         unknown = set(inputs) - {"observation", "reward"}
@@ -140,22 +144,18 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
             if values.size != 1:
                 raise bad(f"input 'reward' has shape {list(values.shape)}; expected [1, 1]")
             reward = float(values.reshape(-1)[0])
-        key = (model.name, str(sequence))
-        with self._lock:
-            session_id = self._sequences.get(key)
+        key = (model.name, str(sequence))  # forgotten with its session: closed, ended or expired
+        session_id = self.policy.sessions.find(key)
         if start:
-            if session_id is not None:
-                self.policy.sessions.close(session_id)
             if reward not in (None, 0.0):
                 raise bad("the start request of a sequence has no previous action: omit 'reward' or send 0")
             reward = None
             opening = policy_pb2.OpenSessionRequest(model=model.name, version=model.version)
             if "target_return" in params:
-                opening.target_return = float(parameter_value(params["target_return"], "target_return"))
-            session, _ = self.policy._open(call, opening)
+                opening.target_return = parameter_value(params["target_return"], "target_return",
+                                                        ("double_param", "int64_param", "uint64_param"))
+            session, _ = self.policy._open(call, opening, key=key)  # replaces the key's earlier session
             session_id = session.id
-            with self._lock:
-                self._sequences[key] = session_id
         elif session_id is None:
             raise bad(f"sequence {sequence!r} of model {model.name!r} is not open: set sequence_start on its "
                       "first request")
@@ -167,17 +167,11 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
             answer = self.policy._step(self.policy._session(call, session_id), step, deadline)
         except Exception:
             if start:  # a failed first step leaves no half-open sequence behind
-                self._end(key, session_id)
+                self.policy.sessions.close(session_id)
             raise
         if end:
-            self._end(key, session_id)
+            self.policy.sessions.close(session_id)
         return answer.action
-
-    def _end(self, key, session_id: str) -> None:
-        with self._lock:
-            if self._sequences.get(key) == session_id:
-                del self._sequences[key]
-        self.policy.sessions.close(session_id)
 
     def _response(self, request, model: LoadedModel, name: str, tensor: policy_pb2.Tensor) -> kv.ModelInferResponse:
         out = kv.ModelInferResponse.InferOutputTensor(name=name, datatype="FP32", shape=list(tensor.shape))
@@ -186,10 +180,14 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
 
     # -- model repository extension (admin token) ------------------------------
     def RepositoryIndex(self, request, context):
+        """Loaded models to anyone; folders on disk that are not loaded only to the admin token."""
         def index(call):
             registry = self.policy.registry
             response = kv.RepositoryIndexResponse()
-            names = sorted(p.name for p in registry.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if self.tokens.is_admin(context.invocation_metadata()):
+                names = sorted(p.name for p in registry.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            else:
+                names = sorted(registry.models)
             for name in names:
                 loaded = registry.models.get(name, {})
                 if loaded:
@@ -247,10 +245,13 @@ def parse_version(text: str) -> int | None:
     return int(text)
 
 
-def parameter_value(param: kv.InferParameter, name: str):
+def parameter_value(param: kv.InferParameter, name: str, kinds: tuple[str, ...]):
+    """The value of ``param``, which must be one of ``kinds`` (e.g. "int64_param")."""
     kind = param.WhichOneof("parameter_choice")
     if kind is None:
         raise bad(f"parameter {name!r} has no value")
+    if kind not in kinds:
+        raise bad(f"parameter {name!r} is a {kind}; expected one of {', '.join(kinds)}")
     return getattr(param, kind)
 
 
@@ -276,7 +277,7 @@ def decode_inputs(request: kv.ModelInferRequest) -> dict[str, policy_pb2.Tensor]
         shape = [int(d) for d in item.shape]
         if any(d < 0 for d in shape):
             raise bad(f"input {item.name!r} has a negative dimension in shape {shape}")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # exact: a product past int64 must not wrap around
         if raw:
             data = raw[i]
         elif item.HasField("contents"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 
@@ -28,3 +29,27 @@ def configure(fmt: str = "text", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class RateLimitedLog:
+    """At most one line per ``interval`` seconds per key; the lines held back are counted into the next.
+
+    For events a client can cause at will (undecodable requests): the log stays readable and a
+    client cannot flood it.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, clock=time.monotonic):
+        self.logger, self.interval, self._clock = logger, interval, clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, key: str, message: str, *args) -> None:
+        with self._lock:
+            now = self._clock()
+            if now - self._last.get(key, -self.interval) < self.interval:
+                self._held[key] = self._held.get(key, 0) + 1
+                return
+            self._last[key], held = now, self._held.pop(key, 0)
+        suffix = f" (and {held} more like it in the last {self.interval:g} s)" if held else ""
+        self.logger.warning(message + suffix, *args)

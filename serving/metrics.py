@@ -1,7 +1,7 @@
 """Prometheus metrics of the server, served on their own HTTP port (`batchrl serve --metrics-port`).
 
 Counters and histograms are updated as requests are answered and models run;
-gauges (queue depth, open sessions, loaded versions) are read from the live
+gauges (queue depth, open sessions, loaded and rejected versions) are read from the live
 registry and session store at scrape time, so they are never stale.
 """
 from __future__ import annotations
@@ -30,6 +30,17 @@ class Metrics:
                                ["rpc"], registry=self.registry)
         self.load_failures = Counter("batchrl_model_load_failures", "model files rejected at load, by model",
                                      ["model"], registry=self.registry)
+        self.refused = Counter("batchrl_refused_requests", "calls refused before reaching a service, by method "
+                               "and reason (undecodable, unauthenticated, client_limit, stream_limit)",
+                               ["method", "reason"], registry=self.registry)
+        self.open_streams = Gauge("batchrl_open_streams", "streaming calls open (each holds a worker thread)",
+                                  registry=self.registry)
+        self.streams_closed_idle = Counter("batchrl_streams_closed_idle", "streams the server closed because "
+                                           "their client sent nothing for the stream idle timeout",
+                                           registry=self.registry)
+        self.nonfinite_outputs = Counter("batchrl_nonfinite_outputs", "requests refused because the model's output "
+                                         "for them was not finite (NaN or infinite), by model",
+                                         ["model"], registry=self.registry)
 
     def record(self, model: str, rpc: str, code: str, seconds: float) -> None:
         self.requests.labels(model, rpc, code).inc()
@@ -73,4 +84,12 @@ class _LiveState:
         yield depth
         yield pinned
         yield loaded
+        rejected = GaugeMetricFamily("batchrl_repository_rejected",
+                                     "repository folders not serving now, by model and reason: name (not a valid "
+                                     "model name or version), outside (resolves outside the repository), load (the "
+                                     "file cannot serve), incompatible (not promoted over the default automatically)",
+                                     labels=["model", "reason"])
+        for (name, reason), count in sorted(self.registry.rejected().items()):
+            rejected.add_metric([name, reason], count)
+        yield rejected
         yield GaugeMetricFamily("batchrl_open_sessions", "open sequence-policy sessions", value=len(self.sessions))

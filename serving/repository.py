@@ -1,9 +1,12 @@
 """The model repository: models/<name>/<integer version>/model.onnx, loaded and swapped live.
 
 Every complete version folder loads; the highest loaded version of a name
-serves by default. Requests read the current mapping without a lock: it is
-replaced whole on every change (copy on write), so a request sees the old set
-of versions or the new one, never half of a change. A request or session that
+serves by default, except that while a name serves, a new higher version that
+would change what its clients send or receive (observation shape, action
+shape, feed-forward vs sequence policy) waits for an explicit load (see
+Registry). Requests read the current mapping without a lock: it is replaced
+whole on every change (copy on write), so a request sees the old set of
+versions or the new one, never half of a change. A request or session that
 already holds a LoadedModel keeps it: a version taken out of the registry
 finishes what it serves and is freed when its last user lets go.
 
@@ -16,16 +19,26 @@ import dataclasses
 import json
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from protos.contract import MODEL_FILE, check_name, version_dirs
+from protos.contract import MODEL_FILE, NAME_PATTERN, check_name, scan_versions
 from serving.batcher import BatchLimits
-from serving.runtime import LoadedModel, choose_providers, load_model
+from serving.runtime import LoadedModel, ModelLoadError, choose_providers, load_model
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
+# Why a folder of the repository does not serve (the `reason` label of batchrl_repository_rejected):
+# "name" not a valid model name or version, "outside" resolves outside the repository, "load" the file
+# cannot serve (ModelLoadError), "incompatible" refused for automatic promotion (IncompatibleVersion).
+REJECT_REASONS = ("name", "outside", "load", "incompatible")
+
+
+class IncompatibleVersion(ValueError):
+    """A valid new version whose inputs or outputs differ from the default's: promoting it on a poll
+    would make every running client of the default fail, so only an explicit load may."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +90,20 @@ class Defaults:
 
 
 class Registry:
+    """The loaded versions of every model in the repository ``root``, kept in step with it.
+
+    Which versions load on their own (poll): while nothing of a name serves (at start-up, or a name
+    that just appeared) every valid version loads and the highest serves. While a name serves, a new
+    version higher than its default loads only if it takes the same observation shape, returns the
+    same action shape and is the same kind of policy (feed-forward or sequence); otherwise it is
+    refused (IncompatibleVersion, logged once) and the default keeps serving. Versions below the
+    default are not checked. An explicit load_model (the admin LoadModel call, KServe's
+    RepositoryModelLoad) loads whatever is valid: the operator says the change is meant.
+
+    Folders and files that cannot serve are logged once, skipped, and counted by rejected(); the rest
+    of the repository loads and serves. A refused file is not retried until it changes.
+    """
+
     def __init__(self, root: str | Path, defaults: Defaults,
                  on_change: Callable[[str, bool], None] | None = None, metrics=None):
         self.root = Path(root).resolve()
@@ -89,7 +116,8 @@ class Registry:
         self._write = threading.Lock()        # guards the swap itself; readers never wait
         self._changing = threading.RLock()    # one load/unload/poll at a time (they are rare and slow)
         self._seen: dict[str, set[int]] = {}  # version folders already considered by poll()
-        self._failed: dict[Path, tuple[float, int]] = {}  # files that failed, by (mtime, size)
+        self._failed: dict[Path, tuple[tuple[float, int], str]] = {}  # refused files: ((mtime, size), reason)
+        self._rejected: dict[Path, tuple[str, str]] = {}  # folders refused now: (model, reason); replaced whole
 
     @classmethod
     def open(cls, root: str | Path, providers: list, threads: int = 1, limits: BatchLimits = BatchLimits(),
@@ -115,6 +143,10 @@ class Registry:
             raise LookupError(f"model {name!r} has no version {version}; loaded versions: {sorted(versions)}")
         return versions[version]
 
+    def rejected(self) -> Counter:
+        """{(model, reason): folders} not serving now for ``reason`` (one of REJECT_REASONS)."""
+        return Counter(self._rejected.values())
+
     # -- changing ---------------------------------------------------------
     def model_dir(self, name: str) -> Path:
         """The folder of model ``name``, refusing names that would leave the repository."""
@@ -137,8 +169,11 @@ class Registry:
         model_dir = self.model_dir(name)
         if version is not None and version < 1:
             raise ValueError(f"version must be a positive integer, got {version}")
-        on_disk = self._complete_versions(model_dir)
+        scan = scan_versions(model_dir, self.root)
+        on_disk = _complete(scan.versions)
         if version is not None:
+            if str(version) in scan.rejected:
+                raise ValueError(scan.rejected[str(version)][1])
             if version not in on_disk:
                 raise LookupError(f"model {name!r} has no version folder {version} holding {MODEL_FILE} "
                                   f"under {self.root}; complete versions: {sorted(on_disk)}")
@@ -149,6 +184,12 @@ class Registry:
         fresh = {v: self._load(name, v, path, model_dir) for v, path in on_disk.items() if v not in loaded}
         self._swap(name, add=fresh)
         self._seen.setdefault(name, set()).update(on_disk)
+        # Loaded files are no longer refused, and a new default may make refused versions of this
+        # name compatible: the next poll considers them again.
+        loaded_dirs = {m.path.parent for m in fresh.values()}
+        self._failed = {p: f for p, f in self._failed.items()
+                        if p.parent not in loaded_dirs and not (f[1] == "incompatible" and p.parent.parent == model_dir)}
+        self._rejected = {f: r for f, r in self._rejected.items() if f not in loaded_dirs}
         return [fresh[v] for v in sorted(fresh)]
 
     def unload_model(self, name: str) -> list[LoadedModel]:
@@ -167,27 +208,39 @@ class Registry:
 
     def _poll(self) -> list[str]:
         changes: list[str] = []
+        rejected: dict[Path, tuple[str, str]] = {}  # this poll's refusals: replaces self._rejected at the end
         names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         for name in names:
             try:
                 model_dir = self.model_dir(name)
             except ValueError as exc:
-                log.warning("skipping folder %s: %s", name, exc)
+                reason = "outside" if NAME_PATTERN.match(name) else "name"
+                self._refuse(rejected, self.root / name, name, reason, f"skipping folder {name!r}: {exc}")
                 continue
-            on_disk = self._complete_versions(model_dir)
+            scan = scan_versions(model_dir, self.root)
+            for folder, (reason, why) in scan.rejected.items():
+                self._refuse(rejected, model_dir / folder, name, reason, f"skipping a folder of model {name}: {why}")
+            on_disk = _complete(scan.versions)
             seen = self._seen.setdefault(name, set())
+            was_serving = bool(self._models.get(name))  # else every valid version loads, the highest serves
             for version in sorted(set(on_disk) - seen):
                 path = on_disk[version]
                 stamp = _stamp(path)
-                if self._failed.get(path) == stamp:
+                if (failed := self._failed.get(path)) and failed[0] == stamp:
+                    rejected[path.parent] = (name, failed[1])
                     continue
+                serving = self._models.get(name)
+                default = serving[max(serving)] if was_serving and serving and version > max(serving) else None
                 try:
-                    model = self._load(name, version, path, model_dir)
+                    model = self._load(name, version, path, model_dir, default)
                 except ValueError as exc:
-                    self._failed[path] = stamp
+                    reason = "incompatible" if isinstance(exc, IncompatibleVersion) else "load"
+                    self._failed[path] = (stamp, reason)
+                    rejected[path.parent] = (name, reason)
                     log.error("rejected %s version %d: %s", name, version, exc)
                     changes.append(f"rejected {name}/{version}")
                     continue
+                self._failed.pop(path, None)
                 seen.add(version)
                 self._swap(name, add={version: model})
                 changes.append(f"loaded {name}/{version}")
@@ -200,25 +253,40 @@ class Registry:
             self._swap(name, remove_all=True)
             self._seen.pop(name, None)
             changes.append(f"removed {name}")
+        self._rejected = rejected
+        self._failed = {p: f for p, f in self._failed.items() if p.parent in rejected}  # forget removed files
         return changes
 
-    # -- internals --------------------------------------------------------
-    @staticmethod
-    def _complete_versions(model_dir: Path) -> dict[int, Path]:
-        return {v: folder / MODEL_FILE for v, folder in version_dirs(model_dir).items()
-                if v >= 1 and (folder / MODEL_FILE).is_file()}
+    def _refuse(self, rejected: dict[Path, tuple[str, str]], folder: Path, name: str, reason: str,
+                message: str) -> None:
+        """Note a folder refused by this poll; log it only when it was not already refused (once, not every poll)."""
+        if self._rejected.get(folder) != (name, reason):
+            log.warning("%s", message)
+        rejected[folder] = (name, reason)
 
-    def _load(self, name: str, version: int, path: Path, model_dir: Path) -> LoadedModel:
+    # -- internals --------------------------------------------------------
+    def _load(self, name: str, version: int, path: Path, model_dir: Path,
+              default: LoadedModel | None = None) -> LoadedModel:
+        """Load one version; ModelLoadError if it cannot serve, IncompatibleVersion if ``default`` (the
+        version serving now, given only for an automatic promotion) takes or returns something else."""
         try:
             config = ModelConfig.read(model_dir)
             providers = (self.defaults.providers if config.device is None
                          else choose_providers(config.device, config.device_id or 0))
             model = load_model(name, version, path, providers, config.threads or self.defaults.threads,
                                config.limits(self.defaults.limits))
-        except (ValueError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever fails, this file is skipped and the rest carries on
             if self.metrics is not None:
                 self.metrics.load_failures.labels(name).inc()
-            raise ValueError(str(exc)) from exc
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise ModelLoadError(f"{path}: {exc}") from exc
+        if default is not None and _interface(model) != _interface(default):
+            raise IncompatibleVersion(
+                f"{path} was not promoted over the default version {default.version}: it is "
+                f"{_describe(model)}, while version {default.version} is {_describe(default)}, so every "
+                f"running client of {name!r} would fail. If the change is meant, load it explicitly with the "
+                f"admin LoadModel call (`batchrl models load {name} --version {version}`)")
         if self.metrics is not None:
             model.batcher.observe = self.metrics.batch_observer(name)
         log.info("loaded %s version %d (%s) on %s", name, version, model.manifest.algorithm,
@@ -244,6 +312,22 @@ class Registry:
         return removed
 
 
+def _complete(versions: dict[int, Path]) -> dict[int, Path]:
+    """{version: model file} of the version folders that hold their model file (written whole)."""
+    return {v: folder / MODEL_FILE for v, folder in versions.items() if (folder / MODEL_FILE).is_file()}
+
+
 def _stamp(path: Path) -> tuple[float, int]:
     stat = path.stat()
     return stat.st_mtime, stat.st_size
+
+
+def _interface(model: LoadedModel) -> tuple:
+    """What a model's clients depend on: observation shape, action shape and kind of policy."""
+    return model.observation_shape, model.action_shape, model.is_sequence
+
+
+def _describe(model: LoadedModel) -> str:
+    kind = "sequence" if model.is_sequence else "feed-forward"
+    return (f"a {kind} policy taking observations of shape {list(model.observation_shape)} and returning "
+            f"actions of shape {list(model.action_shape)}")

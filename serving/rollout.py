@@ -8,6 +8,7 @@ import argparse
 
 import numpy as np
 
+from serving.auth import DATA_TOKEN_ENV, read_token
 from serving.client import Episode, PolicyClient
 from training.evaluation import Act, run_episodes, summarize
 
@@ -43,10 +44,10 @@ class EpisodeStreams:
 
 
 def rollout(server: str, model: str, env_id: str, episodes: int, seed: int, version: int | None = None,
-            print_fn=print, target_return: float | None = None):
+            print_fn=print, target_return: float | None = None, token: str | None = None):
     import gymnasium as gym
 
-    with PolicyClient(server) as client:
+    with PolicyClient(server, token=token) as client:
         client.wait_ready()
         manifest = served_manifest(client, model, version)
         env = gym.make(env_id)
@@ -87,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", default="127.0.0.1:50051", help="server address host:port")
     parser.add_argument("--target-return", type=float, default=None,
                         help="sequence policies: the return to condition on (default: the model's own)")
+    parser.add_argument("--token-file", default=None,
+                        help=f"file holding the server's data-plane token (default: ${DATA_TOKEN_ENV}; neither: none)")
     args = parser.parse_args(argv)
+    token = read_token(args.token_file, DATA_TOKEN_ENV)
     env_id = args.env
     if env_id is None:
-        with PolicyClient(args.server) as client:
+        with PolicyClient(args.server, token=token) as client:
             env_id = served_manifest(client, args.model, args.version).env_id
     rollout(args.server, args.model, env_id, args.episodes, args.seed, args.version,
-            target_return=args.target_return)
+            target_return=args.target_return, token=token)
     return 0

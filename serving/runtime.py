@@ -54,14 +54,26 @@ def choose_providers(device: str = "auto", device_id: int = 0) -> list:
     return ["CPUExecutionProvider"]
 
 
+class ModelLoadError(ValueError):
+    """A model file that cannot serve, whatever step refused it (session creation, manifest, inputs and
+    outputs, warm-up). One ValueError subclass, with a message naming the file, so that the repository can
+    skip the file and carry on and the admin LoadModel can answer INVALID_ARGUMENT: onnxruntime raises its
+    own exception types (InvalidArgument, Fail, ...), which are neither ValueError nor RuntimeError."""
+
+
 def read_manifest(session: ort.InferenceSession, path: Path) -> manifest_pb2.ModelManifest:
     meta = session.get_modelmeta().custom_metadata_map
     if MANIFEST_KEY not in meta:
-        raise ValueError(f"{path}: no '{MANIFEST_KEY}' metadata; export models with `batchrl export`")
+        raise ModelLoadError(f"{path}: no '{MANIFEST_KEY}' metadata; export models with `batchrl export`")
     try:
         return manifest_from_json(meta[MANIFEST_KEY])
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any unreadable manifest is the file's fault
+        raise ModelLoadError(f"{path}: {exc}") from exc
+
+
+def _one_line(exc: Exception) -> str:
+    """onnxruntime's messages span lines; a rejection is logged as one line."""
+    return " ".join(str(exc).split())
 
 
 @dataclass
@@ -157,6 +169,7 @@ class LoadedModel:
 
 def load_model(name: str, version: int, path: Path, providers: list, threads: int = 1,
                limits: BatchLimits = BatchLimits()) -> LoadedModel:
+    """Open, check and warm up one model file; ModelLoadError (naming the file) for any failure."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -164,16 +177,27 @@ def load_model(name: str, version: int, path: Path, providers: list, threads: in
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
-        raise ValueError(f"{path}: onnxruntime cannot load it: {exc}") from exc
+        raise ModelLoadError(f"{path}: onnxruntime cannot load it: {_one_line(exc)}") from exc
     model = LoadedModel(name, version, path, session, read_manifest(session, path), limits)
     inputs = tuple(i.name for i in session.get_inputs())
     outputs = tuple(o.name for o in session.get_outputs())
     expected = (SEQUENCE_INPUTS, SEQUENCE_OUTPUT) if model.is_sequence else (FEED_FORWARD_INPUTS,
                                                                              FEED_FORWARD_OUTPUT)
+    kind = "a sequence policy" if model.is_sequence else "a feed-forward policy"
     if inputs != expected[0] or outputs != (expected[1],):
-        kind = "a sequence policy" if model.is_sequence else "a feed-forward policy"
-        raise ValueError(f"{path}: inputs {list(inputs)} and outputs {list(outputs)}; the manifest says "
-                         f"{kind}, which takes {list(expected[0])} and returns [{expected[1]!r}]")
-    # Warm-up: the first real request should not pay for lazy initialisation.
-    model.run(model.warm_up_feeds())
+        raise ModelLoadError(f"{path}: inputs {list(inputs)} and outputs {list(outputs)}; the manifest says "
+                             f"{kind}, which takes {list(expected[0])} and returns [{expected[1]!r}]")
+    # Warm-up: the first real request should not pay for lazy initialisation. It also proves that the graph
+    # takes and returns what the manifest describes (the names above say nothing of shapes).
+    action = (int(np.prod(model.action_shape)),) if model.is_sequence else model.action_shape
+    try:
+        out = model.run(model.warm_up_feeds())
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's InvalidArgument, Fail, ...: the file's fault
+        raise ModelLoadError(f"{path}: the warm-up run failed, so the graph does not take what its manifest "
+                             f"describes ({kind}, observation shape {list(model.observation_shape)}): "
+                             f"{type(exc).__name__}: {_one_line(exc)}") from exc
+    if out.shape != (1, *action):
+        raise ModelLoadError(f"{path}: the graph returns {expected[1]!r} of shape {list(out.shape)} for one "
+                             f"input, but the manifest's action shape {list(model.action_shape)} means "
+                             f"{[1, *action]}")
     return model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -21,11 +22,11 @@ from grpc_reflection.v1alpha import reflection
 
 from batchrl.version import package_version
 from protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
-from serving.auth import authorized, read_admin_token
+from serving.admission import Admission, AdmissionLimits, Role, StreamIdle
+from serving.auth import DATA_TOKEN_ENV, Tokens, read_admin_token, read_token
 from serving.batcher import BatchLimits
-from serving.calls import Call, RequestError, deadline_of, guarded
+from serving.calls import Call, RequestError, deadline_of, guarded, quoted
 from serving.kserve import KServeService, kv, kv_grpc
-from serving.limits import ClientLimiter
 from serving.logs import configure as configure_logs
 from serving.metrics import Metrics
 from serving.repository import Registry
@@ -39,6 +40,23 @@ SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 KSERVE_SERVICE_NAME = kv.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MAX_BATCH = 65_536
+MAX_NAME = 128  # characters of a model name or session id in a request
+DRAIN_BOUND = 2.0  # seconds the drain waits past its grace period for grpc to finish stopping
+ADMIN_METHODS = frozenset(f"/{service}/{method}" for service, method in (
+    (ADMIN_SERVICE_NAME, "LoadModel"), (ADMIN_SERVICE_NAME, "UnloadModel"),
+    (KSERVE_SERVICE_NAME, "RepositoryModelLoad"), (KSERVE_SERVICE_NAME, "RepositoryModelUnload")))
+# Calls that reveal no more than health does: no token needed. RepositoryIndex lists only loaded
+# models to a caller without the admin token.
+OPEN_METHODS = frozenset(f"/{KSERVE_SERVICE_NAME}/{method}" for method in (
+    "ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "RepositoryIndex"))
+
+
+def role_of(method: str) -> Role:
+    if method in ADMIN_METHODS:
+        return Role.ADMIN
+    if method in OPEN_METHODS or method.startswith("/grpc.reflection."):
+        return Role.OPEN
+    return Role.DATA
 
 
 def decode_observations(model: LoadedModel, tensor: policy_pb2.Tensor, what: str, batched: bool) -> np.ndarray:
@@ -90,6 +108,9 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         return guarded(context, call, handler, self.metrics)
 
     def _model(self, call: Call, name: str, version: int | None) -> LoadedModel:
+        if len(name) > MAX_NAME:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"model name {quoted(name)} is longer than {MAX_NAME} characters")
         try:
             model = self.registry.get(name, version)
         except LookupError as exc:
@@ -112,10 +133,24 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         if not request.HasField("observations"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "observations are missing")
         obs = decode_observations(model, request.observations, "observations", batched=True)
-        actions = model.infer({"observations": obs}, deadline)
+        actions = self._finite(model, model.infer({"observations": obs}, deadline))
         if request.HasField("sampling"):
             actions = add_noise(model, actions, request.sampling)
         return policy_pb2.ActResponse(model=model.name, version=model.version, actions=encode(actions))
+
+    def _finite(self, model: LoadedModel, out: np.ndarray) -> np.ndarray:
+        """``out`` (this request's rows of a model run) if every value is finite; a NaN or infinite
+        action is never answered as OK. Only the request owning such a row fails."""
+        finite = np.isfinite(out)
+        if finite.all():
+            return out
+        if self.metrics is not None:
+            self.metrics.nonfinite_outputs.labels(model.name).inc()
+        rows = np.flatnonzero(~finite.reshape(len(out), -1).all(axis=1))
+        raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
+                           f"model {model.name!r} version {model.version} gave a non-finite action (NaN or "
+                           f"infinite) for row(s) {rows[:8].tolist()} of this request: the input is likely far "
+                           "outside what the policy was trained on")
 
     def ListModels(self, request, context) -> policy_pb2.ListModelsResponse:
         response = policy_pb2.ListModelsResponse()
@@ -149,14 +184,13 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         return self._guard(context, call, close)
 
     def Episode(self, request_iterator, context):
-        """One stream, one episode: open, step..., and the session closes when the stream ends."""
+        """One stream, one episode: open, step..., and the session closes when the stream ends.
+
+        The first message opens a session, or attaches the stream to an open one (a step carrying
+        its session_id). A stream the server closes for idleness leaves its session open, for a
+        unary Step or a later stream; one the client ends or cancels closes it.
+        """
         opened: list[Session] = []
-
-        def release():
-            while opened:
-                self.sessions.close(opened.pop().id)
-
-        context.add_callback(release)  # also runs when the client cancels mid-episode
         try:
             for request in request_iterator:
                 kind = request.WhichOneof("kind")
@@ -170,20 +204,34 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                     opened.append(session)
                     yield policy_pb2.EpisodeResponse(opened=response)
                 elif kind == "step":
-                    if not opened:
+                    if not opened and not request.step.session_id:
                         context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                      "the first message of an Episode stream must be `open`")
+                                      "the first message of an Episode stream must be `open`, or a `step` "
+                                      "carrying the session_id of an open session")
                     call = Call("EpisodeStep")
-                    step = self._guard(context, call, lambda: self._step(self._session(call, opened[0].id),
-                                                                         request.step, deadline_of(context)))
+                    step = self._guard(context, call, lambda: self._stream_step(call, opened, request.step,
+                                                                                deadline_of(context)))
                     yield policy_pb2.EpisodeResponse(step=step)
                 else:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty EpisodeRequest: set `open` or `step`")
+        except StreamIdle:
+            if opened:
+                log.info("session %s stays open after its idle Episode stream was closed", opened[0].id)
+            opened.clear()
         finally:
-            release()
+            while opened:
+                self.sessions.close(opened.pop().id)
 
-    def _open(self, call: Call,
-              request: policy_pb2.OpenSessionRequest) -> tuple[Session, policy_pb2.OpenSessionResponse]:
+    def _stream_step(self, call: Call, opened: list[Session], request: policy_pb2.StepRequest,
+                     deadline: float | None) -> policy_pb2.StepResponse:
+        session = self._session(call, opened[0].id if opened else request.session_id)
+        if not opened:
+            opened.append(session)  # the stream attaches to the open session named by its first step
+        return self._step(session, request, deadline)
+
+    def _open(self, call: Call, request: policy_pb2.OpenSessionRequest,
+              key=None) -> tuple[Session, policy_pb2.OpenSessionResponse]:
+        """Open a session (under the caller's ``key``, if given: see SessionStore.open)."""
         model = self._model(call, request.model, request.version if request.HasField("version") else None)
         if not model.is_sequence:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -197,7 +245,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"model {model.name!r} has no default target return: set target_return")
         try:
-            session = self.sessions.open(model, target)
+            session = self.sessions.open(model, target, key)
         except ValueError as exc:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"target_return: {exc}") from None
         except TooManySessions as exc:
@@ -207,6 +255,9 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
             context_length=model.manifest.context_length, target_return=target)
 
     def _session(self, call: Call, session_id: str) -> Session:
+        if len(session_id) > MAX_NAME:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"session id {quoted(session_id)} is longer than {MAX_NAME} characters")
         try:
             session = self.sessions.get(session_id)
         except SessionNotFound as exc:
@@ -225,7 +276,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                 feeds = session.context.inputs(obs, reward)
             except ValueError as exc:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            action = session.model.infer(feeds, deadline)[0]
+            action = self._finite(session.model, session.model.infer(feeds, deadline))[0]
             session.context.advance(obs, reward, action)
             timestep, rtg = session.context.t - 1, session.context.return_to_go
         return policy_pb2.StepResponse(action=encode(action.reshape(session.model.action_shape)),
@@ -233,20 +284,13 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
 
 
 class ModelService(admin_pb2_grpc.ModelServiceServicer):
-    """Operators' model control: load and unload by name, behind the admin bearer token."""
+    """Operators' model control: load and unload by name (the admin token is checked by admission)."""
 
-    def __init__(self, registry: Registry, admin_token: str | None):
+    def __init__(self, registry: Registry):
         self.registry = registry
-        self.admin_token = admin_token
-
-    def _authorize(self, context: grpc.ServicerContext) -> None:
-        allowed, reason = authorized(context.invocation_metadata(), self.admin_token)
-        if not allowed:
-            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, reason)
 
     def load(self, context, name: str, version: int | None) -> list[LoadedModel]:
-        """Authorize, then load (all or nothing); the statuses of both model-control protocols."""
-        self._authorize(context)
+        """Load (all or nothing); the statuses of both model-control protocols."""
         try:
             loaded = self.registry.load_model(name, version)
         except LookupError as exc:
@@ -258,7 +302,6 @@ class ModelService(admin_pb2_grpc.ModelServiceServicer):
         return loaded
 
     def unload(self, context, name: str) -> list[LoadedModel]:
-        self._authorize(context)
         try:
             removed = self.registry.unload_model(name)
         except LookupError as exc:
@@ -320,14 +363,30 @@ def start_poller(registry: Registry, interval: float, stop: threading.Event) -> 
 @dataclass
 class ServerOptions:
     address: str = "127.0.0.1:0"
-    workers: int = 64                    # each open Episode stream holds one
+    workers: int = 64                    # gRPC worker threads; each open stream holds one
+    max_streams: int | None = None       # concurrent streams; None: workers - 8 (half when workers <= 8)
+    stream_idle_timeout: float = 60.0    # seconds a stream may wait for its client's next message
     admin_token: str | None = None       # None: model management is refused
+    data_token: str | None = None        # None: the data plane needs no token
     max_message_bytes: int = 64 * 1024 * 1024
     grace: float = 5.0                   # seconds in-flight requests get to finish on shutdown
-    per_client_limit: int | None = None  # concurrent requests per client (token identity, else peer address)
+    per_client_limit: int | None = None  # concurrent requests per client (mTLS identity, else peer address)
+    reuse_port: bool = False             # share the port with other processes (SO_REUSEPORT) on purpose
     tls_cert: str | None = None          # PEM server certificate (chain) and key: TLS instead of plaintext
     tls_key: str | None = None
     client_ca: str | None = None         # PEM CA: require client certificates signed by it (mutual TLS)
+
+    def admission_limits(self) -> AdmissionLimits:
+        """The stream cap stays below the worker count, so unary calls and health always find a thread."""
+        if self.workers < 2:
+            raise ValueError(f"workers must be >= 2 (streams and unary calls need threads), got {self.workers}")
+        streams = self.max_streams
+        if streams is None:
+            streams = self.workers - 8 if self.workers > 8 else self.workers // 2
+        if streams >= self.workers:
+            raise ValueError(f"max streams ({streams}) must be below the worker count ({self.workers}): each open "
+                             "stream holds a worker thread, and unary calls and health need some left")
+        return AdmissionLimits(streams, self.stream_idle_timeout, self.per_client_limit)
 
     def credentials(self) -> grpc.ServerCredentials | None:
         if not self.tls_cert and not self.tls_key:
@@ -342,6 +401,13 @@ class ServerOptions:
                                            require_client_auth=ca is not None)
 
 
+@dataclass(frozen=True)
+class Drained:
+    unary_left: int     # unary calls still running at the deadline (cut off: the drain was not clean)
+    streams_left: int   # streams still open at the deadline (closed by the drain: normal)
+    finished: bool      # grpc finished stopping within DRAIN_BOUND of the deadline
+
+
 @dataclass
 class Served:
     """A configured server: start it, and drain it (health NOT_SERVING first, then stop with grace)."""
@@ -350,19 +416,37 @@ class Served:
     port: int
     health: health.HealthServicer
     service: PolicyService
+    admission: Admission
     grace: float
 
     def start(self) -> None:
         self.server.start()
+        self.admission.start()
 
-    def drain(self, grace: float | None = None) -> None:
-        """Stop accepting, let requests in flight finish within the grace period, then stop."""
+    def drain(self, grace: float | None = None) -> Drained:
+        """Stop accepting, let calls in flight finish within the grace period, then stop.
+
+        Returns within grace + DRAIN_BOUND whatever clients do (grpc's own stop can wait forever
+        on a call that never finishes), saying what was still running at the deadline.
+        """
+        grace = self.grace if grace is None else grace
         self.service.draining = True
         self.health.enter_graceful_shutdown()  # every service NOT_SERVING: balancers stop sending
-        self.server.stop(self.grace if grace is None else grace).wait()
+        # New calls are refused from now on. grpc's own cut-off is set past the deadline, so that what
+        # is still running at the deadline is counted here before anything is cut off (then at once).
+        stopped = self.server.stop(grace + DRAIN_BOUND)
+        if stopped.wait(grace):
+            self.admission.stop()
+            return Drained(0, 0, True)
+        unary, streams = self.admission.unary_in_flight, self.admission.open_streams
+        self.server.stop(0)  # the shortest grace given wins: cut off now
+        finished = stopped.wait(DRAIN_BOUND)
+        self.admission.stop()
+        return Drained(unary, streams, finished)
 
     def stop(self) -> None:
         self.server.stop(None)
+        self.admission.stop()
 
 
 def build_server(registry: Registry, options: ServerOptions | str = ServerOptions(),
@@ -371,16 +455,20 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
     if isinstance(options, str):
         options = ServerOptions(address=options)
     grpc_options = [("grpc.max_receive_message_length", options.max_message_bytes),
-                    ("grpc.max_send_message_length", options.max_message_bytes)]
-    interceptors = [ClientLimiter(options.per_client_limit)] if options.per_client_limit else []
+                    ("grpc.max_send_message_length", options.max_message_bytes),
+                    # grpc turns SO_REUSEPORT on by default: a second server on a busy port would start
+                    # silently and take part of the traffic. Sharing a port is asked for, never implied.
+                    ("grpc.so_reuseport", int(options.reuse_port))]
+    tokens = Tokens(options.admin_token, options.data_token)
+    admission = Admission(role_of, tokens, options.admission_limits(), metrics)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="batchrl"),
-                         options=grpc_options, interceptors=interceptors)
+                         options=grpc_options, interceptors=[admission])
     service = PolicyService(registry, SessionStore() if sessions is None else sessions, metrics)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(service, server)
-    admin = ModelService(registry, options.admin_token)
+    admin = ModelService(registry)
     admin_pb2_grpc.add_ModelServiceServicer_to_server(admin, server)
-    kv_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(service, admin, version=package_version()),
-                                                       server)
+    kv_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeService(service, admin, tokens, version=package_version()), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME, KSERVE_SERVICE_NAME):
@@ -394,11 +482,16 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
         (SERVICE_NAME, ADMIN_SERVICE_NAME, KSERVE_SERVICE_NAME,
          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
     credentials = options.credentials()
-    port = (server.add_secure_port(options.address, credentials) if credentials is not None
-            else server.add_insecure_port(options.address))
+    try:
+        port = (server.add_secure_port(options.address, credentials) if credentials is not None
+                else server.add_insecure_port(options.address))
+    except RuntimeError:  # grpc's "Failed to bind to address ...", with the reason only in its debug log
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind the server to {options.address}")
-    return Served(server, port, health_servicer, service, options.grace)
+        raise RuntimeError(f"cannot listen on {options.address}: the port is in use (another server?) or the "
+                           "address is not one of this machine's; to share a port between batchrl serve "
+                           "processes on purpose, start every one of them with --reuse-port")
+    return Served(server, port, health_servicer, service, admission, options.grace)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,7 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-id", type=int, default=0, help="CUDA device index")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per model")
     parser.add_argument("--workers", type=int, default=64,
-                        help="gRPC worker threads (each open Episode stream holds one)")
+                        help="gRPC worker threads (each open stream holds one; default 64)")
+    parser.add_argument("--max-streams", type=int, default=None,
+                        help="most concurrent streams (Episode, reflection); more get RESOURCE_EXHAUSTED "
+                             "(default: workers - 8, so unary calls and health always find a thread)")
+    parser.add_argument("--stream-idle-timeout", type=float, default=60.0,
+                        help="seconds a stream may wait for its client's next message before the server closes "
+                             "it; its session stays open (default 60)")
     parser.add_argument("--max-batch", type=int, default=1024,
                         help="most observations (or session steps) one model run gathers (default 1024)")
     parser.add_argument("--max-queue-delay-us", type=int, default=500,
@@ -426,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin-token-file", default=None,
                         help="file holding the bearer token for LoadModel/UnloadModel "
                              "(default: $BATCHRL_ADMIN_TOKEN; neither: model management is disabled)")
+    parser.add_argument("--data-token-file", default=None,
+                        help=f"file holding a bearer token that every data-plane call (Act, sessions, ModelInfer) "
+                             f"must carry (default: ${DATA_TOKEN_ENV}; neither: no token needed)")
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics over HTTP on this port (0: any free port; default: off)")
     parser.add_argument("--metrics-address", default="127.0.0.1", help="address of the metrics endpoint")
@@ -434,7 +536,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds requests in flight get to finish after SIGTERM (default 5)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
     parser.add_argument("--per-client-limit", type=int, default=None,
-                        help="most concurrent requests per client (its token identity, else its address)")
+                        help="most concurrent requests per client: its mutual-TLS identity, else its IP address")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="share the port with other processes (SO_REUSEPORT); without it, a port in use "
+                             "is an error")
     parser.add_argument("--tls-cert", default=None, help="PEM server certificate: serve TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     parser.add_argument("--client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)")
@@ -448,11 +553,13 @@ def main(argv: list[str] | None = None) -> int:
     if not registry.models:
         log.warning("no models loaded from %s", args.repository)
     sessions = SessionStore(args.max_sessions, args.session_timeout)
-    options = ServerOptions(address=args.address, workers=args.workers,
+    options = ServerOptions(address=args.address, workers=args.workers, max_streams=args.max_streams,
+                            stream_idle_timeout=args.stream_idle_timeout,
                             admin_token=read_admin_token(args.admin_token_file),
+                            data_token=read_token(args.data_token_file, DATA_TOKEN_ENV),
                             max_message_bytes=int(args.max_message_mb * 1024 * 1024), grace=args.grace,
-                            per_client_limit=args.per_client_limit, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                            client_ca=args.client_ca)
+                            per_client_limit=args.per_client_limit, reuse_port=args.reuse_port,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca)
     served = build_server(registry, options, sessions, metrics)
     if args.metrics_port is not None:
         metrics.watch(registry, sessions)
@@ -470,6 +577,18 @@ def main(argv: list[str] | None = None) -> int:
     stop.set()
     log.info("%s: draining: health NOT_SERVING, no new requests, up to %.1f s for those in flight",
              received.name, args.grace)
-    served.drain()
+    drained = served.drain()
+    if drained.streams_left:
+        log.info("closed %d open stream(s) at the end of the grace period (a drain ends streams; their sessions "
+                 "end with this process)", drained.streams_left)
+    code = 0
+    if drained.unary_left:
+        log.error("%d unary call(s) were still running at the end of the %.1f s grace period and were cut off",
+                  drained.unary_left, args.grace)
+        code = 1
+    if not drained.finished:  # a call grpc never finishes: leave without waiting for its thread
+        log.warning("grpc had not finished stopping %.1f s after the grace period; exiting anyway", DRAIN_BOUND)
+        logging.shutdown()
+        os._exit(code)
     log.info("stopped")
-    return 0
+    return code

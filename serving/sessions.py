@@ -3,7 +3,9 @@
 A session holds a reference to the LoadedModel it opened on, so that version
 stays loaded (and answers its Steps) for as long as the session lives, whatever
 becomes the default meanwhile. Idle sessions are evicted after a timeout; the
-number of open sessions is bounded.
+number of open sessions is bounded. A session may also be found by a key of the
+caller's (the Open Inference Protocol's sequence id): the key lives exactly as
+long as its session, so the keys are bounded by the same rules.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from protos.sequence import RollingContext
@@ -32,6 +34,7 @@ class Session:
     model: LoadedModel
     context: RollingContext
     last_used: float
+    key: Hashable | None = None  # the caller's name for it, if any
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one Step at a time
 
 
@@ -47,14 +50,18 @@ class SessionStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
+        self._keys: dict[Hashable, str] = {}  # session key -> session id, for open sessions only
         self._expired: OrderedDict[str, None] = OrderedDict()  # recent evictions, to say "expired"
         self._remember = remember_expired
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, model: LoadedModel, target_return: float) -> Session:
+    def open(self, model: LoadedModel, target_return: float, key: Hashable | None = None) -> Session:
+        """A new session; one opened under ``key`` replaces the session that key named."""
         context = RollingContext(model.context_spec, target_return)  # ValueError on a bad target
+        if key is not None:
+            self.close(self._keys.get(key, ""))
         with self._lock:
             now = self._clock()
             if len(self._sessions) >= self.max_sessions:
@@ -62,8 +69,10 @@ class SessionStore:
             if len(self._sessions) >= self.max_sessions:
                 raise TooManySessions(f"{len(self._sessions)} sessions are open, the maximum is "
                                       f"{self.max_sessions}: close finished sessions (CloseSession) and retry")
-            session = Session(uuid.uuid4().hex, model, context, now)
+            session = Session(uuid.uuid4().hex, model, context, now, key)
             self._sessions[session.id] = session
+            if key is not None:
+                self._keys[key] = session.id
             model.pin()  # the version stays alive for this session, whatever the registry does
         return session
 
@@ -83,11 +92,13 @@ class SessionStore:
             session.last_used = now
             return session
 
+    def find(self, key: Hashable) -> str | None:
+        """The id of the open session opened under ``key``, if any."""
+        return self._keys.get(key)
+
     def close(self, session_id: str) -> Session | None:
         with self._lock:
-            session = self._sessions.pop(session_id, None)
-        if session is not None:
-            session.model.unpin()
+            session = self._drop(session_id)
         return session
 
     def evict_idle(self) -> int:
@@ -102,9 +113,16 @@ class SessionStore:
         return len(stale)
 
     def _expire(self, session_id: str) -> None:
-        session = self._sessions.pop(session_id, None)
-        if session is not None:
-            session.model.unpin()
+        self._drop(session_id)
         self._expired[session_id] = None
         while len(self._expired) > self._remember:
             self._expired.popitem(last=False)
+
+    def _drop(self, session_id: str) -> Session | None:
+        """Remove a session and its key (under the lock) and let go of its model version."""
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            if session.key is not None and self._keys.get(session.key) == session_id:
+                del self._keys[session.key]
+            session.model.unpin()
+        return session

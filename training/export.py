@@ -21,7 +21,7 @@ import torch
 from google.protobuf import json_format
 
 from protos.batchrl.v1 import manifest_pb2
-from protos.contract import MANIFEST_KEY, MODEL_FILE, check_name, manifest_to_json, version_dirs
+from protos.contract import MANIFEST_KEY, MAX_VERSION, MODEL_FILE, check_name, manifest_to_json, version_dirs
 from protos import sequence
 from protos.sequence import SEQUENCE_INPUTS, ContextSpec, RollingContext
 from training.data import OfflineDataset, load_dataset
@@ -139,7 +139,11 @@ def max_parity_error(policy: torch.nn.Module, path: Path, inputs: dict[str, np.n
 
 
 def list_versions(model_dir: Path) -> list[int]:
-    """Every version number taken in ``model_dir``, complete or not."""
+    """Every valid version number in ``model_dir`` (protos.contract.scan_versions), complete or not.
+
+    Folders that are not versions ("007", "²", numbers past int64) are not counted, so the next
+    version is one past the highest version serving can load.
+    """
     return list(version_dirs(model_dir))
 
 
@@ -147,7 +151,8 @@ def publish(repository: Path, name: str, source: Path) -> tuple[int, Path]:
     """Copy ``source`` into repository/name/<next version>/model.onnx, appearing whole.
 
     The version folder is written beside its final place and renamed in; a
-    concurrent export that takes the same number makes this one try the next.
+    concurrent export that takes the same number makes this one try the next
+    (so does any other entry holding that name, e.g. a refused symlink).
     """
     check_name(name)
     model_dir = Path(repository) / name
@@ -158,13 +163,17 @@ def publish(repository: Path, name: str, source: Path) -> tuple[int, Path]:
         shutil.copyfile(source, staging / MODEL_FILE)
         with open(staging / MODEL_FILE, "rb+") as f:
             os.fsync(f.fileno())
+        version = 0
         while True:
-            version = (list_versions(model_dir) or [0])[-1] + 1
+            version = max([version, *list_versions(model_dir)]) + 1
+            if version > MAX_VERSION:
+                raise ValueError(f"{model_dir} holds version {version - 1}, the highest a version may be "
+                                 f"({MAX_VERSION}); remove or renumber versions before exporting")
             try:
                 os.rename(staging, model_dir / str(version))
                 return version, model_dir / str(version) / MODEL_FILE
             except OSError:
-                if not (model_dir / str(version)).exists():
+                if not os.path.lexists(model_dir / str(version)):
                     raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,312 @@
+"""Admission: the per-call policy applied once, around every RPC on the port, as one server interceptor.
+
+In order, for each call:
+1. Decoding. Requests reach the server as bytes and are parsed here, so an undecodable message is
+   INVALID_ARGUMENT with one rate-limited log line and a metric. (Left to grpcio, it logs a full
+   traceback per message, and undecodable frames on a stream can leave the call unfinished so
+   that ``server.stop(grace)`` never completes.)
+2. Authentication: admin calls need the admin token; data-plane calls need the data token when
+   the server has one; health and the open calls need nothing.
+3. Stream limits. In the synchronous grpcio server a streaming call holds a worker thread for
+   its whole life, so at most ``max_streams`` (below the worker count) are open at once; more get
+   RESOURCE_EXHAUSTED. A stream waiting longer than ``stream_idle_timeout`` for its client's next
+   message is closed by the server (UNAVAILABLE, saying why); the handler learns of it through
+   ``StreamIdle`` (an Episode's session then stays open).
+4. The per-client limit on concurrent calls. A client is what it cannot mint: its mutual-TLS
+   certificate identity when it has one, else its peer address without the port.
+
+Health is exempt from 2-4: it must answer whatever else happens.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from serving.auth import Tokens
+from serving.logs import RateLimitedLog
+
+log = logging.getLogger("batchrl.serve")
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class Role(enum.Enum):
+    OPEN = "open"      # no token needed (health, reflection, server metadata)
+    DATA = "data"      # the data token when the server has one
+    ADMIN = "admin"    # the admin token
+
+
+class StreamIdle(Exception):
+    """Raised from a stream's request iterator once the server closed the stream for idleness."""
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    max_streams: int                  # concurrent streaming calls (each holds a worker thread)
+    stream_idle_timeout: float = 60.0  # seconds a stream may wait for its client's next message
+    per_client_limit: int | None = None  # concurrent calls per client identity; None: unlimited
+
+    def __post_init__(self) -> None:
+        if self.max_streams < 0:
+            raise ValueError(f"max_streams must be >= 0, got {self.max_streams}")
+        if not self.stream_idle_timeout > 0:
+            raise ValueError(f"stream idle timeout must be > 0 seconds, got {self.stream_idle_timeout}")
+        if self.per_client_limit is not None and self.per_client_limit < 1:
+            raise ValueError(f"per-client request limit must be >= 1, got {self.per_client_limit}")
+
+
+def client_identity(context: grpc.ServicerContext) -> str:
+    """The mutual-TLS identity of the caller if it has one, else its address without the port."""
+    identities = context.peer_identities()
+    if identities:
+        return "mtls:" + identities[0].decode(errors="replace")
+    peer = context.peer()  # "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:/path"
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+
+
+class _Stream:
+    __slots__ = ("context", "waiting_since", "closed_idle")
+
+    def __init__(self, context):
+        self.context, self.waiting_since, self.closed_idle = context, None, False
+
+
+def _message_name(deserialize) -> str:
+    owner = getattr(deserialize, "__self__", None)  # Message.FromString is bound to its class
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", "request")
+
+
+class Admission(grpc.ServerInterceptor):
+    def __init__(self, role_of: Callable[[str], Role], tokens: Tokens, limits: AdmissionLimits, metrics=None):
+        self.role_of, self.tokens, self.limits, self.metrics = role_of, tokens, limits, metrics
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}  # method -> wrapped handler, built once
+        self._lock = threading.Lock()
+        self._clients: dict[str, int] = defaultdict(int)
+        self._streams: dict[int, _Stream] = {}
+        self.unary_in_flight = 0
+        self._undecodable_log = RateLimitedLog(log)
+        self._stop = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        """Start closing idle streams in the background."""
+        interval = min(1.0, self.limits.stream_idle_timeout / 4)
+
+        def reap():
+            while not self._stop.wait(interval):
+                self.close_idle_streams()
+
+        threading.Thread(target=reap, name="batchrl-stream-reaper", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def close_idle_streams(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        timeout = self.limits.stream_idle_timeout
+        with self._lock:
+            idle = [s for s in self._streams.values()
+                    if not s.closed_idle and s.waiting_since is not None and now - s.waiting_since > timeout]
+            for stream in idle:
+                stream.closed_idle = True
+        for stream in idle:
+            _cancel(stream.context, grpc.StatusCode.UNAVAILABLE,
+                    f"the server closed this stream after {timeout:g} s without a message from the client "
+                    "(the stream idle timeout); an open session stays open: continue it with Step, or with a "
+                    "new stream whose first message is a step carrying its session_id")
+            if self.metrics is not None:
+                self.metrics.streams_closed_idle.inc()
+        if idle:
+            log.info("closed %d stream(s) idle for more than %g s", len(idle), timeout)
+        return len(idle)
+
+    # -- the interceptor ---------------------------------------------------------
+    def intercept_service(self, continuation, details):
+        wrapped = self._handlers.get(details.method)
+        if wrapped is None:
+            handler = continuation(details)
+            if handler is None:
+                return None
+            wrapped = self._handlers.setdefault(details.method, self._wrap(details.method, handler))
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        deserialize, message = handler.request_deserializer, _message_name(handler.request_deserializer)
+        health = method.startswith(HEALTH_PREFIX)
+        role = Role.OPEN if health else self.role_of(method)
+
+        def decode(raw: bytes, context) -> object:
+            if deserialize is None:
+                return raw
+            try:
+                return deserialize(raw)
+            except Exception:  # noqa: BLE001 - DecodeError and whatever else protobuf raises on garbage
+                self._refused(method, "undecodable")
+                self._undecodable_log.warning(method, "undecodable request to %s from %s (%d bytes)",
+                                              method, context.peer(), len(raw))
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request to {method} is not a valid {message} message ({len(raw)} bytes)")
+
+        def admit(context) -> str | None:
+            """Authenticate and take a per-client slot; returns the client holding one (None: no limit)."""
+            metadata = context.invocation_metadata()
+            reason = (self.tokens.refuse_admin(metadata) if role is Role.ADMIN else
+                      self.tokens.refuse_data(metadata) if role is Role.DATA else None)
+            if reason is not None:
+                self._refused(method, "unauthenticated")
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+            return self._enter_client(method, context)
+
+        if handler.request_streaming:
+            def messages(stream: _Stream, raw_iterator, context) -> Iterator:
+                try:
+                    while True:
+                        stream.waiting_since = time.monotonic()
+                        try:
+                            raw = next(raw_iterator)
+                        except StopIteration:
+                            return
+                        finally:
+                            stream.waiting_since = None
+                        yield decode(raw, context)
+                except grpc.RpcError:
+                    if not stream.closed_idle:
+                        raise
+                finally:
+                    if stream.closed_idle:
+                        raise StreamIdle()
+
+            def enter_stream(raw_iterator, context):
+                who = admit(context)
+                stream = self._open_stream(method, context, who)
+                return stream, who, messages(stream, raw_iterator, context)
+
+            if handler.response_streaming:
+                def behavior(raw_iterator, context):
+                    stream, who, requests = enter_stream(raw_iterator, context)
+                    try:
+                        yield from handler.stream_stream(requests, context)
+                    finally:
+                        self._close_stream(stream, who)
+                return grpc.stream_stream_rpc_method_handler(behavior, None, handler.response_serializer)
+
+            def behavior(raw_iterator, context):
+                stream, who, requests = enter_stream(raw_iterator, context)
+                try:
+                    return handler.stream_unary(requests, context)
+                finally:
+                    self._close_stream(stream, who)
+            return grpc.stream_unary_rpc_method_handler(behavior, None, handler.response_serializer)
+
+        if health:  # decoded only; Watch keeps grpcio's non-blocking mode (no thread held per watcher)
+            inner = handler.unary_stream or handler.unary_unary
+
+            def behavior(raw, context, *rest):
+                return inner(decode(raw, context), context, *rest)
+            for attribute in ("experimental_non_blocking", "experimental_thread_pool"):
+                if hasattr(inner, attribute):
+                    setattr(behavior, attribute, getattr(inner, attribute))
+            make = (grpc.unary_stream_rpc_method_handler if handler.response_streaming
+                    else grpc.unary_unary_rpc_method_handler)
+            return make(behavior, None, handler.response_serializer)
+
+        if handler.response_streaming:
+            def behavior(raw, context):
+                request = decode(raw, context)
+                who = admit(context)
+                stream = self._open_stream(method, context, who)
+                try:
+                    yield from handler.unary_stream(request, context)
+                finally:
+                    self._close_stream(stream, who)
+            return grpc.unary_stream_rpc_method_handler(behavior, None, handler.response_serializer)
+
+        def behavior(raw, context):
+            request = decode(raw, context)
+            who = admit(context)
+            with self._lock:
+                self.unary_in_flight += 1
+            try:
+                return handler.unary_unary(request, context)
+            finally:
+                with self._lock:
+                    self.unary_in_flight -= 1
+                self._leave_client(who)
+        return grpc.unary_unary_rpc_method_handler(behavior, None, handler.response_serializer)
+
+    # -- bookkeeping ---------------------------------------------------------------
+    def _refused(self, method: str, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.refused.labels(method, reason).inc()
+
+    def _enter_client(self, method: str, context) -> str | None:
+        limit = self.limits.per_client_limit
+        if limit is None:
+            return None
+        who = client_identity(context)
+        with self._lock:
+            allowed = self._clients[who] < limit
+            if allowed:
+                self._clients[who] += 1
+        if not allowed:
+            self._refused(method, "client_limit")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"client {who} already has {limit} requests in flight (the per-client limit); "
+                          "wait for answers before sending more")
+        return who
+
+    def _leave_client(self, who: str | None) -> None:
+        if who is None:
+            return
+        with self._lock:
+            self._clients[who] -= 1
+            if not self._clients[who]:
+                del self._clients[who]
+
+    def _open_stream(self, method: str, context, who: str | None) -> _Stream:
+        stream = _Stream(context)
+        with self._lock:
+            allowed = len(self._streams) < self.limits.max_streams
+            if allowed:
+                self._streams[id(stream)] = stream
+        if not allowed:
+            self._leave_client(who)
+            self._refused(method, "stream_limit")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.limits.max_streams} streams are open, the most this server keeps (each holds a "
+                          "worker thread; --max-streams): retry later, or use the unary calls (OpenSession, Step)")
+        if self.metrics is not None:
+            self.metrics.open_streams.inc()
+        return stream
+
+    def _close_stream(self, stream: _Stream, who: str | None) -> None:
+        with self._lock:
+            self._streams.pop(id(stream), None)
+        if self.metrics is not None:
+            self.metrics.open_streams.dec()
+        self._leave_client(who)
+
+
+def _cancel(context, code: grpc.StatusCode, details: str) -> None:
+    """End a call from outside its handler's thread with ``code`` and ``details``.
+
+    The public ``context.cancel()`` can only say CANCELLED, which tells the client nothing; the
+    core call's cancel-with-status sends the real reason. Falls back to the public call if grpcio's
+    internals change.
+    """
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        call.cancel(code.value[0], details)
+    except Exception:  # noqa: BLE001
+        context.cancel()

@@ -1,0 +1,235 @@
+"""A fuzz run against a spawned `batchrl serve`: malformed requests of every protocol on the port
+(batchrl's unary calls, Episode streams, the Open Inference Protocol, bytes that are no message),
+each refused with a client-error status, while valid feed-forward and Decision Transformer traffic
+runs alongside without one failure."""
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2 as kv
+from tritonclient.grpc import service_pb2_grpc as kv_grpc
+
+from tests.serving.blackbox import policy_pb2, serving
+
+REFUSED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+           grpc.StatusCode.OUT_OF_RANGE}
+OBS_DIM = 3  # pendulum and the dt-* models
+
+
+def tensor(shape, rng=None, values=None, extra_bytes=0) -> policy_pb2.Tensor:
+    size = int(np.prod(shape)) if len(shape) else 1
+    data = (values if values is not None else rng.normal(size=size)).astype("<f4").tobytes()
+    return policy_pb2.Tensor(shape=shape, data=data + b"\0" * extra_bytes)
+
+
+def unary_cases(rng, n):
+    """(rpc, request) pairs of batchrl's unary calls that must all be refused."""
+    cases = []
+    for i in range(n):
+        kind = i % 16
+        if kind == 0:    # wrong shape
+            dims = [int(d) for d in rng.integers(0, 5, size=rng.integers(0, 4))]
+            if len(dims) == 2 and dims[0] > 0 and dims[1] == OBS_DIM:
+                continue  # happens to be valid
+            case = ("Act", policy_pb2.ActRequest(model="pendulum", observations=tensor(dims, rng)))
+        elif kind == 1:  # NaN / Inf
+            values = rng.normal(size=6)
+            values[rng.integers(6)] = rng.choice([np.nan, np.inf, -np.inf])
+            case = ("Act", policy_pb2.ActRequest(model="pendulum", observations=tensor([2, 3], values=values)))
+        elif kind == 2:  # finite, but so large that the policy's action is not
+            values = rng.choice([3.4e38, -3.4e38], size=6)
+            case = ("Act", policy_pb2.ActRequest(model="pendulum", observations=tensor([2, 3], values=values)))
+        elif kind == 3:  # byte count does not match the shape
+            case = ("Act", policy_pb2.ActRequest(model="pendulum", observations=tensor(
+                [2, 3], rng, extra_bytes=int(rng.integers(1, 9)))))
+        elif kind == 4:  # no observations at all, or an empty batch
+            case = ("Act", policy_pb2.ActRequest(model="pendulum") if i % 32 < 16 else
+                    policy_pb2.ActRequest(model="pendulum", observations=tensor([0, 3], values=np.zeros(0))))
+        elif kind == 5:  # unknown, escaping and very long model names
+            name = str(rng.choice(["", "nope", "../pendulum", "pendulum/1", "\x00", "p" * 300, "q" * 16_384]))
+            case = ("Act", policy_pb2.ActRequest(model=name, observations=tensor([1, 3], rng)))
+        elif kind == 6:  # unknown or negative versions
+            case = ("Act", policy_pb2.ActRequest(model="pendulum", version=int(rng.choice([-5, 0, 3, 2**40])),
+                                                 observations=tensor([1, 3], rng)))
+        elif kind == 7:  # oversized batch, shapes whose product overflows int64
+            shape = [[65_537, 3], [2**62, 4], [2**40, 2**40, 2**40], [-1, 3]][int(rng.integers(4))]
+            observations = (tensor(shape, rng) if shape[0] == 65_537 else policy_pb2.Tensor(shape=shape))
+            case = ("Act", policy_pb2.ActRequest(model="pendulum", observations=observations))
+        elif kind == 8:  # unknown and very long session ids
+            session = str(rng.choice([str(rng.integers(1e9)), "", "s" * 16_384]))
+            case = ("Step", policy_pb2.StepRequest(session_id=session, observation=tensor([3], rng)))
+        elif kind == 9:  # sessions on a feed-forward model; Act on a sequence model
+            case = (("OpenSession", policy_pb2.OpenSessionRequest(model="pendulum")) if i % 32 < 16 else
+                    ("Act", policy_pb2.ActRequest(model="dt-a", observations=tensor([1, 3], rng))))
+        elif kind == 10:  # target returns that are not finite in float32
+            target = float(rng.choice([np.nan, np.inf, 1e300, -1e39]))
+            case = ("OpenSession", policy_pb2.OpenSessionRequest(model="dt-a", target_return=target))
+        elif kind == 11:  # closing what is not open
+            case = ("CloseSession", policy_pb2.CloseSessionRequest(session_id=str(rng.choice(["", "x" * 9000]))))
+        else:            # noisy sampling settings
+            case = ("Act", policy_pb2.ActRequest(model="pendulum", observations=tensor([1, 3], rng),
+                                                 sampling=policy_pb2.Sampling(noise_std=float(rng.choice(
+                                                     [-1.0, np.nan, np.inf])))))
+        cases.append(case)
+    return cases
+
+
+def episode_cases(rng, n):
+    """Episode streams (lists of messages or raw bytes) that must end with a refusal."""
+    open_dt = policy_pb2.EpisodeRequest(open=policy_pb2.OpenSessionRequest(model="dt-a"))
+
+    def step(values=None, reward=None, session_id="", shape=(3,)):
+        request = policy_pb2.StepRequest(session_id=session_id, observation=tensor(list(shape), rng, values))
+        if reward is not None:
+            request.reward = reward
+        return policy_pb2.EpisodeRequest(step=request)
+
+    cases = []
+    for i in range(n):
+        kind = i % 9
+        if kind == 0:
+            cases.append([b"\xff" * int(rng.integers(1, 40))] * int(rng.integers(1, 6)))  # no messages at all
+        elif kind == 1:
+            cases.append([open_dt.SerializeToString(), step().SerializeToString(), bytes(range(256))])
+        elif kind == 2:
+            cases.append([policy_pb2.EpisodeRequest()])                     # neither open nor step
+        elif kind == 3:
+            cases.append([step()])                                          # step before open, no session id
+        elif kind == 4:
+            cases.append([step(session_id=str(rng.choice(["nope", "z" * 16_384])))])  # attach to nothing
+        elif kind == 5:
+            cases.append([policy_pb2.EpisodeRequest(open=policy_pb2.OpenSessionRequest(model="pendulum"))])
+        elif kind == 6:
+            cases.append([open_dt, open_dt])                                # two episodes on one stream
+        elif kind == 7:
+            cases.append([open_dt, step(shape=(4,))])                       # wrong observation shape
+        else:
+            reward = float(rng.choice([np.nan, 1e39, -np.inf]))
+            cases.append([open_dt, step(), step(reward=reward)])            # rewards past float32
+    return cases
+
+
+def kserve_cases(rng, n):
+    """ModelInfer requests that must be refused."""
+    cases = []
+    for i in range(n):
+        kind = i % 8
+        request = kv.ModelInferRequest(model_name="pendulum")
+        if kind == 0:
+            request.inputs.add(name="observations", datatype="FP64", shape=[1, 3])
+            request.raw_input_contents.append(bytes(24))
+        elif kind == 1:
+            request.inputs.add(name="observations", datatype="FP32", shape=[2**62, 4])
+            request.raw_input_contents.append(b"")
+        elif kind == 2:
+            request.inputs.add(name="observations", datatype="FP32", shape=[1, 3])
+            request.raw_input_contents.extend([bytes(12), bytes(12)])
+        elif kind == 3:
+            request.model_name = str(rng.choice(["nope", "m" * 16_384]))
+        elif kind == 4:
+            request.model_version = str(rng.choice(["-1", "abc", "²", "99999999999999999999"]))
+        else:  # the sequence extension
+            request.model_name = "dt-a"
+            request.inputs.add(name="observation", datatype="FP32", shape=[1, 3])
+            request.raw_input_contents.append(np.zeros(3, "<f4").tobytes())
+            params = request.parameters
+            if kind == 5:
+                params["sequence_id"].string_param = "i" * int(rng.choice([129, 100_000]))
+                params["sequence_start"].bool_param = True
+            elif kind == 6:
+                params["sequence_id"].string_param = "fuzz"
+                params["sequence_start"].bool_param = True
+                if i % 16 < 8:
+                    params["target_return"].string_param = "high"
+                else:
+                    params["target_return"].double_param = float(rng.choice([1e300, np.nan]))
+            else:
+                params["sequence_id"].bool_param = True
+        cases.append(request)
+    return cases
+
+
+def test_fuzz_never_crashes_the_server_and_valid_traffic_keeps_working(dt_repository):
+    rng = np.random.default_rng(0)
+    unary, streams, oip = unary_cases(rng, 1300), episode_cases(rng, 180), kserve_cases(rng, 240)
+    assert len(unary) >= 1000
+    with serving(dt_repository, "--max-message-mb", "1") as srv:
+        channel = srv.channel(("grpc.max_send_message_length", 8 << 20))
+        stub, kserve = srv.policy(channel), kv_grpc.GRPCInferenceServiceStub(channel)
+        raw_episode = channel.stream_stream("/batchrl.v1.PolicyService/Episode")
+        valid, failures, stop = [], [], threading.Event()
+
+        def steady_act():
+            request = policy_pb2.ActRequest(model="pendulum", observations=tensor([2, 3], rng))
+            own = srv.policy()
+            while not stop.is_set():
+                try:
+                    valid.append(tuple(own.Act(request, timeout=10).actions.shape))
+                except grpc.RpcError as exc:
+                    failures.append(("Act", exc.code(), exc.details()))
+
+        def steady_episodes():
+            own = srv.policy()
+            obs = policy_pb2.Tensor(shape=[3], data=np.zeros(3, "<f4").tobytes())
+            while not stop.is_set():
+                messages = [policy_pb2.EpisodeRequest(open=policy_pb2.OpenSessionRequest(model="dt-a"))]
+                messages += [policy_pb2.EpisodeRequest(step=policy_pb2.StepRequest(
+                    observation=obs, **({"reward": -1.0} if t else {}))) for t in range(20)]
+                try:
+                    answers = list(own.Episode(iter(messages), timeout=30))
+                    valid.append(("episode", [a.step.timestep for a in answers[1:]] == list(range(20))))
+                except grpc.RpcError as exc:
+                    failures.append(("Episode", exc.code(), exc.details()))
+
+        threads = [threading.Thread(target=steady_act), threading.Thread(target=steady_episodes)]
+        for t in threads:
+            t.start()
+        got = []
+        try:
+            for rpc, request in unary:
+                try:
+                    getattr(stub, rpc)(request, timeout=10)
+                    got.append((rpc, "OK", request))
+                except grpc.RpcError as exc:
+                    got.append((rpc, exc.code(), exc.details()))
+            for messages in streams:
+                serialized = [m if isinstance(m, bytes) else m.SerializeToString() for m in messages]
+                try:
+                    list(raw_episode(iter(serialized), timeout=10))
+                    got.append(("Episode", "OK", messages))
+                except grpc.RpcError as exc:
+                    got.append(("Episode", exc.code(), exc.details()))
+            for request in oip:
+                try:
+                    kserve.ModelInfer(request, timeout=10)
+                    got.append(("ModelInfer", "OK", request))
+                except grpc.RpcError as exc:
+                    got.append(("ModelInfer", exc.code(), exc.details()))
+            for method in ("/batchrl.v1.PolicyService/Act", "/inference.GRPCInferenceService/ModelInfer",
+                           "/batchrl.v1.PolicyService/OpenSession"):  # bytes that are not a message
+                raw = channel.unary_unary(method)
+                for blob in (b"\xff" * 17, b"\x0a\xff\xff\xff\xff\x0f", bytes(range(256))):
+                    try:
+                        raw(blob, timeout=10)
+                        got.append((method, "OK", blob))
+                    except grpc.RpcError as exc:
+                        got.append((method, exc.code(), exc.details()))
+            with pytest.raises(grpc.RpcError) as info:  # over the server's message size limit
+                stub.Act(policy_pb2.ActRequest(model="pendulum", observations=policy_pb2.Tensor(
+                    shape=[200_000, 3], data=bytes(2_400_000))), timeout=10)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert srv.policy().Act(policy_pb2.ActRequest(model="pendulum", observations=tensor([1, 3], rng)),
+                                timeout=5).actions.shape == [1, 1]  # still up
+        assert srv.proc.poll() is None and "Traceback" not in srv.log, srv.log[-3000:]
+    unexpected = [g for g in got if g[1] not in REFUSED]
+    assert not unexpected, unexpected[:5]
+    assert not failures, failures[:5]
+    assert valid.count((2, 1)) > 50 and valid.count(("episode", True)) > 5
+    assert set(valid) == {(2, 1), ("episode", True)}
