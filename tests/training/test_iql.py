@@ -71,9 +71,36 @@ def test_iql_value_is_the_upper_expectile_of_q(iql_two_mode):
     assert v == pytest.approx(0.7, abs=0.08)
 
 
-def test_bc_averages_the_two_modes():
-    _, actions, _ = train_two_mode("bc")
+@pytest.mark.parametrize("policy", ["gaussian", "deterministic"])
+def test_bc_averages_the_two_modes(policy):
+    _, actions, _ = train_two_mode("bc", policy=policy)
     assert abs(actions.mean().item()) < 0.2, actions.mean()
+
+
+def test_deterministic_bc_loss_is_the_mean_squared_error():
+    algo = ALGORITHMS["bc"][1](algorithm_config("bc", {"hidden": (8,), "policy": "deterministic", "lr": "0"}),
+                               Context(3, 2, 10, 1.0, torch.device("cpu")))
+    obs, acts = torch.randn(5, 3), torch.rand(5, 2) * 2 - 1
+    with torch.no_grad():
+        expected = (algo.actor(obs) - acts).pow(2).mean().item()
+    assert algo.update(Batch(obs, acts, torch.zeros(5), obs, torch.zeros(5)))["actor_loss"].item() == \
+        pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="bc policy must be one of"):
+        algorithm_config("bc", {"policy": "mixture"})
+
+
+def test_iql_with_a_deterministic_actor_chooses_the_better_mode():
+    _, actions, _ = train_two_mode("iql", normalize_rewards=False, actor="deterministic")
+    assert actions.mean().item() > 0.6, actions.mean()
+
+
+@pytest.mark.parametrize("horizon, lr_at_end", [(None, 0.0), ("0", 3e-4), ("40", 3e-4 * (1 + np.cos(np.pi / 2)) / 2)])
+def test_iql_actor_learning_rate_horizon(horizon, lr_at_end):
+    settings = {"hidden": (8,)} | ({} if horizon is None else {"actor_lr_horizon": horizon})
+    algo = ALGORITHMS["iql"][1](algorithm_config("iql", settings), Context(2, 1, 20, 1.0, torch.device("cpu")))
+    for _ in range(20):  # the run's length: 20 steps
+        algo.update(Batch(torch.randn(4, 2), torch.rand(4, 1), torch.zeros(4), torch.randn(4, 2), torch.zeros(4)))
+    assert algo.optimizers["actor"].param_groups[0]["lr"] == pytest.approx(lr_at_end, abs=1e-9)
 
 
 def test_a_flipped_beta_would_fail_the_mode_test():

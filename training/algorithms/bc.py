@@ -1,4 +1,10 @@
-"""Behaviour cloning: maximum likelihood of the dataset actions under IQL's actor."""
+"""Behaviour cloning, with one of two policies:
+
+- "gaussian": maximum likelihood of the dataset actions under IQL's Gaussian actor
+  (tanh mean, state-independent std);
+- "deterministic": mean squared error between tanh(MLP(s)) and the dataset action
+  (d3rlpy's default BC, TD3+BC's actor without the Q term).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from training.algorithms.base import Batch, Context, OfflineAlgorithm
-from training.networks import GaussianActor
+from training.networks import DeterministicActor, GaussianActor
+
+POLICIES = ("gaussian", "deterministic")
 
 
 @dataclass
@@ -14,6 +22,11 @@ class BCConfig:
     hidden: tuple[int, ...] = (256, 256)
     lr: float = 3e-4
     batch_size: int = 256
+    policy: str = "gaussian"  # one of POLICIES
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"bc policy must be one of {list(POLICIES)}, got {self.policy!r}")
 
 
 class BC(OfflineAlgorithm):
@@ -21,12 +34,16 @@ class BC(OfflineAlgorithm):
 
     def __init__(self, config: BCConfig, ctx: Context):
         super().__init__(config)
-        self.actor = GaussianActor(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
+        actor = GaussianActor if config.policy == "gaussian" else DeterministicActor
+        self.actor = actor(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
         self.modules = {"actor": self.actor}
         self.optimizers = {"actor": torch.optim.Adam(self.actor.parameters(), lr=config.lr)}
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        loss = -self.actor.log_prob(batch.observations, batch.actions).mean()
+        if self.config.policy == "gaussian":
+            loss = -self.actor.log_prob(batch.observations, batch.actions).mean()
+        else:
+            loss = (self.actor(batch.observations) - batch.actions).pow(2).mean()
         self.step_optimizer("actor", loss)
         return {"actor_loss": loss.detach()}
 

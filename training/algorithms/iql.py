@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from training.algorithms.base import Batch, Context, OfflineAlgorithm
-from training.networks import GaussianActor, TwinQ, ValueNet, soft_update
+from training.networks import DeterministicActor, GaussianActor, TwinQ, ValueNet, soft_update
 
 
 @dataclass
@@ -29,6 +29,15 @@ class IQLConfig:
     max_weight: float = 100.0
     batch_size: int = 256
     normalize_rewards: bool = True  # r * 1000 / (max episode return - min episode return)
+    actor: str = "gaussian"      # "gaussian": weighted log-likelihood; "deterministic": weighted squared error
+    actor_lr_horizon: int | None = None  # cosine decay of the actor's lr over this many steps; None: the run's
+                                         # length, 0: constant
+
+    def __post_init__(self) -> None:
+        if self.actor not in ("gaussian", "deterministic"):
+            raise ValueError(f"iql actor must be 'gaussian' or 'deterministic', got {self.actor!r}")
+        if self.actor_lr_horizon is not None and self.actor_lr_horizon < 0:
+            raise ValueError(f"actor_lr_horizon must be >= 0 (0: constant), got {self.actor_lr_horizon}")
 
 
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
@@ -47,7 +56,8 @@ class IQL(OfflineAlgorithm):
     def __init__(self, config: IQLConfig, ctx: Context):
         super().__init__(config)
         self.reward_scale = 1000.0 / max(ctx.return_range, 1e-6) if config.normalize_rewards else 1.0
-        self.actor = GaussianActor(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
+        actor = GaussianActor if config.actor == "gaussian" else DeterministicActor
+        self.actor = actor(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
         self.critic = TwinQ(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
         self.value = ValueNet(ctx.obs_dim, config.hidden).to(ctx.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -58,9 +68,10 @@ class IQL(OfflineAlgorithm):
             "critic": torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr),
             "value": torch.optim.Adam(self.value.parameters(), lr=config.value_lr),
         }
+        horizon = ctx.total_steps if config.actor_lr_horizon is None else config.actor_lr_horizon
         self.schedulers = {
-            "actor": torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizers["actor"], T_max=ctx.total_steps)
-        }
+            "actor": torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizers["actor"], T_max=horizon)
+        } if horizon else {}
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.config
@@ -74,9 +85,13 @@ class IQL(OfflineAlgorithm):
         with torch.no_grad():
             advantage = target_q - self.value(batch.observations)
             weights = awr_weights(advantage, cfg.beta, cfg.max_weight)
-        actor_loss = -(weights * self.actor.log_prob(batch.observations, batch.actions)).mean()
+        if cfg.actor == "gaussian":
+            actor_loss = -(weights * self.actor.log_prob(batch.observations, batch.actions)).mean()
+        else:
+            actor_loss = (weights * (self.actor(batch.observations) - batch.actions).pow(2).sum(-1)).mean()
         self.step_optimizer("actor", actor_loss)
-        self.schedulers["actor"].step()
+        for scheduler in self.schedulers.values():
+            scheduler.step()
 
         with torch.no_grad():
             next_v = self.value(batch.next_observations)

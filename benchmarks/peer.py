@@ -1,0 +1,142 @@
+"""The peer trial kind of the offline benchmark: d3rlpy's same algorithm on the same data.
+
+A peer run is a folder like a batchrl run (metrics.jsonl eval rows, result.json), made in three steps:
+1. Data: batchrl's own loader gives the transitions; they are written for d3rlpy as its episodes
+   (observations, actions, rewards, terminals, timeouts), with batchrl's observation statistics,
+   action bounds and return range, so both libraries normalise alike. The one difference: d3rlpy
+   stores N observations per episode and so drops the last transition of every episode that did not
+   terminate; the count is in result.json ("peer_dropped_transitions").
+2. Training: benchmarks/peer_d3rlpy.py in the peer's own virtual environment (benchmarks/.peer-venv,
+   made on first use from benchmarks/peer-requirements.txt with this environment's torch), with the
+   settings translated from batchrl's resolved defaults. It checkpoints at every evaluation point and
+   resumes from the last one.
+3. Evaluation: each saved TorchScript policy is evaluated here, with batchrl's evaluation code, in the
+   dataset's evaluation environment, on the same episode seeds as batchrl's runs.
+
+d3rlpy is a benchmark dependency only: training/ and serving/ never import it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".peer-venv"
+REQUIREMENTS = ROOT / "peer-requirements.txt"
+WORKER = ROOT / "peer_d3rlpy.py"
+PEER = "d3rlpy"
+# What the peer cannot match, per algorithm (the tables print it).
+DIFFERENCES = {
+    "bc": "d3rlpy's stochastic BC regresses a sampled action, not the likelihood (used only for policy=gaussian)",
+    "iql": "d3rlpy's IQL actor is its Gaussian head (log-std through a sigmoid into [-5, 2], starting at -1.5) "
+           "and one learning rate serves its Q and V networks; no deterministic actor",
+    "td3bc": "none beyond the data difference",
+    "cql": "d3rlpy's CQL samples its candidate actions with its own SAC policy head",
+}
+
+
+def python() -> Path:
+    """The peer environment's interpreter, made on first use (the torch build is this environment's)."""
+    exe = VENV / "bin" / "python"
+    if exe.exists():
+        return exe
+    import torch
+
+    print(f"making the peer environment {VENV} (d3rlpy, torch {torch.__version__.split('+')[0]})", flush=True)
+    venv.EnvBuilder(with_pip=True).create(VENV)
+    pip = [str(exe), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True)
+    subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True)
+    return exe
+
+
+def write_dataset(dataset_id: str, path: Path) -> int:
+    """The dataset as d3rlpy episodes; returns how many transitions d3rlpy will drop."""
+    from training.data import load_dataset
+
+    data = load_dataset(dataset_id)
+    obs_mean, obs_std = data.observation_stats()
+    ends = data.episode_starts + data.episode_lengths - 1
+    timeouts = data.truncations.copy()
+    timeouts[ends] = np.where(data.terminations[ends] > 0, 0.0, 1.0)  # every episode ends in one or the other
+    returns = data.episode_returns
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, observations=data.observations, actions=data.actions, rewards=data.rewards,
+             terminals=data.terminations, timeouts=timeouts, obs_mean=obs_mean, obs_std=obs_std,
+             action_low=data.action_low, action_high=data.action_high, return_max=returns.max(),
+             return_min=returns.min())
+    os.replace(tmp, path)
+    return int((data.terminations[ends] == 0).sum())
+
+
+def evaluate_policies(run_dir: Path, dataset_id: str, episodes: int, seed: int = 0) -> list[dict]:
+    """Evaluate every saved policy not yet in metrics.jsonl; returns all eval rows, in step order."""
+    import torch
+
+    from training.data import load_dataset
+    from training.evaluation import evaluate, make_eval_env, stateless
+
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
+    done = {r["step"] for r in rows}
+    data = load_dataset(dataset_id)
+    env = None
+    for path in sorted(run_dir.glob("policy-*.pt"), key=lambda p: int(p.stem.split("-")[1])):
+        step = int(path.stem.split("-")[1])
+        if step in done:
+            continue
+        env = env or make_eval_env(dataset_id)
+        policy = torch.jit.load(str(path))
+        with torch.no_grad():
+            act = stateless(lambda obs: policy(torch.from_numpy(obs[None]))[0].numpy())
+            result = evaluate(env, act, episodes, seed, data.ref_min_score, data.ref_max_score)
+        row = {"kind": "eval", "step": step, "return_mean": result.mean_return, "return_std": result.std_return,
+               "normalized_score": result.normalized_score, "normalized_std": result.normalized_std}
+        with open(metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def run(run_dir: Path, algorithm: str, dataset_id: str, seed: int, steps: int, eval_every: int, episodes: int,
+        overrides: dict) -> dict:
+    """Train (or resume) and evaluate one peer run; writes and returns result.json's content."""
+    import dataclasses
+
+    from training.trainer import algorithm_config, lock_run
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run(run_dir)  # RuntimeError when another runner trains this one
+    settings = dataclasses.asdict(algorithm_config(algorithm, overrides))  # batchrl's resolved defaults
+    job = {"algorithm": algorithm, "dataset": dataset_id, "seed": seed, "steps": steps, "eval_every": eval_every,
+           "settings": settings}
+    (run_dir / "peer.json").write_text(json.dumps(job, indent=2) + "\n")
+    dropped = write_dataset(dataset_id, run_dir / "dataset.npz")
+    log = open(run_dir / "peer.log", "a")
+    subprocess.run([str(python()), str(WORKER), str(run_dir)], check=True, stdout=log, stderr=subprocess.STDOUT,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    rows = evaluate_policies(run_dir, dataset_id, episodes)
+    progress = json.loads((run_dir / "progress.json").read_text())
+    final = rows[-1]
+    result = {"algorithm": algorithm, "library": PEER, "dataset": dataset_id, "seed": seed, "steps": steps,
+              "eval_episodes": episodes, "return_mean": final["return_mean"], "return_std": final["return_std"],
+              "normalized_score": final["normalized_score"], "normalized_std": final["normalized_std"],
+              "train_seconds": progress["train_seconds"], "updates_per_s": steps / max(progress["train_seconds"], 1e-9),
+              "peer_dropped_transitions": dropped, "peer_difference": DIFFERENCES.get(algorithm, "")}
+    (run_dir / "dataset.npz").unlink(missing_ok=True)  # rebuilt on resume; kept out of the run folder
+    tmp = run_dir / ".result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, run_dir / "result.json")
+    lock.close()
+    return result
+
+
+if __name__ == "__main__":  # make the environment: python -m benchmarks.peer
+    print(python())
+    sys.exit(0)

@@ -1,0 +1,105 @@
+"""d3rlpy, the benchmark's peer: one training run on arrays that batchrl's loader wrote.
+
+Runs inside the peer's own virtual environment (benchmarks/peer.py makes it; d3rlpy
+pins an older gymnasium than batchrl's), imports nothing of batchrl, and is never
+imported by batchrl. It trains ``--algorithm`` with the settings the runner
+translated from batchrl's defaults, and every ``--eval-every`` steps writes
+
+  policy-<step>.pt   the deterministic acting path as TorchScript (d3rlpy's own
+                     save_policy: observation and action scalers inside), which
+                     the runner evaluates with batchrl's evaluation code;
+  model.d3           d3rlpy's learnable (weights, optimisers, config);
+  progress.json      {"step": ..., "train_seconds": ...}: where a resume starts.
+
+Usage (by benchmarks/peer.py): python peer_d3rlpy.py RUN_DIR
+with RUN_DIR/peer.json {algorithm, settings, steps, eval_every, seed} and RUN_DIR/dataset.npz.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def build(algorithm: str, s: dict, data: dict, steps: int):
+    import d3rlpy
+    from d3rlpy.models.encoders import VectorEncoderFactory
+    from d3rlpy.optimizers import AdamFactory
+    from d3rlpy.optimizers.lr_schedulers import CosineAnnealingLRFactory
+    from d3rlpy.preprocessing import MinMaxActionScaler, ReturnBasedRewardScaler, StandardObservationScaler
+
+    encoder = VectorEncoderFactory(hidden_units=list(s["hidden"]))
+    common = dict(
+        batch_size=s["batch_size"],
+        # batchrl floors the std at 1e-3 and divides by it; d3rlpy divides by std + eps.
+        observation_scaler=StandardObservationScaler(mean=data["obs_mean"], std=data["obs_std"] - 1e-3, eps=1e-3),
+        action_scaler=MinMaxActionScaler(minimum=data["action_low"], maximum=data["action_high"]),
+    )
+    if algorithm == "bc":
+        return d3rlpy.algos.BCConfig(learning_rate=s["lr"], encoder_factory=encoder,
+                                     policy_type="deterministic" if s["policy"] == "deterministic" else "stochastic",
+                                     **common).create(device="cpu:0")
+    if algorithm == "iql":
+        horizon = steps if s["actor_lr_horizon"] is None else s["actor_lr_horizon"]
+        actor_optim = AdamFactory(lr_scheduler_factory=CosineAnnealingLRFactory(T_max=horizon) if horizon else None)
+        scaler = (ReturnBasedRewardScaler(return_max=float(data["return_max"]), return_min=float(data["return_min"]),
+                                          multiplier=1000.0) if s["normalize_rewards"] else None)
+        return d3rlpy.algos.IQLConfig(
+            actor_learning_rate=s["actor_lr"], critic_learning_rate=s["critic_lr"], actor_encoder_factory=encoder,
+            critic_encoder_factory=encoder, value_encoder_factory=encoder, actor_optim_factory=actor_optim,
+            gamma=s["discount"], tau=s["tau"], n_critics=2, expectile=s["expectile"], weight_temp=s["beta"],
+            max_weight=s["max_weight"], reward_scaler=scaler, **common).create(device="cpu:0")
+    if algorithm == "td3bc":
+        return d3rlpy.algos.TD3PlusBCConfig(
+            actor_learning_rate=s["actor_lr"], critic_learning_rate=s["critic_lr"], actor_encoder_factory=encoder,
+            critic_encoder_factory=encoder, gamma=s["discount"], tau=s["tau"], n_critics=2,
+            target_smoothing_sigma=s["policy_noise"], target_smoothing_clip=s["noise_clip"], alpha=s["alpha"],
+            update_actor_interval=s["policy_delay"], **common).create(device="cpu:0")
+    if algorithm == "cql":
+        return d3rlpy.algos.CQLConfig(
+            actor_learning_rate=s["actor_lr"], critic_learning_rate=s["critic_lr"], temp_learning_rate=s["alpha_lr"],
+            alpha_learning_rate=s["lagrange_lr"] if s["lagrange"] else 0.0, initial_alpha=1.0,
+            alpha_threshold=s["target_action_gap"], conservative_weight=s["min_q_weight"],
+            n_action_samples=s["num_actions"], actor_encoder_factory=encoder, critic_encoder_factory=encoder,
+            gamma=s["discount"], tau=s["tau"], n_critics=2, **common).create(device="cpu:0")
+    raise SystemExit(f"peer_d3rlpy: no d3rlpy counterpart for algorithm {algorithm!r}")
+
+
+def main(run_dir: Path) -> int:
+    import d3rlpy
+    from d3rlpy.logging import NoopAdapterFactory
+
+    torch.set_num_threads(1)
+    job = json.loads((run_dir / "peer.json").read_text())
+    data = dict(np.load(run_dir / "dataset.npz"))
+    progress_path = run_dir / "progress.json"
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"step": 0, "train_seconds": 0.0}
+    d3rlpy.seed(job["seed"] + progress["step"])  # a resume continues with fresh, still seeded, randomness
+    dataset = d3rlpy.dataset.MDPDataset(data["observations"], data["actions"], data["rewards"], data["terminals"],
+                                        data["timeouts"])
+    if progress["step"] and (run_dir / "model.d3").exists():
+        algo = d3rlpy.load_learnable(str(run_dir / "model.d3"))
+    else:
+        algo = build(job["algorithm"], job["settings"], data, job["steps"])
+    while progress["step"] < job["steps"]:
+        n = min(job["eval_every"], job["steps"] - progress["step"])
+        tick = time.perf_counter()
+        algo.fit(dataset, n_steps=n, n_steps_per_epoch=n, logger_adapter=NoopAdapterFactory(), show_progress=False,
+                 save_interval=10**9)
+        progress = {"step": progress["step"] + n, "train_seconds": progress["train_seconds"] + time.perf_counter() - tick}
+        algo.save_policy(str(run_dir / f"policy-{progress['step']}.pt"))
+        algo.save(str(run_dir / "model.d3.tmp"))
+        os.replace(run_dir / "model.d3.tmp", run_dir / "model.d3")
+        (run_dir / "progress.tmp").write_text(json.dumps(progress))
+        os.replace(run_dir / "progress.tmp", progress_path)
+        print(f"peer_d3rlpy: step {progress['step']}/{job['steps']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))
