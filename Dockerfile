@@ -2,8 +2,8 @@
 # Two images from one file:
 #   docker build --target serve -t batchrl-serve .   # onnxruntime + gRPC only, no torch
 #   docker build --target train -t batchrl-train .   # torch, minari, gymnasium[mujoco]
-# The serving image installs the package without its training dependencies; the
-# server never imports torch, minari or gymnasium.
+# The serving image is the serving install, `pip install '.[serve]'` (no torch, minari,
+# gymnasium or mujoco; tests/test_install.py builds that install and serves from it).
 
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -15,9 +15,7 @@ COPY serving ./serving
 COPY training ./training
 
 FROM base AS serve
-RUN pip install "numpy>=1.24" "grpcio>=1.81.1" "grpcio-health-checking>=1.81.1" "grpcio-reflection>=1.81.1" \
-        "protobuf>=6.33.5,<7" "onnxruntime-gpu>=1.20" \
- && pip install --no-deps .
+RUN pip install ".[serve]"
 COPY models ./models
 EXPOSE 50051
 HEALTHCHECK CMD python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \
@@ -25,6 +23,6 @@ sys.exit(g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCh
 ENTRYPOINT ["batchrl", "serve", "--repository", "/app/models", "--address", "0.0.0.0:50051"]
 
 FROM base AS train
-RUN pip install .
+RUN pip install ".[train]"
 ENV MINARI_DATASETS_PATH=/data
 ENTRYPOINT ["batchrl"]

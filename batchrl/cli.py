@@ -33,7 +33,7 @@ def train(argv: list[str]) -> int:
                         help="algorithm setting, e.g. --set beta=3.0 --set hidden=256,256 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     args = parser.parse_args(argv)
-    from training.trainer import TrainConfig, Trainer
+    from batchrl.training.trainer import TrainConfig, Trainer
 
     if args.resume:
         if not args.run_dir:
@@ -70,12 +70,12 @@ def evaluate(argv: list[str]) -> int:
     parser.add_argument("--target-return", type=float, default=None,
                         help="sequence policies: the return to condition on (default: the model's own)")
     args = parser.parse_args(argv)
-    from training.evaluation import evaluate as run_eval
-    from training.evaluation import sequence_agent, stateless
+    from batchrl.training.evaluation import evaluate as run_eval
+    from batchrl.training.evaluation import sequence_agent, stateless
 
     target = Path(args.target)
     if (target / "config.json").exists():
-        from training.trainer import load_policy, policy_act
+        from batchrl.training.trainer import load_policy, policy_act
 
         config, policy, ckpt = load_policy(target)
         if args.target_return is not None:
@@ -86,7 +86,7 @@ def evaluate(argv: list[str]) -> int:
         act, dataset_id, env_id = policy_act(policy), config.dataset, None
         label = f"run {target} ({config.algorithm}, step {int(ckpt['step'])})"
     else:
-        from serving.runtime import load_model
+        from batchrl.serving.runtime import load_model
 
         path, version = _model_file(target)
         model = load_model(target.name, version, path, ["CPUExecutionProvider"])
@@ -109,7 +109,7 @@ def evaluate(argv: list[str]) -> int:
 
 
 def _model_file(target: Path) -> tuple[Path, int]:
-    from protos.contract import MODEL_FILE, version_dirs
+    from batchrl.protos.contract import MODEL_FILE, version_dirs
 
     if target.is_file():
         return target, int(target.parent.name) if target.parent.name.isdigit() else 0
@@ -126,8 +126,8 @@ def _eval_env(env_override: str | None, dataset_id: str, env_id: str | None):
     """The environment and reference scores: the dataset's evaluation env unless --env names one."""
     import gymnasium as gym
 
-    from training.data import load_dataset
-    from training.evaluation import make_eval_env
+    from batchrl.training.data import load_dataset
+    from batchrl.training.evaluation import make_eval_env
 
     ref = (None, None)
     try:
@@ -149,7 +149,7 @@ def export(argv: list[str]) -> int:
     parser.add_argument("--repository", "-r", default="models", help="model repository root (default: models)")
     parser.add_argument("--atol", type=float, default=1e-5, help="max abs ONNX-vs-torch difference allowed")
     args = parser.parse_args(argv)
-    from training.export import export_run
+    from batchrl.training.export import export_run
 
     out = export_run(args.run, args.name, args.repository, atol=args.atol)
     print(f"wrote {out['path']} (version {out['version']}); ONNX vs torch max abs diff "
@@ -158,19 +158,19 @@ def export(argv: list[str]) -> int:
 
 
 def serve(argv: list[str]) -> int:
-    from serving.server import main
+    from batchrl.serving.server import main
 
     return main(argv)
 
 
 def rollout(argv: list[str]) -> int:
-    from serving.rollout import main
+    from batchrl.serving.rollout import main
 
     return main(argv)
 
 
 def bench_serve(argv: list[str]) -> int:
-    from serving.bench import main
+    from batchrl.serving.bench import main
 
     return main(argv)
 
@@ -189,8 +189,8 @@ def models(argv: list[str]) -> int:
         parser.error(f"{args.action} needs a model NAME")
     import grpc
 
-    from serving.auth import DATA_TOKEN_ENV, read_admin_token, read_token
-    from serving.client import PolicyClient
+    from batchrl.serving.auth import DATA_TOKEN_ENV, read_admin_token, read_token
+    from batchrl.serving.client import PolicyClient
 
     admin_token = read_admin_token(args.token_file)
     with PolicyClient(args.server, token=admin_token or read_token(None, DATA_TOKEN_ENV)) as client:

@@ -103,7 +103,7 @@ def run_job(job: Job) -> str:
     import torch
 
     torch.set_num_threads(1)
-    from training.trainer import CHECKPOINT, RESULT, TrainConfig, Trainer
+    from batchrl.training.trainer import CHECKPOINT, RESULT, TrainConfig, Trainer
 
     if (job.run_dir / RESULT).exists():
         return f"skip {job.run_dir.relative_to(ROOT)} (finished)"
@@ -165,7 +165,7 @@ def write_table(suite: str, jobs: list[Job]) -> Path:
             "updates_per_s": float(np.mean([r["updates_per_s"] for r in results])),
             "wall_s_per_run": float(np.mean([r["train_seconds"] for r in results])),
         })
-    from training.data import load_dataset
+    from batchrl.training.data import load_dataset
 
     for dataset in sorted({job.dataset for job in jobs}):
         data = load_dataset(dataset)

@@ -58,7 +58,7 @@ def python() -> Path:
 
 def write_dataset(dataset_id: str, path: Path) -> int:
     """The dataset as d3rlpy episodes; returns how many transitions d3rlpy will drop."""
-    from training.data import load_dataset
+    from batchrl.training.data import load_dataset
 
     data = load_dataset(dataset_id)
     obs_mean, obs_std = data.observation_stats()
@@ -79,8 +79,8 @@ def evaluate_policies(run_dir: Path, dataset_id: str, episodes: int, seed: int =
     """Evaluate every saved policy not yet in metrics.jsonl; returns all eval rows, in step order."""
     import torch
 
-    from training.data import load_dataset
-    from training.evaluation import evaluate, make_eval_env, stateless
+    from batchrl.training.data import load_dataset
+    from batchrl.training.evaluation import evaluate, make_eval_env, stateless
 
     metrics = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
@@ -109,7 +109,7 @@ def run(run_dir: Path, algorithm: str, dataset_id: str, seed: int, steps: int, e
     """Train (or resume) and evaluate one peer run; writes and returns result.json's content."""
     import dataclasses
 
-    from training.trainer import algorithm_config, lock_run
+    from batchrl.training.trainer import algorithm_config, lock_run
 
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_run(run_dir)  # RuntimeError when another runner trains this one

@@ -44,12 +44,12 @@ STAGES = {
 
 # -- one variant's server (a subprocess) ----------------------------------------
 def serve(stage: str, repository: Path, workers: int, threads: int) -> None:
-    from serving import server as srv
-    from serving.batcher import BatchLimits
-    from serving.metrics import Metrics
-    from serving.repository import Registry
-    from serving.runtime import LoadedModel
-    from serving.signals import StopSignals
+    from batchrl.serving import server as srv
+    from batchrl.serving.batcher import BatchLimits
+    from batchrl.serving.metrics import Metrics
+    from batchrl.serving.repository import Registry
+    from batchrl.serving.runtime import LoadedModel
+    from batchrl.serving.signals import StopSignals
 
     if stage == "batcher, no onnxruntime":
         LoadedModel.run = lambda self, feeds: np.zeros((len(next(iter(feeds.values()))), *self.action_shape), np.float32)
@@ -79,7 +79,7 @@ def serve(stage: str, repository: Path, workers: int, threads: int) -> None:
 
 # -- the driver ----------------------------------------------------------------------
 def run(args) -> dict:
-    from serving import bench
+    from batchrl.serving import bench
 
     s = bench.Settings(model=args.model, repository=args.repository, duration=args.duration, warmup=args.warmup,
                        processes=args.processes, threads=args.threads, workers=args.workers, server_cores=args.server_cores,

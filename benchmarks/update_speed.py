@@ -16,8 +16,8 @@ import time
 import torch
 
 from benchmarks.offline import RESULTS
-from training.algorithms import ALGORITHMS, Batch, Context
-from training.trainer import algorithm_config
+from batchrl.training.algorithms import ALGORITHMS, Batch, Context
+from batchrl.training.trainer import algorithm_config
 
 
 def updates_per_second(name: str, updates: int, obs_dim: int = 11, act_dim: int = 3, size: int = 100_000) -> float:

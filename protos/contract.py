@@ -8,7 +8,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from protos.batchrl.v1 import manifest_pb2
+from batchrl.protos.batchrl.v1 import manifest_pb2
 
 # models/<name>/<integer version>/model.onnx: training writes it, serving reads it.
 MODEL_FILE = "model.onnx"

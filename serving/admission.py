@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from serving.auth import Tokens
-from serving.logs import RateLimitedLog
+from batchrl.serving.auth import Tokens
+from batchrl.serving.logs import RateLimitedLog
 
 log = logging.getLogger("batchrl.serve")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"

@@ -71,10 +71,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from protos.batchrl.v1 import policy_pb2
-from protos.contract import MODEL_FILE, version_dirs
-from serving.echo import ECHO_METHOD, STREAM_METHOD
-from serving.tensors import decode, encode
+from batchrl.protos.batchrl.v1 import policy_pb2
+from batchrl.protos.contract import MODEL_FILE, version_dirs
+from batchrl.serving.echo import ECHO_METHOD, STREAM_METHOD
+from batchrl.serving.tensors import decode, encode
 
 ACT_METHOD = "/batchrl.v1.PolicyService/Act"
 MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -307,7 +307,7 @@ def policy_server(name: str, s: Settings, pinning: Pinning, extra: list[str] = (
 
 def echo_server(s: Settings, pinning: Pinning, response_bytes: int) -> ServerProcess:
     """Replies (unary and stream) of ``response_bytes``: the size of the policy server's own answer."""
-    argv = [*pinning.prefix(), sys.executable, "-m", "serving.echo", "--address", "127.0.0.1:0",
+    argv = [*pinning.prefix(), sys.executable, "-m", "batchrl.serving.echo", "--address", "127.0.0.1:0",
             "--workers", str(s.workers), "--response-bytes", str(response_bytes)]
     return ServerProcess("echo server", argv, r"^(\d+)$")
 
@@ -434,7 +434,7 @@ def triton_calls(job: Job, obs: np.ndarray):
 
 def policy_client_calls(job: Job, obs: np.ndarray):
     """batchrl's PolicyClient: one for the process (one channel, as every other phase), shared by the slots."""
-    from serving.client import PolicyClient
+    from batchrl.serving.client import PolicyClient
 
     client = PolicyClient(job.address, timeout=REQUEST_TIMEOUT)
     client.wait_ready(REQUEST_TIMEOUT)
@@ -616,7 +616,7 @@ def _in_process_worker(conn: Connection, path: str, threads: int, batch_sizes: l
             os.sched_setaffinity(0, cpus)
         import onnxruntime as ort
 
-        from serving.runtime import load_model
+        from batchrl.serving.runtime import load_model
 
         model = load_model("in-process", 0, Path(path), ["CPUExecutionProvider"], threads)  # the server's options
         rng = np.random.default_rng(0)
@@ -869,7 +869,7 @@ class Bench:
 
 # -- the run -------------------------------------------------------------------
 def model_info(address: str, name: str) -> policy_pb2.ModelInfo:
-    from serving.client import PolicyClient
+    from batchrl.serving.client import PolicyClient
 
     with PolicyClient(address) as client:
         models = client.list_models()

@@ -7,7 +7,7 @@ import time
 
 import grpc
 
-from serving.batcher import DeadlineExceeded, QueueFull
+from batchrl.serving.batcher import DeadlineExceeded, QueueFull
 
 log = logging.getLogger("batchrl.serve")
 MAX_DETAILS = 1024  # characters of an error message: details travel in metadata, which has a size limit

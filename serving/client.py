@@ -6,8 +6,8 @@ import queue
 import grpc
 import numpy as np
 
-from protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
-from serving.tensors import decode, encode
+from batchrl.protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
+from batchrl.serving.tensors import decode, encode
 
 
 class PolicyClient:

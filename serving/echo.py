@@ -24,7 +24,7 @@ from concurrent import futures
 
 import grpc
 
-from serving.signals import StopSignals
+from batchrl.serving.signals import StopSignals
 
 SERVICE = "batchrl.bench.Echo"
 ECHO_METHOD = f"/{SERVICE}/Echo"
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         server, port = build_echo_server(args.address, args.workers, args.response_bytes,
                                          args.stream_response_bytes, int(args.max_message_mb * 1024 * 1024))
     except (ValueError, OSError) as exc:
-        print(f"serving.echo: error: {exc}", file=sys.stderr)
+        print(f"batchrl.serving.echo: error: {exc}", file=sys.stderr)
         return 1
     signals = StopSignals()
     server.start()

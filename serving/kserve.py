@@ -25,12 +25,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as kv
 from tritonclient.grpc import service_pb2_grpc as kv_grpc
 
-from protos.batchrl.v1 import policy_pb2
-from protos.contract import version_dirs
-from serving.auth import Tokens
-from serving.calls import Call, RequestError, deadline_of, quoted
-from serving.runtime import LoadedModel
-from serving.tensors import WIRE_DTYPE
+from batchrl.protos.batchrl.v1 import policy_pb2
+from batchrl.protos.contract import version_dirs
+from batchrl.serving.auth import Tokens
+from batchrl.serving.calls import Call, RequestError, deadline_of, quoted
+from batchrl.serving.runtime import LoadedModel
+from batchrl.serving.tensors import WIRE_DTYPE
 
 MAX_SEQUENCE_ID = 128  # characters of a string sequence_id
 EXTENSIONS = ["model_configuration", "model_repository", "sequence", "parameters"]

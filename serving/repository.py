@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from protos.contract import MODEL_FILE, NAME_PATTERN, check_name, scan_versions
-from serving.batcher import BatchLimits
-from serving.runtime import LoadedModel, ModelLoadError, choose_providers, load_model
+from batchrl.protos.contract import MODEL_FILE, NAME_PATTERN, check_name, scan_versions
+from batchrl.serving.batcher import BatchLimits
+from batchrl.serving.runtime import LoadedModel, ModelLoadError, choose_providers, load_model
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"

@@ -8,9 +8,9 @@ import argparse
 
 import numpy as np
 
-from serving.auth import DATA_TOKEN_ENV, read_token
-from serving.client import Episode, PolicyClient
-from training.evaluation import Act, run_episodes, summarize
+from batchrl.serving.auth import DATA_TOKEN_ENV, read_token
+from batchrl.serving.client import Episode, PolicyClient
+from batchrl.training.evaluation import Act, run_episodes, summarize
 
 
 def served_manifest(client: PolicyClient, model: str, version: int | None):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from protos.batchrl.v1 import manifest_pb2
-from protos.contract import MANIFEST_KEY, manifest_from_json
-from protos.sequence import OUTPUT as SEQUENCE_OUTPUT
-from protos.sequence import SEQUENCE_INPUTS, ContextSpec
-from serving.batcher import Batcher, BatchLimits, Feeds
+from batchrl.protos.batchrl.v1 import manifest_pb2
+from batchrl.protos.contract import MANIFEST_KEY, manifest_from_json
+from batchrl.protos.sequence import OUTPUT as SEQUENCE_OUTPUT
+from batchrl.protos.sequence import SEQUENCE_INPUTS, ContextSpec
+from batchrl.serving.batcher import Batcher, BatchLimits, Feeds
 
 FEED_FORWARD_INPUTS, FEED_FORWARD_OUTPUT = ("observations",), "actions"
 

@@ -21,19 +21,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from batchrl.version import package_version
-from protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
-from serving.admission import Admission, AdmissionLimits, Role, StreamIdle
-from serving.auth import DATA_TOKEN_ENV, Tokens, read_admin_token, read_token
-from serving.batcher import BatchLimits
-from serving.calls import Call, RequestError, deadline_of, guarded, quoted
-from serving.kserve import KServeService, kv, kv_grpc
-from serving.logs import configure as configure_logs
-from serving.metrics import Metrics
-from serving.repository import Registry
-from serving.runtime import LoadedModel, choose_providers
-from serving.signals import StopSignals
-from serving.sessions import Session, SessionNotFound, SessionStore, TooManySessions
-from serving.tensors import decode, encode
+from batchrl.protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
+from batchrl.serving.admission import Admission, AdmissionLimits, Role, StreamIdle
+from batchrl.serving.auth import DATA_TOKEN_ENV, Tokens, read_admin_token, read_token
+from batchrl.serving.batcher import BatchLimits
+from batchrl.serving.calls import Call, RequestError, deadline_of, guarded, quoted
+from batchrl.serving.kserve import KServeService, kv, kv_grpc
+from batchrl.serving.logs import configure as configure_logs
+from batchrl.serving.metrics import Metrics
+from batchrl.serving.repository import Registry
+from batchrl.serving.runtime import LoadedModel, choose_providers
+from batchrl.serving.signals import StopSignals
+from batchrl.serving.sessions import Session, SessionNotFound, SessionStore, TooManySessions
+from batchrl.serving.tensors import decode, encode
 
 log = logging.getLogger("batchrl.serve")
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name

@@ -16,8 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
-from protos.sequence import RollingContext
-from serving.runtime import LoadedModel
+from batchrl.protos.sequence import RollingContext
+from batchrl.serving.runtime import LoadedModel
 
 
 class SessionNotFound(LookupError):

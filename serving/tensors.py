@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from protos.batchrl.v1 import policy_pb2
+from batchrl.protos.batchrl.v1 import policy_pb2
 
 WIRE_DTYPE = np.dtype("<f4")
 

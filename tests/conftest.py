@@ -80,7 +80,7 @@ def minari_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(minari_root, tmp_path_factory) -> Path:
     """A small IQL run on the pendulum dataset (finished, with result.json)."""
-    from training.trainer import TrainConfig, Trainer
+    from batchrl.training.trainer import TrainConfig, Trainer
 
     run_dir = tmp_path_factory.mktemp("runs") / "iql"
     config = TrainConfig(algorithm="iql", dataset="test/pendulum/play-v0", steps=300, eval_every=150,
@@ -93,7 +93,7 @@ def trained_run(minari_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def repository(trained_run, tmp_path_factory) -> Path:
     """A model repository with the trained run exported twice (versions 1 and 2) as 'pendulum'."""
-    from training.export import export_run
+    from batchrl.training.export import export_run
 
     repo = tmp_path_factory.mktemp("models")
     export_run(trained_run, "pendulum", repo)
@@ -107,7 +107,7 @@ DT_SETTINGS = {"embed": 32, "layers": 2, "heads": 2, "context_length": 8, "warmu
 @pytest.fixture(scope="session")
 def dt_runs(minari_root, tmp_path_factory) -> list[Path]:
     """Two small Decision Transformer runs (seeds 0 and 1) on the pendulum dataset."""
-    from training.trainer import TrainConfig, Trainer
+    from batchrl.training.trainer import TrainConfig, Trainer
 
     runs = []
     for seed in (0, 1):
@@ -124,7 +124,7 @@ def dt_repository(dt_runs, repository, tmp_path_factory) -> Path:
     """A repository with the two DT runs as 'dt-a' and 'dt-b' and the IQL policy as 'pendulum'."""
     import shutil
 
-    from training.export import export_run
+    from batchrl.training.export import export_run
 
     repo = tmp_path_factory.mktemp("dt-models")
     shutil.copytree(repository / "pendulum", repo / "pendulum")

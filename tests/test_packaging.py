@@ -15,7 +15,7 @@ def imported_after(statement: str) -> set[str]:
 
 
 def test_server_imports_no_torch_minari_or_gymnasium():
-    mods = imported_after("import serving.server, serving.client, serving.repository")
+    mods = imported_after("import batchrl.serving.server, batchrl.serving.client, batchrl.serving.repository")
     assert "grpc" in mods and "onnxruntime" in mods
     assert not {"torch", "minari", "gymnasium"} & mods
 
@@ -26,13 +26,13 @@ def test_cli_imports_its_sides_lazily():
 
 
 def test_training_never_imports_grpc():
-    mods = imported_after("import training.trainer, training.export")
+    mods = imported_after("import batchrl.training.trainer, batchrl.training.export")
     assert "torch" in mods and "grpc" not in mods
 
 
 def test_generated_protos_are_up_to_date():
-    result = subprocess.run([sys.executable, "-m", "protos.generate", "--check"], capture_output=True, text=True,
-                            cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "batchrl.protos.generate", "--check"], capture_output=True,
+                            text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -50,14 +50,14 @@ def test_the_proto_check_fails_when_a_proto_changes(tmp_path):
     proto = tmp_path / "protos" / "batchrl" / "v1" / "policy.proto"
     proto.write_text(proto.read_text().replace("message ListModelsRequest {}",
                                                 "message ListModelsRequest { string filter = 1; }"))
-    result = subprocess.run([sys.executable, "-m", "protos.generate", "--check"], capture_output=True, text=True,
-                            cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-m", "batchrl.protos.generate", "--check", "--root",
+                             str(tmp_path / "protos")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1
     assert "out of date: protos/batchrl/v1/policy_pb2.py" in result.stdout
 
 
 def test_train_help_names_every_registered_algorithm():
-    from training.algorithms import ALGORITHMS
+    from batchrl.training.algorithms import ALGORITHMS
 
     out = subprocess.run([sys.executable, "-m", "batchrl.cli", "train", "--help"], capture_output=True, text=True,
                          cwd=ROOT)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protos.sequence import ContextSpec, RollingContext
-from training.data import normalized_score
+from batchrl.protos.sequence import ContextSpec, RollingContext
+from batchrl.training.data import normalized_score
 
 # act(observation, reward) -> action. ``reward`` is what the previous action earned, None on the
 # first step of an episode: stateful (sequence) policies start a new context there.

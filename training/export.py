@@ -20,14 +20,14 @@ import onnx
 import torch
 from google.protobuf import json_format
 
-from protos.batchrl.v1 import manifest_pb2
-from protos.contract import MANIFEST_KEY, MAX_VERSION, MODEL_FILE, check_name, manifest_to_json, version_dirs
-from protos import sequence
-from protos.sequence import SEQUENCE_INPUTS, ContextSpec, RollingContext
-from training.data import OfflineDataset, load_dataset
-from training.policy import DeployedSequencePolicy
+from batchrl.protos.batchrl.v1 import manifest_pb2
+from batchrl.protos.contract import MANIFEST_KEY, MAX_VERSION, MODEL_FILE, check_name, manifest_to_json, version_dirs
+from batchrl.protos import sequence
+from batchrl.protos.sequence import SEQUENCE_INPUTS, ContextSpec, RollingContext
+from batchrl.training.data import OfflineDataset, load_dataset
+from batchrl.training.policy import DeployedSequencePolicy
 from batchrl.version import package_version
-from training.trainer import RESULT, code_version, load_policy
+from batchrl.training.trainer import RESULT, code_version, load_policy
 
 OPSET = 17
 

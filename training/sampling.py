@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from training.algorithms import Batch, SegmentBatch
-from training.data import OfflineDataset
-from training.policy import scale_actions
+from batchrl.training.algorithms import Batch, SegmentBatch
+from batchrl.training.data import OfflineDataset
+from batchrl.training.policy import scale_actions
 
 
 def _put(x, device: torch.device, dtype=np.float32) -> torch.Tensor:

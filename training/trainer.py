@@ -26,12 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from batchrl.version import package_version
-from protos.sequence import ContextSpec
-from training.algorithms import ALGORITHMS, Context, OfflineAlgorithm
-from training.data import OfflineDataset, load_dataset
-from training.evaluation import Act, evaluate, make_eval_env, sequence_agent, stateless
-from training.policy import DeployedPolicy, DeployedSequencePolicy
-from training.sampling import ReplaySampler, SegmentSampler
+from batchrl.protos.sequence import ContextSpec
+from batchrl.training.algorithms import ALGORITHMS, Context, OfflineAlgorithm
+from batchrl.training.data import OfflineDataset, load_dataset
+from batchrl.training.evaluation import Act, evaluate, make_eval_env, sequence_agent, stateless
+from batchrl.training.policy import DeployedPolicy, DeployedSequencePolicy
+from batchrl.training.sampling import ReplaySampler, SegmentSampler
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"

@@ -2,7 +2,7 @@
 import numpy as np
 
 from benchmarks.peer import write_dataset
-from training.data import load_dataset
+from batchrl.training.data import load_dataset
 
 
 def test_episodes_for_the_peer_keep_every_transition_and_count_what_it_drops(minari_root, tmp_path):

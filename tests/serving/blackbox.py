@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -22,9 +23,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc  # noqa: F401 (re-exported)
+from batchrl.protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc  # noqa: F401 (re-exported)
 
-SERVE = [sys.executable, "-m", "batchrl.cli", "serve"]
 
 
 @dataclass
@@ -84,14 +84,17 @@ class Server:
 
 
 def start(repo: Path | str, *args: str, metrics: bool = False, ready: bool = True,
-          env: dict[str, str] | None = None, credentials: grpc.ChannelCredentials | None = None) -> Server:
+          env: dict[str, str] | None = None, credentials: grpc.ChannelCredentials | None = None,
+          python: Path | str = sys.executable) -> Server:
     """Start `batchrl serve -r repo --address 127.0.0.1:0 *args`; returns once it listens (when ``ready``).
     ``env``: variables added to this process's environment for the server (e.g. BATCHRL_ADMIN_TOKEN);
-    ``credentials``: how to connect to a TLS server."""
-    command = [*SERVE, "-r", str(repo), "--address", "127.0.0.1:0", *(["--metrics-port", "0"] if metrics else []),
+    ``credentials``: how to connect to a TLS server; ``python``: the interpreter of the install to serve from."""
+    command = [str(python), "-m", "batchrl.cli", "serve", "-r", str(Path(repo).resolve()), "--address", "127.0.0.1:0", *(["--metrics-port", "0"] if metrics else []),
                *args]
+    # Started outside the checkout: from its root, `-m batchrl.cli` would find the folder batchrl/ before
+    # the installed package (which a regular, non-editable install needs).
     proc = subprocess.Popen(command, stderr=subprocess.STDOUT, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, **env} if env else None)
+                            env={**os.environ, **env} if env else None, cwd=tempfile.gettempdir())
     server = Server(proc, credentials=credentials)
 
     def read():
@@ -125,9 +128,9 @@ def wait_serving(server: Server, timeout: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def serving(repo: Path | str, *args: str, metrics: bool = False, env: dict[str, str] | None = None,
-            credentials: grpc.ChannelCredentials | None = None):
+            credentials: grpc.ChannelCredentials | None = None, python: Path | str = sys.executable):
     """A started server, stopped (SIGTERM, then kill) when the block ends."""
-    server = start(repo, *args, metrics=metrics, env=env, credentials=credentials)
+    server = start(repo, *args, metrics=metrics, env=env, credentials=credentials, python=python)
     try:
         yield server
     finally:

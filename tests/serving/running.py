@@ -5,10 +5,10 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.client import PolicyClient
-from serving.repository import Registry
-from serving.server import ServerOptions, build_server
-from serving.sessions import SessionStore
+from batchrl.serving.client import PolicyClient
+from batchrl.serving.repository import Registry
+from batchrl.serving.server import ServerOptions, build_server
+from batchrl.serving.sessions import SessionStore
 
 
 @dataclass

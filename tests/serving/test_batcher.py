@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.batcher import Batcher, BatchLimits, DeadlineExceeded, QueueFull
+from batchrl.serving.batcher import Batcher, BatchLimits, DeadlineExceeded, QueueFull
 
 
 class SlowDouble:

@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from serving.bench import parse_concurrency, parse_cpus, split
-from serving.echo import ECHO_METHOD, STREAM_METHOD, build_echo_server
+from batchrl.serving.bench import parse_concurrency, parse_cpus, split
+from batchrl.serving.echo import ECHO_METHOD, STREAM_METHOD, build_echo_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def test_echo_answers_with_the_configured_sizes():
 
 
 def test_echo_cli_prints_its_port_and_stops_on_sigterm():
-    proc = subprocess.Popen([sys.executable, "-m", "serving.echo", "--response-bytes", "3", "--workers", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "batchrl.serving.echo", "--response-bytes", "3", "--workers", "2"],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())
@@ -117,7 +117,7 @@ def test_cpu_lists_read_like_taskset():
 
 
 def test_benchmark_imports_no_torch_minari_gymnasium_or_tritonclient():
-    code = "import sys, json, serving.bench, serving.echo; print(json.dumps(sorted(sys.modules)))"
+    code = "import sys, json, batchrl.serving.bench, batchrl.serving.echo; print(json.dumps(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     mods = {m.split(".")[0] for m in json.loads(out.stdout)}
     assert "grpc" in mods and not {"torch", "minari", "gymnasium"} & mods

@@ -9,8 +9,8 @@ from tritonclient.grpc import service_pb2 as kv
 from tritonclient.grpc import service_pb2_grpc as kv_grpc
 from tritonclient.utils import InferenceServerException
 
-from protos.batchrl.v1 import policy_pb2  # noqa: F401 - both sets of generated modules in one process
-from serving.server import ServerOptions
+from batchrl.protos.batchrl.v1 import policy_pb2  # noqa: F401 - both sets of generated modules in one process
+from batchrl.serving.server import ServerOptions
 from tests.serving.running import running
 
 TOKEN = "kserve-admin"

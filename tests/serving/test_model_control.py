@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from batchrl.cli import main as cli
-from protos.batchrl.v1 import policy_pb2, policy_pb2_grpc
-from serving.repository import Registry
-from serving.server import ServerOptions
+from batchrl.protos.batchrl.v1 import policy_pb2, policy_pb2_grpc
+from batchrl.serving.repository import Registry
+from batchrl.serving.server import ServerOptions
 from tests.serving.running import running
-from serving.tensors import encode
+from batchrl.serving.tensors import encode
 
 TOKEN = "s3cret-admin-token"
 
@@ -205,7 +205,7 @@ def test_models_command_lists_loads_and_unloads(repo, repository, capsys, monkey
 
 
 def test_a_full_queue_answers_resource_exhausted(repo):
-    from serving.batcher import BatchLimits
+    from batchrl.serving.batcher import BatchLimits
 
     codes = []
     big = np.random.default_rng(0).normal(size=(65_536, 3)).astype(np.float32)

@@ -17,12 +17,12 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.client import PolicyClient
-from serving.logs import JsonFormatter
-from serving.metrics import Metrics
-from serving.repository import Registry
-from serving.server import ServerOptions, build_server
-from serving.sessions import SessionStore
+from batchrl.serving.client import PolicyClient
+from batchrl.serving.logs import JsonFormatter
+from batchrl.serving.metrics import Metrics
+from batchrl.serving.repository import Registry
+from batchrl.serving.server import ServerOptions, build_server
+from batchrl.serving.sessions import SessionStore
 
 TOKEN = "t0ken"
 MODELS = Path(__file__).resolve().parents[2] / "models"

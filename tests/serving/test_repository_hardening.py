@@ -18,9 +18,9 @@ import grpc
 import numpy as np
 import pytest
 
-from protos.contract import version_dirs
+from batchrl.protos.contract import version_dirs
 from tests.serving.blackbox import admin_pb2, admin_pb2_grpc, policy_pb2, serving
-from training.export import list_versions, publish
+from batchrl.training.export import list_versions, publish
 
 TOKEN = "hardening-admin-token"
 ADMIN = [("authorization", f"Bearer {TOKEN}")]
@@ -134,7 +134,7 @@ def test_version_folders_are_plain_ascii_int64_integers(tmp_path):
     (model_dir / "6").symlink_to(model_dir / "3", target_is_directory=True)  # inside the repository: fine
     assert version_dirs(model_dir) == {3: model_dir / "3", 6: model_dir / "6", INT64_MAX: model_dir / str(INT64_MAX)}
 
-    from protos.contract import scan_versions
+    from batchrl.protos.contract import scan_versions
 
     scan = scan_versions(model_dir)
     assert {name: reason for name, (reason, _) in scan.rejected.items()} == {

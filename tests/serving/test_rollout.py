@@ -8,10 +8,10 @@ import gymnasium as gym
 import onnxruntime as ort
 import pytest
 
-from serving.repository import Registry
-from serving.rollout import rollout
-from serving.server import build_server
-from training.evaluation import run_episodes
+from batchrl.serving.repository import Registry
+from batchrl.serving.rollout import rollout
+from batchrl.serving.server import build_server
+from batchrl.training.evaluation import run_episodes
 
 
 def test_served_rollout_equals_in_process_evaluation(repository):

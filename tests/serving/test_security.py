@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import trustme
 
-from serving.client import PolicyClient
-from serving.server import ServerOptions
+from batchrl.serving.client import PolicyClient
+from batchrl.serving.server import ServerOptions
 from tests.serving.running import running
 
 

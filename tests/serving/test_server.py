@@ -8,11 +8,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from protos.batchrl.v1 import policy_pb2, policy_pb2_grpc
-from serving.client import PolicyClient
-from serving.repository import Registry
-from serving.server import SERVICE_NAME, build_server
-from serving.tensors import encode
+from batchrl.protos.batchrl.v1 import policy_pb2, policy_pb2_grpc
+from batchrl.serving.client import PolicyClient
+from batchrl.serving.repository import Registry
+from batchrl.serving.server import SERVICE_NAME, build_server
+from batchrl.serving.tensors import encode
 
 
 @pytest.fixture(scope="module")

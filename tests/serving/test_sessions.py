@@ -9,14 +9,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from protos.batchrl.v1 import policy_pb2
-from protos.sequence import SEQUENCE_INPUTS
-from serving.rollout import rollout
-from serving.runtime import load_model
-from serving.sessions import SessionStore
+from batchrl.protos.batchrl.v1 import policy_pb2
+from batchrl.protos.sequence import SEQUENCE_INPUTS
+from batchrl.serving.rollout import rollout
+from batchrl.serving.runtime import load_model
+from batchrl.serving.sessions import SessionStore
 from tests.serving.running import running
-from training.evaluation import run_episodes, sequence_agent
-from training.trainer import load_policy
+from batchrl.training.evaluation import run_episodes, sequence_agent
+from batchrl.training.trainer import load_policy
 
 
 def in_process_agent(repo, name, record=None):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import write_dataset
-from training.data import load_dataset, normalized_score
+from batchrl.training.data import load_dataset, normalized_score
 
 
 def labelled_episodes(lengths, ends):

@@ -4,12 +4,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from protos.sequence import SEQUENCE_INPUTS, ContextSpec, RollingContext
-from training.algorithms import ALGORITHMS, Context
-from training.algorithms.dt import DecisionTransformer, DTConfig, masked_action_loss
-from training.data import OfflineDataset
-from training.sampling import SegmentSampler, returns_to_go
-from training.trainer import algorithm_config
+from batchrl.protos.sequence import SEQUENCE_INPUTS, ContextSpec, RollingContext
+from batchrl.training.algorithms import ALGORITHMS, Context
+from batchrl.training.algorithms.dt import DecisionTransformer, DTConfig, masked_action_loss
+from batchrl.training.data import OfflineDataset
+from batchrl.training.sampling import SegmentSampler, returns_to_go
+from batchrl.training.trainer import algorithm_config
 
 
 def toy_dataset(lengths, rewards, actions, obs_dim=2) -> OfflineDataset:
@@ -172,9 +172,9 @@ def test_return_conditioning_picks_the_action_of_the_asked_return():
 
 
 def test_export_parity_on_every_context_length_and_raw_returns_in(dt_runs, tmp_path):
-    from training.export import export_run, probe_contexts
-    from training.data import load_dataset
-    from training.trainer import load_policy
+    from batchrl.training.export import export_run, probe_contexts
+    from batchrl.training.data import load_dataset
+    from batchrl.training.trainer import load_policy
 
     out = export_run(dt_runs[0], "dt", tmp_path)
     assert out["max_abs_diff"] <= 1e-5

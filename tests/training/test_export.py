@@ -7,10 +7,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from protos.contract import MANIFEST_KEY, manifest_from_json
-from training.data import load_dataset
-from training.export import ExportMismatch, export_run, list_versions, probe_observations, publish
-from training.trainer import load_policy
+from batchrl.protos.contract import MANIFEST_KEY, manifest_from_json
+from batchrl.training.data import load_dataset
+from batchrl.training.export import ExportMismatch, export_run, list_versions, probe_observations, publish
+from batchrl.training.trainer import load_policy
 
 
 def test_export_matches_torch_on_dataset_and_nearby_observations(trained_run, tmp_path):

@@ -4,11 +4,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.client import PolicyClient
-from serving.repository import Registry
-from serving.server import build_server
-from training.export import export_run
-from training.trainer import TrainConfig, Trainer, load_policy
+from batchrl.serving.client import PolicyClient
+from batchrl.serving.repository import Registry
+from batchrl.serving.server import build_server
+from batchrl.training.export import export_run
+from batchrl.training.trainer import TrainConfig, Trainer, load_policy
 
 SMALL = {
     "bc": {"hidden": (32, 32)},
@@ -64,8 +64,8 @@ def test_bcq_graph_holds_its_latents_and_they_can_be_overridden(exported, tmp_pa
     session = ort.InferenceSession(runs["bcq"][1]["path"], providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"observations": obs.numpy()})[0], fixed.detach().numpy(), atol=1e-5)
 
-    from training.export import to_onnx
-    from protos.batchrl.v1 import manifest_pb2
+    from batchrl.training.export import to_onnx
+    from batchrl.protos.batchrl.v1 import manifest_pb2
 
     policy.policy.latents = torch.full_like(policy.policy.latents, 0.25)
     path = tmp_path / "override.onnx"

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from training.algorithms import ALGORITHMS, Batch, Context
-from training.algorithms.iql import awr_weights, expectile_loss
-from training.networks import GaussianActor
-from training.trainer import algorithm_config
+from batchrl.training.algorithms import ALGORITHMS, Batch, Context
+from batchrl.training.algorithms.iql import awr_weights, expectile_loss
+from batchrl.training.networks import GaussianActor
+from batchrl.training.trainer import algorithm_config
 
 from tests.training.two_mode import train_two_mode
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from training.trainer import CHECKPOINT, TrainConfig, Trainer, load_checkpoint, load_policy
+from batchrl.training.trainer import CHECKPOINT, TrainConfig, Trainer, load_checkpoint, load_policy
 
 
 def config(**kw):

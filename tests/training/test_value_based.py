@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from tests.training.two_mode import train_two_mode
-from training.algorithms.bcq import VAE, soft_clipped_double_q, vae_loss
-from training.algorithms.cql import conservative_gap
-from training.algorithms.td3bc import td3bc_actor_loss
-from training.networks import TanhGaussianActor
+from batchrl.training.algorithms.bcq import VAE, soft_clipped_double_q, vae_loss
+from batchrl.training.algorithms.cql import conservative_gap
+from batchrl.training.algorithms.td3bc import td3bc_actor_loss
+from batchrl.training.networks import TanhGaussianActor
 
 
 def test_td3bc_actor_loss_hand_computed():

@@ -2,8 +2,8 @@
 (reward 1). Offline RL must choose +0.8; behaviour cloning averages the two modes."""
 import torch
 
-from training.algorithms import ALGORITHMS, Batch, Context
-from training.trainer import algorithm_config
+from batchrl.training.algorithms import ALGORITHMS, Batch, Context
+from batchrl.training.trainer import algorithm_config
 
 
 def train_two_mode(name: str, steps: int = 1500, seed: int = 0, **overrides):

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from training.algorithms.base import Batch, Context, OfflineAlgorithm
-from training.networks import DeterministicActor, GaussianActor
+from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm
+from batchrl.training.networks import DeterministicActor, GaussianActor
 
 POLICIES = ("gaussian", "deterministic")
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from training.algorithms.base import Batch, Context, OfflineAlgorithm
-from training.networks import TanhGaussianActor, TwinQ, soft_update
+from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm
+from batchrl.training.networks import TanhGaussianActor, TwinQ, soft_update
 
 
 @dataclass

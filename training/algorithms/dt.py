@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from training.algorithms.base import Context, OfflineAlgorithm, SegmentBatch
+from batchrl.training.algorithms.base import Context, OfflineAlgorithm, SegmentBatch
 
 MASKED_SCORE = -1e9  # finite on purpose (see the module docstring)
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.batchrl.v1 import policy_pb2 as batchrl_dot_v1_dot_policy__pb2
+from batchrl.protos.batchrl.v1 import policy_pb2 as batchrl_dot_v1_dot_policy__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
