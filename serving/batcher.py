@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from batchrl.serving.errors import DeadlineExceeded, ResourceExhausted
+
 Feeds = dict[str, np.ndarray]
 
 
@@ -33,12 +35,8 @@ class BatchLimits:
     max_queue: int = 1024       # most requests waiting for the model
 
 
-class QueueFull(RuntimeError):
+class QueueFull(ResourceExhausted):
     """The model's queue holds its maximum number of requests."""
-
-
-class DeadlineExceeded(TimeoutError):
-    """The request's deadline passed before the model could run it."""
 
 
 class _Request:

@@ -1,5 +1,5 @@
-"""One RPC's outcome for every protocol the server speaks: the status a user-caused error maps to,
-the call's label and timing for metrics, and the guard that turns exceptions into statuses."""
+"""One RPC's outcome for every protocol the server speaks: the guard that answers the typed errors
+of serving/errors.py with their status, and counts and times every call (or stream message)."""
 from __future__ import annotations
 
 import logging
@@ -7,24 +7,10 @@ import time
 
 import grpc
 
-from batchrl.serving.batcher import DeadlineExceeded, QueueFull
+from batchrl.serving.errors import ServingError
 
 log = logging.getLogger("batchrl.serve")
 MAX_DETAILS = 1024  # characters of an error message: details travel in metadata, which has a size limit
-
-
-def quoted(text: str, limit: int = 64) -> str:
-    """``text`` quoted for an error message, cut to ``limit`` characters: a client's 16 KB name must not
-    come back in full (nor push the answer past the metadata limit)."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
-
-
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def deadline_of(context: grpc.ServicerContext) -> float | None:
@@ -43,19 +29,16 @@ class Call:
 
 
 def guarded(context: grpc.ServicerContext, call: Call, handler, metrics=None):
-    """Run ``handler``; a RequestError becomes its status, anything else INTERNAL (logged):
-    one bad request must never take the server down. Every outcome is counted and timed."""
+    """Run ``handler``; a ServingError becomes its status, anything else INTERNAL (logged with its
+    traceback: a bug of the server, not the client's fault). One bad request never takes the server
+    down. Every outcome is counted and timed."""
     code, message = grpc.StatusCode.OK, ""
     if metrics is not None:
         metrics.in_flight.labels(call.rpc).inc()
     try:
         return handler()
-    except RequestError as exc:
+    except ServingError as exc:
         code, message = exc.code, str(exc)
-    except QueueFull as exc:
-        code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    except DeadlineExceeded as exc:
-        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     except Exception:  # noqa: BLE001
         log.exception("%s on model %r failed", call.rpc, call.model)
         code, message = grpc.StatusCode.INTERNAL, f"{call.rpc} failed inside the server; see the server log"

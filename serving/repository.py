@@ -26,6 +26,7 @@ from pathlib import Path
 
 from batchrl.protos.contract import MODEL_FILE, NAME_PATTERN, check_name, scan_versions
 from batchrl.serving.batcher import BatchLimits
+from batchrl.serving.errors import InvalidArgument, NotFound
 from batchrl.serving.runtime import LoadedModel, ModelLoadError, choose_providers, load_model
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ CONFIG_FILE = "config.json"
 REJECT_REASONS = ("name", "outside", "load", "incompatible")
 
 
-class IncompatibleVersion(ValueError):
+class IncompatibleVersion(ModelLoadError):
     """A valid new version whose inputs or outputs differ from the default's: promoting it on a poll
     would make every running client of the default fail, so only an explicit load may."""
 
@@ -136,12 +137,17 @@ class Registry:
     def get(self, name: str, version: int | None = None) -> LoadedModel:
         versions = self._models.get(name)
         if not versions:
-            raise LookupError(f"model {name!r} is not loaded; loaded models: {sorted(self._models) or 'none'}")
+            raise NotFound(f"model {name!r} is not loaded; loaded models: {sorted(self._models) or 'none'}")
         if version is None:
             return versions[max(versions)]
         if version not in versions:
-            raise LookupError(f"model {name!r} has no version {version}; loaded versions: {sorted(versions)}")
+            raise NotFound(f"model {name!r} has no version {version}; loaded versions: {sorted(versions)}")
         return versions[version]
+
+    def folders(self) -> dict[str, list[int]]:
+        """{name: valid versions} of every model folder on disk now, loaded or not."""
+        return {p.name: list(scan_versions(p, self.root).versions) for p in sorted(self.root.iterdir())
+                if p.is_dir() and not p.name.startswith(".") and NAME_PATTERN.match(p.name)}
 
     def rejected(self) -> Counter:
         """{(model, reason): folders} not serving now for ``reason`` (one of REJECT_REASONS)."""
@@ -149,18 +155,21 @@ class Registry:
 
     # -- changing ---------------------------------------------------------
     def model_dir(self, name: str) -> Path:
-        """The folder of model ``name``, refusing names that would leave the repository."""
-        check_name(name)
+        """The folder of model ``name``, refusing names that would leave the repository (InvalidArgument)."""
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         path = self.root / name
         if not path.resolve().is_relative_to(self.root):
-            raise ValueError(f"model name {name!r} resolves outside the repository {self.root}")
+            raise InvalidArgument(f"model name {name!r} resolves outside the repository {self.root}")
         return path
 
     def load_model(self, name: str, version: int | None = None) -> list[LoadedModel]:
         """Load ``version`` of ``name`` (unset: every complete version not yet loaded) and swap it in.
 
-        All or nothing: if a file is corrupt or incompatible, ValueError names it and the
-        versions already loaded keep serving. LookupError when there is nothing to load.
+        All or nothing: if a file is corrupt or incompatible, InvalidArgument (ModelLoadError) names it
+        and the versions already loaded keep serving. NotFound when there is nothing to load.
         """
         with self._changing:
             return self._load_model(name, version)
@@ -168,18 +177,18 @@ class Registry:
     def _load_model(self, name: str, version: int | None) -> list[LoadedModel]:
         model_dir = self.model_dir(name)
         if version is not None and version < 1:
-            raise ValueError(f"version must be a positive integer, got {version}")
+            raise InvalidArgument(f"version must be a positive integer, got {version}")
         scan = scan_versions(model_dir, self.root)
         on_disk = _complete(scan.versions)
         if version is not None:
             if str(version) in scan.rejected:
-                raise ValueError(scan.rejected[str(version)][1])
+                raise InvalidArgument(scan.rejected[str(version)][1])
             if version not in on_disk:
-                raise LookupError(f"model {name!r} has no version folder {version} holding {MODEL_FILE} "
+                raise NotFound(f"model {name!r} has no version folder {version} holding {MODEL_FILE} "
                                   f"under {self.root}; complete versions: {sorted(on_disk)}")
             on_disk = {version: on_disk[version]}
         if not on_disk:
-            raise LookupError(f"model {name!r} has no complete version folder under {self.root}")
+            raise NotFound(f"model {name!r} has no complete version folder under {self.root}")
         loaded = self._models.get(name, {})
         fresh = {v: self._load(name, v, path, model_dir) for v, path in on_disk.items() if v not in loaded}
         self._swap(name, add=fresh)
@@ -194,10 +203,10 @@ class Registry:
 
     def unload_model(self, name: str) -> list[LoadedModel]:
         """Take every version of ``name`` out of service; requests and sessions holding one finish on it."""
-        check_name(name)
+        self.model_dir(name)  # a valid name
         with self._changing:
             if name not in self._models:
-                raise LookupError(f"model {name!r} is not loaded; loaded models: {sorted(self._models) or 'none'}")
+                raise NotFound(f"model {name!r} is not loaded; loaded models: {sorted(self._models) or 'none'}")
             return self._swap(name, remove_all=True)
 
     def poll(self) -> list[str]:
@@ -213,7 +222,7 @@ class Registry:
         for name in names:
             try:
                 model_dir = self.model_dir(name)
-            except ValueError as exc:
+            except InvalidArgument as exc:
                 reason = "outside" if NAME_PATTERN.match(name) else "name"
                 self._refuse(rejected, self.root / name, name, reason, f"skipping folder {name!r}: {exc}")
                 continue
@@ -233,7 +242,7 @@ class Registry:
                 default = serving[max(serving)] if was_serving and serving and version > max(serving) else None
                 try:
                     model = self._load(name, version, path, model_dir, default)
-                except ValueError as exc:
+                except ModelLoadError as exc:
                     reason = "incompatible" if isinstance(exc, IncompatibleVersion) else "load"
                     self._failed[path] = (stamp, reason)
                     rejected[path.parent] = (name, reason)

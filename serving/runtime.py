@@ -15,6 +15,7 @@ from batchrl.protos.contract import MANIFEST_KEY, manifest_from_json
 from batchrl.protos.sequence import OUTPUT as SEQUENCE_OUTPUT
 from batchrl.protos.sequence import SEQUENCE_INPUTS, ContextSpec
 from batchrl.serving.batcher import Batcher, BatchLimits, Feeds
+from batchrl.serving.errors import InvalidArgument
 
 FEED_FORWARD_INPUTS, FEED_FORWARD_OUTPUT = ("observations",), "actions"
 
@@ -54,7 +55,7 @@ def choose_providers(device: str = "auto", device_id: int = 0) -> list:
     return ["CPUExecutionProvider"]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InvalidArgument):
     """A model file that cannot serve, whatever step refused it (session creation, manifest, inputs and
     outputs, warm-up). One ValueError subclass, with a message naming the file, so that the repository can
     skip the file and carry on and the admin LoadModel can answer INVALID_ARGUMENT: onnxruntime raises its

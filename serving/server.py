@@ -25,22 +25,22 @@ from batchrl.protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, pol
 from batchrl.serving.admission import Admission, AdmissionLimits, Role, StreamIdle
 from batchrl.serving.auth import DATA_TOKEN_ENV, Tokens, read_admin_token, read_token
 from batchrl.serving.batcher import BatchLimits
-from batchrl.serving.calls import Call, RequestError, deadline_of, guarded, quoted
+from batchrl.serving.calls import Call, deadline_of, guarded
+from batchrl.serving.dataplane import DataPlane
+from batchrl.serving.errors import FailedPrecondition, InvalidArgument
 from batchrl.serving.kserve import KServeService, kv, kv_grpc
 from batchrl.serving.logs import configure as configure_logs
 from batchrl.serving.metrics import Metrics
 from batchrl.serving.repository import Registry
 from batchrl.serving.runtime import LoadedModel, choose_providers
 from batchrl.serving.signals import StopSignals
-from batchrl.serving.sessions import Session, SessionNotFound, SessionStore, TooManySessions
+from batchrl.serving.sessions import Session, SessionStore
 from batchrl.serving.tensors import decode, encode
 
 log = logging.getLogger("batchrl.serve")
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 KSERVE_SERVICE_NAME = kv.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-MAX_BATCH = 65_536
-MAX_NAME = 128  # characters of a model name or session id in a request
 DRAIN_BOUND = 2.0  # seconds the drain waits past its grace period for grpc to finish stopping
 ADMIN_METHODS = frozenset(f"/{service}/{method}" for service, method in (
     (ADMIN_SERVICE_NAME, "LoadModel"), (ADMIN_SERVICE_NAME, "UnloadModel"),
@@ -59,111 +59,60 @@ def role_of(method: str) -> Role:
     return Role.DATA
 
 
-def decode_observations(model: LoadedModel, tensor: policy_pb2.Tensor, what: str, batched: bool) -> np.ndarray:
-    """Decode and check observations: [batch, *obs_shape] when ``batched``, else one [*obs_shape]."""
-    try:
-        obs = decode(tensor, what)
-    except ValueError as exc:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-    expected = model.observation_shape
-    if obs.shape[int(batched):] != expected or obs.ndim != len(expected) + int(batched):
-        wanted = f"[batch, {', '.join(map(str, expected))}]" if batched else list(expected)
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{what} have shape {list(obs.shape)}; model {model.name!r} expects {wanted}")
-    if batched and obs.shape[0] == 0:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{what} hold an empty batch (batch size 0)")
-    if batched and obs.shape[0] > MAX_BATCH:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"batch size {obs.shape[0]} exceeds the maximum of {MAX_BATCH}")
-    finite = np.isfinite(obs)
-    if not finite.all():
-        where = tuple(int(i) for i in np.argwhere(~finite)[0])
-        element = where[int(batched):]
-        element = element[0] if len(element) == 1 else list(element)
-        label = f"row {where[0]}, element {element}" if batched else f"element {element}"
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{what} must be finite: {label} is {obs[where]}")
-    return obs
-
-
-def add_noise(model: LoadedModel, actions: np.ndarray, sampling: policy_pb2.Sampling) -> np.ndarray:
-    if not np.isfinite(sampling.noise_std) or sampling.noise_std < 0:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"sampling.noise_std must be finite and >= 0, got {sampling.noise_std}")
-    if sampling.noise_std == 0:
-        return actions
-    rng = np.random.default_rng(sampling.seed if sampling.HasField("seed") else None)
-    noisy = actions + rng.normal(0.0, sampling.noise_std, size=actions.shape).astype(np.float32)
-    return np.clip(noisy, *model.action_bounds)
+def optional(message, field: str):
+    return getattr(message, field) if message.HasField(field) else None
 
 
 class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, registry: Registry, sessions: SessionStore, metrics: Metrics | None = None):
-        self.registry = registry
-        self.sessions = sessions
+    """batchrl's gRPC API: protobuf in and out, over the dataplane; every call through the guard."""
+
+    def __init__(self, plane: DataPlane, metrics: Metrics | None = None):
+        self.plane = plane
         self.metrics = metrics
-        self.draining = False  # set when the server drains: readiness turns false
 
     def _guard(self, context, call: Call, handler):
         return guarded(context, call, handler, self.metrics)
 
     def _model(self, call: Call, name: str, version: int | None) -> LoadedModel:
-        if len(name) > MAX_NAME:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"model name {quoted(name)} is longer than {MAX_NAME} characters")
-        try:
-            model = self.registry.get(name, version)
-        except LookupError as exc:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        model = self.plane.model(name, version)
         call.model = model.name  # only loaded names become metric labels
         return model
+
+    def _session(self, call: Call, session_id: str) -> Session:
+        session = self.plane.session(session_id)
+        call.model = session.model.name
+        return session
 
     # -- feed-forward policies ---------------------------------------------
     def Act(self, request: policy_pb2.ActRequest, context: grpc.ServicerContext) -> policy_pb2.ActResponse:
         call = Call("Act")
-        return self._guard(context, call, lambda: self._act(call, request, deadline_of(context)))
 
-    def _act(self, call: Call, request: policy_pb2.ActRequest, deadline: float | None) -> policy_pb2.ActResponse:
-        model = self._model(call, request.model, request.version if request.HasField("version") else None)
-        if model.is_sequence:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"model {model.name!r} version {model.version} is a sequence policy "
-                               f"({model.manifest.algorithm}): it keeps per-episode context, so open a session "
-                               "(OpenSession, then Step) or an Episode stream instead of calling Act")
-        if not request.HasField("observations"):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "observations are missing")
-        obs = decode_observations(model, request.observations, "observations", batched=True)
-        actions = self._finite(model, model.infer({"observations": obs}, deadline))
-        if request.HasField("sampling"):
-            actions = add_noise(model, actions, request.sampling)
-        return policy_pb2.ActResponse(model=model.name, version=model.version, actions=encode(actions))
+        def act():
+            model = self._model(call, request.model, optional(request, "version"))
+            if not request.HasField("observations"):
+                raise InvalidArgument("observations are missing")
+            sampling = request.sampling
+            actions = self.plane.act(model, decode(request.observations, "observations"), deadline_of(context),
+                                     sampling.noise_std, optional(sampling, "seed"))
+            return policy_pb2.ActResponse(model=model.name, version=model.version, actions=encode(actions))
 
-    def _finite(self, model: LoadedModel, out: np.ndarray) -> np.ndarray:
-        """``out`` (this request's rows of a model run) if every value is finite; a NaN or infinite
-        action is never answered as OK. Only the request owning such a row fails."""
-        finite = np.isfinite(out)
-        if finite.all():
-            return out
-        if self.metrics is not None:
-            self.metrics.nonfinite_outputs.labels(model.name).inc()
-        rows = np.flatnonzero(~finite.reshape(len(out), -1).all(axis=1))
-        raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
-                           f"model {model.name!r} version {model.version} gave a non-finite action (NaN or "
-                           f"infinite) for row(s) {rows[:8].tolist()} of this request: the input is likely far "
-                           "outside what the policy was trained on")
+        return self._guard(context, call, act)
 
     def ListModels(self, request, context) -> policy_pb2.ListModelsResponse:
-        response = policy_pb2.ListModelsResponse()
-        for name, versions in sorted(self.registry.models.items()):
-            info = response.models.add(name=name, default_version=max(versions))
-            for version, model in sorted(versions.items()):
-                info.versions.add(version=version, manifest=model.manifest, providers=model.providers)
-        return response
+        def list_models():
+            response = policy_pb2.ListModelsResponse()
+            for name, versions in sorted(self.plane.registry.models.items()):
+                info = response.models.add(name=name, default_version=max(versions))
+                for version, model in sorted(versions.items()):
+                    info.versions.add(version=version, manifest=model.manifest, providers=model.providers)
+            return response
+
+        return self._guard(context, Call("ListModels"), list_models)
 
     # -- sequence policies: sessions ---------------------------------------
     def OpenSession(self, request: policy_pb2.OpenSessionRequest, context) -> policy_pb2.OpenSessionResponse:
         call = Call("OpenSession")
-        return self._guard(context, call, lambda: self._open(call, request)[1])
+        return self._guard(context, call, lambda: opened_response(self._open(call, request)))
 
     def Step(self, request: policy_pb2.StepRequest, context) -> policy_pb2.StepResponse:
         call = Call("Step")
@@ -174,10 +123,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         call = Call("CloseSession")
 
         def close():
-            session = self.sessions.close(request.session_id)
-            if session is None:
-                self._session(call, request.session_id)  # raises NOT_FOUND, saying whether it expired
-                raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {request.session_id!r} is closed")
+            session = self.plane.close(request.session_id)
             call.model = session.model.name
             return policy_pb2.CloseSessionResponse(steps=session.context.t)
 
@@ -188,145 +134,105 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
 
         The first message opens a session, or attaches the stream to an open one (a step carrying
         its session_id). A stream the server closes for idleness leaves its session open, for a
-        unary Step or a later stream; one the client ends or cancels closes it.
+        unary Step or a later stream; one the client ends or cancels closes it. Every message goes
+        through the guard; the first error ends the stream with its status.
         """
         opened: list[Session] = []
         try:
             for request in request_iterator:
                 kind = request.WhichOneof("kind")
                 if kind == "open":
-                    if opened:
-                        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                      f"this stream already has session {opened[0].id}: one stream is one "
-                                      "episode; start a new stream for the next one")
                     call = Call("EpisodeOpen")
-                    session, response = self._guard(context, call, lambda: self._open(call, request.open))
-                    opened.append(session)
+                    response = self._guard(context, call, lambda: self._stream_open(call, opened, request.open))
                     yield policy_pb2.EpisodeResponse(opened=response)
                 elif kind == "step":
-                    if not opened and not request.step.session_id:
-                        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                      "the first message of an Episode stream must be `open`, or a `step` "
-                                      "carrying the session_id of an open session")
                     call = Call("EpisodeStep")
                     step = self._guard(context, call, lambda: self._stream_step(call, opened, request.step,
                                                                                 deadline_of(context)))
                     yield policy_pb2.EpisodeResponse(step=step)
                 else:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty EpisodeRequest: set `open` or `step`")
+                    self._guard(context, Call("Episode"), _raise(InvalidArgument(
+                        "empty EpisodeRequest: set `open` or `step`")))
         except StreamIdle:
             if opened:
                 log.info("session %s stays open after its idle Episode stream was closed", opened[0].id)
             opened.clear()
         finally:
             while opened:
-                self.sessions.close(opened.pop().id)
+                self.plane.sessions.close(opened.pop().id)
+
+    def _stream_open(self, call: Call, opened: list[Session],
+                     request: policy_pb2.OpenSessionRequest) -> policy_pb2.OpenSessionResponse:
+        if opened:
+            raise FailedPrecondition(f"this stream already has session {opened[0].id}: one stream is one episode; "
+                                     "start a new stream for the next one")
+        session = self._open(call, request)
+        opened.append(session)
+        return opened_response(session)
 
     def _stream_step(self, call: Call, opened: list[Session], request: policy_pb2.StepRequest,
                      deadline: float | None) -> policy_pb2.StepResponse:
+        if not opened and not request.session_id:
+            raise FailedPrecondition("the first message of an Episode stream must be `open`, or a `step` carrying "
+                                     "the session_id of an open session")
         session = self._session(call, opened[0].id if opened else request.session_id)
         if not opened:
             opened.append(session)  # the stream attaches to the open session named by its first step
         return self._step(session, request, deadline)
 
-    def _open(self, call: Call, request: policy_pb2.OpenSessionRequest,
-              key=None) -> tuple[Session, policy_pb2.OpenSessionResponse]:
-        """Open a session (under the caller's ``key``, if given: see SessionStore.open)."""
-        model = self._model(call, request.model, request.version if request.HasField("version") else None)
-        if not model.is_sequence:
-            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"model {model.name!r} version {model.version} is a feed-forward policy "
-                               f"({model.manifest.algorithm}): call Act, sessions are for sequence policies")
-        if request.HasField("target_return"):
-            target = request.target_return
-        elif model.manifest.HasField("default_target_return"):
-            target = model.manifest.default_target_return
-        else:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"model {model.name!r} has no default target return: set target_return")
-        try:
-            session = self.sessions.open(model, target, key)
-        except ValueError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"target_return: {exc}") from None
-        except TooManySessions as exc:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        return session, policy_pb2.OpenSessionResponse(
-            session_id=session.id, model=model.name, version=model.version,
-            context_length=model.manifest.context_length, target_return=target)
-
-    def _session(self, call: Call, session_id: str) -> Session:
-        if len(session_id) > MAX_NAME:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"session id {quoted(session_id)} is longer than {MAX_NAME} characters")
-        try:
-            session = self.sessions.get(session_id)
-        except SessionNotFound as exc:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
-        call.model = session.model.name
-        return session
+    def _open(self, call: Call, request: policy_pb2.OpenSessionRequest) -> Session:
+        model = self._model(call, request.model, optional(request, "version"))
+        return self.plane.open(model, optional(request, "target_return"))
 
     def _step(self, session: Session, request: policy_pb2.StepRequest,
               deadline: float | None = None) -> policy_pb2.StepResponse:
         if not request.HasField("observation"):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "observation is missing")
-        obs = decode_observations(session.model, request.observation, "observation", batched=False)
-        reward = request.reward if request.HasField("reward") else None
-        with session.lock:
-            try:
-                feeds = session.context.inputs(obs, reward)
-            except ValueError as exc:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            action = self._finite(session.model, session.model.infer(feeds, deadline))[0]
-            session.context.advance(obs, reward, action)
-            timestep, rtg = session.context.t - 1, session.context.return_to_go
-        return policy_pb2.StepResponse(action=encode(action.reshape(session.model.action_shape)),
-                                       timestep=timestep, return_to_go=rtg, version=session.model.version)
+            raise InvalidArgument("observation is missing")
+        result = self.plane.step(session, decode(request.observation, "observation"), optional(request, "reward"),
+                                 deadline)
+        return policy_pb2.StepResponse(action=encode(result.action), timestep=result.timestep,
+                                       return_to_go=result.return_to_go, version=result.version)
+
+
+def opened_response(session: Session) -> policy_pb2.OpenSessionResponse:
+    model = session.model
+    return policy_pb2.OpenSessionResponse(session_id=session.id, model=model.name, version=model.version,
+                                          context_length=model.manifest.context_length,
+                                          target_return=session.context.return_to_go)
+
+
+def _raise(error: Exception):
+    def handler():
+        raise error
+    return handler
 
 
 class ModelService(admin_pb2_grpc.ModelServiceServicer):
     """Operators' model control: load and unload by name (the admin token is checked by admission)."""
 
-    def __init__(self, registry: Registry):
-        self.registry = registry
-
-    def load(self, context, name: str, version: int | None) -> list[LoadedModel]:
-        """Load (all or nothing); the statuses of both model-control protocols."""
-        try:
-            loaded = self.registry.load_model(name, version)
-        except LookupError as exc:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
-        except ValueError as exc:  # a bad name, or a corrupt or incompatible file: the old keeps serving
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        log.info("load %s: loaded %s; serving versions %s", name, [m.version for m in loaded] or "nothing new",
-                 sorted(self.registry.models.get(name, {})))
-        return loaded
-
-    def unload(self, context, name: str) -> list[LoadedModel]:
-        try:
-            removed = self.registry.unload_model(name)
-        except LookupError as exc:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
-        except ValueError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        log.info("unload %s: versions %s", name, [m.version for m in removed])
-        return removed
+    def __init__(self, plane: DataPlane, metrics: Metrics | None = None):
+        self.plane = plane
+        self.metrics = metrics
 
     def LoadModel(self, request: admin_pb2.LoadModelRequest, context) -> admin_pb2.LoadModelResponse:
         def load():
-            loaded = self.load(context, request.name, request.version if request.HasField("version") else None)
-            versions = sorted(self.registry.models.get(request.name, {}))
+            loaded = self.plane.load(request.name, optional(request, "version"))
+            versions = sorted(self.plane.registry.models.get(request.name, {}))
+            log.info("load %s: loaded %s; serving versions %s", request.name,
+                     [m.version for m in loaded] or "nothing new", versions)
             return admin_pb2.LoadModelResponse(name=request.name, loaded_versions=[m.version for m in loaded],
                                                versions=versions, default_version=max(versions))
 
-        return guarded(context, Call("LoadModel"), load)
+        return guarded(context, Call("LoadModel"), load, self.metrics)
 
     def UnloadModel(self, request: admin_pb2.UnloadModelRequest, context) -> admin_pb2.UnloadModelResponse:
         def unload():
-            removed = self.unload(context, request.name)
+            removed = self.plane.unload(request.name)
+            log.info("unload %s: versions %s", request.name, [m.version for m in removed])
             return admin_pb2.UnloadModelResponse(name=request.name, unloaded_versions=[m.version for m in removed],
                                                  pinned_versions=[m.version for m in removed if m.pins])
 
-        return guarded(context, Call("UnloadModel"), unload)
+        return guarded(context, Call("UnloadModel"), unload, self.metrics)
 
 
 def start_sweeper(sessions: SessionStore, stop: threading.Event) -> threading.Thread:
@@ -415,7 +321,7 @@ class Served:
     server: grpc.Server
     port: int
     health: health.HealthServicer
-    service: PolicyService
+    plane: DataPlane
     admission: Admission
     grace: float
 
@@ -430,7 +336,7 @@ class Served:
         on a call that never finishes), saying what was still running at the deadline.
         """
         grace = self.grace if grace is None else grace
-        self.service.draining = True
+        self.plane.draining = True
         self.health.enter_graceful_shutdown()  # every service NOT_SERVING: balancers stop sending
         # New calls are refused from now on. grpc's own cut-off is set past the deadline, so that what
         # is still running at the deadline is counted here before anything is cut off (then at once).
@@ -463,12 +369,11 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
     admission = Admission(role_of, tokens, options.admission_limits(), metrics)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="batchrl"),
                          options=grpc_options, interceptors=[admission])
-    service = PolicyService(registry, SessionStore() if sessions is None else sessions, metrics)
-    policy_pb2_grpc.add_PolicyServiceServicer_to_server(service, server)
-    admin = ModelService(registry)
-    admin_pb2_grpc.add_ModelServiceServicer_to_server(admin, server)
-    kv_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeService(service, admin, tokens, version=package_version()), server)
+    plane = DataPlane(registry, SessionStore() if sessions is None else sessions, metrics)
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyService(plane, metrics), server)
+    admin_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(plane, metrics), server)
+    kv_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(plane, tokens, metrics, version=package_version()),
+                                                       server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME, ADMIN_SERVICE_NAME, KSERVE_SERVICE_NAME):
@@ -491,7 +396,7 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
         raise RuntimeError(f"cannot listen on {options.address}: the port is in use (another server?) or the "
                            "address is not one of this machine's; to share a port between batchrl serve "
                            "processes on purpose, start every one of them with --reuse-port")
-    return Served(server, port, health_servicer, service, admission, options.grace)
+    return Served(server, port, health_servicer, plane, admission, options.grace)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,14 +17,15 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from batchrl.protos.sequence import RollingContext
+from batchrl.serving.errors import InvalidArgument, NotFound, ResourceExhausted
 from batchrl.serving.runtime import LoadedModel
 
 
-class SessionNotFound(LookupError):
+class SessionNotFound(NotFound):
     """Unknown, closed or expired session id."""
 
 
-class TooManySessions(RuntimeError):
+class TooManySessions(ResourceExhausted):
     """The session limit is reached."""
 
 
@@ -59,7 +60,10 @@ class SessionStore:
 
     def open(self, model: LoadedModel, target_return: float, key: Hashable | None = None) -> Session:
         """A new session; one opened under ``key`` replaces the session that key named."""
-        context = RollingContext(model.context_spec, target_return)  # ValueError on a bad target
+        try:
+            context = RollingContext(model.context_spec, target_return)
+        except ValueError as exc:  # the shared contract says ValueError; here it is the caller's value
+            raise InvalidArgument(f"target_return: {exc}") from None
         if key is not None:
             self.close(self._keys.get(key, ""))
         with self._lock:

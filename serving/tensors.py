@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from batchrl.protos.batchrl.v1 import policy_pb2
+from batchrl.serving.errors import InvalidArgument
 
 WIRE_DTYPE = np.dtype("<f4")
 
@@ -16,12 +17,16 @@ def encode(array: np.ndarray) -> policy_pb2.Tensor:
 
 
 def decode(tensor: policy_pb2.Tensor, what: str = "tensor") -> np.ndarray:
-    """A read-only view over the message's bytes (no copy); ValueError names what is wrong."""
-    shape = tuple(tensor.shape)  # ints already (a repeated int64 field); math.prod is exact and fast
+    """A read-only view over the message's bytes (no copy); InvalidArgument names what is wrong."""
+    return from_bytes(tensor.data, tuple(tensor.shape), what)
+
+
+def from_bytes(data: bytes, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """float32 little-endian ``data`` as an array of ``shape`` (a view, no copy), checked first."""
     if any(d < 0 for d in shape):
-        raise ValueError(f"{what}: negative dimension in shape {list(shape)}")
-    expected = 4 * math.prod(shape)
-    if len(tensor.data) != expected:
-        raise ValueError(f"{what}: {len(tensor.data)} bytes of data for shape {list(shape)} "
-                         f"(expected {expected}: float32, 4 bytes per element)")
-    return np.frombuffer(tensor.data, dtype=WIRE_DTYPE).reshape(shape)
+        raise InvalidArgument(f"{what}: negative dimension in shape {list(shape)}")
+    expected = WIRE_DTYPE.itemsize * math.prod(shape)  # exact: a product past int64 must not wrap around
+    if len(data) != expected:
+        raise InvalidArgument(f"{what}: {len(data)} bytes of data for shape {list(shape)} "
+                              f"(expected {expected}: float32, {WIRE_DTYPE.itemsize} bytes per element)")
+    return np.frombuffer(data, dtype=WIRE_DTYPE).reshape(shape)

@@ -12,6 +12,7 @@ import pytest
 from batchrl.cli import main as cli
 from batchrl.protos.batchrl.v1 import policy_pb2, policy_pb2_grpc
 from batchrl.serving.repository import Registry
+from batchrl.serving.errors import InvalidArgument
 from batchrl.serving.server import ServerOptions
 from tests.serving.running import running
 from batchrl.serving.tensors import encode
@@ -184,7 +185,7 @@ def test_per_model_config_sets_batching_and_bad_config_is_rejected(repo):
     registry = Registry.open(repo, ["CPUExecutionProvider"])
     assert registry.get("pendulum").batcher.max_rows == 8
     (repo / "pendulum" / "config.json").write_text('{"max_batch": 8}')
-    with pytest.raises(ValueError, match="unknown settings \\['max_batch'\\]"):
+    with pytest.raises(InvalidArgument, match="unknown settings \\['max_batch'\\]"):
         Registry(repo, registry.defaults).load_model("pendulum")
 
 

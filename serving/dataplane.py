@@ -1,0 +1,152 @@
+"""The dataplane: what the server does, numpy in and numpy out, under every protocol it speaks.
+
+batchrl's gRPC API (serving/server.py) and the Open Inference Protocol (serving/kserve.py) are
+thin translators over it: they decode their messages into arrays, call it, and encode the answer.
+It checks what a caller sent, runs the models through their batchers, keeps the sessions and the
+repository, and raises the typed errors of serving/errors.py for whatever a caller got wrong.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from batchrl.serving.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from batchrl.serving.repository import Registry
+from batchrl.serving.runtime import LoadedModel
+from batchrl.serving.sessions import Session, SessionStore
+
+MAX_BATCH = 65_536  # observations in one Act
+MAX_NAME = 128      # characters of a model name or session id in a request
+
+
+def quoted(text: str, limit: int = 64) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters: a client's 16 KB name must not
+    come back in full (nor push the answer past the metadata limit)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    action: np.ndarray   # [*action_shape]
+    timestep: int        # this step's index in the episode
+    return_to_go: float  # what the action was conditioned on
+    version: int         # the session's model version
+
+
+class DataPlane:
+    def __init__(self, registry: Registry, sessions: SessionStore, metrics=None):
+        self.registry = registry
+        self.sessions = sessions
+        self.metrics = metrics
+        self.draining = False  # set when the server drains: readiness turns false
+
+    # -- models -----------------------------------------------------------------
+    def model(self, name: str, version: int | None = None) -> LoadedModel:
+        if len(name) > MAX_NAME:
+            raise InvalidArgument(f"model name {quoted(name)} is longer than {MAX_NAME} characters")
+        return self.registry.get(name, version)
+
+    def load(self, name: str, version: int | None = None) -> list[LoadedModel]:
+        """Load (all or nothing); an explicit load also promotes a version of another interface."""
+        return self.registry.load_model(name, version)
+
+    def unload(self, name: str) -> list[LoadedModel]:
+        return self.registry.unload_model(name)
+
+    # -- feed-forward policies ------------------------------------------------------
+    def act(self, model: LoadedModel, observations: np.ndarray, deadline: float | None = None,
+            noise_std: float = 0.0, seed: int | None = None, what: str = "observations") -> np.ndarray:
+        """Actions [batch, *action_shape] for observations [batch, *observation_shape]."""
+        if model.is_sequence:
+            raise FailedPrecondition(
+                f"model {model.name!r} version {model.version} is a sequence policy ({model.manifest.algorithm}): "
+                "it keeps per-episode context, so open a session (OpenSession, then Step) or an Episode stream "
+                "instead of calling Act")
+        if not np.isfinite(noise_std) or noise_std < 0:
+            raise InvalidArgument(f"sampling.noise_std must be finite and >= 0, got {noise_std}")
+        obs = check_observations(model, observations, what, batched=True)
+        actions = self._finite(model, model.infer({"observations": obs}, deadline))
+        if noise_std == 0:
+            return actions
+        noisy = actions + np.random.default_rng(seed).normal(0.0, noise_std, size=actions.shape).astype(np.float32)
+        return np.clip(noisy, *model.action_bounds)
+
+    # -- sequence policies: sessions ------------------------------------------------
+    def open(self, model: LoadedModel, target_return: float | None = None, key=None) -> Session:
+        """A session on ``model`` (under the caller's ``key``, if given: see SessionStore.open)."""
+        if not model.is_sequence:
+            raise FailedPrecondition(
+                f"model {model.name!r} version {model.version} is a feed-forward policy "
+                f"({model.manifest.algorithm}): call Act, sessions are for sequence policies")
+        if target_return is None:
+            if not model.manifest.HasField("default_target_return"):
+                raise InvalidArgument(f"model {model.name!r} has no default target return: set target_return")
+            target_return = model.manifest.default_target_return
+        return self.sessions.open(model, target_return, key)
+
+    def session(self, session_id: str) -> Session:
+        if len(session_id) > MAX_NAME:
+            raise InvalidArgument(f"session id {quoted(session_id)} is longer than {MAX_NAME} characters")
+        return self.sessions.get(session_id)
+
+    def step(self, session: Session, observation: np.ndarray, reward: float | None,
+             deadline: float | None = None, what: str = "observation") -> StepResult:
+        """One step: the action for ``observation``; ``reward`` is what the previous action earned.
+        A refused or failed step leaves the session as it was."""
+        model = session.model
+        obs = check_observations(model, observation, what, batched=False)
+        with session.lock:
+            try:
+                feeds = session.context.inputs(obs, reward)
+            except ValueError as exc:  # the shared context's contract; here it is the caller's value
+                raise InvalidArgument(str(exc)) from None
+            action = self._finite(model, model.infer(feeds, deadline))[0]
+            session.context.advance(obs, reward, action)
+            return StepResult(action.reshape(model.action_shape), session.context.t - 1,
+                              session.context.return_to_go, model.version)
+
+    def close(self, session_id: str) -> Session:
+        """Close an open session; NotFound (saying whether it expired) otherwise."""
+        session = self.sessions.close(session_id)
+        if session is None:
+            self.session(session_id)  # raises NotFound, saying whether it expired
+            raise NotFound(f"session {quoted(session_id)} is closed")
+        return session
+
+    # -- checks -------------------------------------------------------------------------
+    def _finite(self, model: LoadedModel, out: np.ndarray) -> np.ndarray:
+        """``out`` (this request's rows of a model run) if every value is finite; a NaN or infinite
+        action is never answered. Only the request owning such a row fails."""
+        finite = np.isfinite(out)
+        if finite.all():
+            return out
+        if self.metrics is not None:
+            self.metrics.nonfinite_outputs.labels(model.name).inc()
+        rows = np.flatnonzero(~finite.reshape(len(out), -1).all(axis=1))
+        raise OutOfRange(f"model {model.name!r} version {model.version} gave a non-finite action (NaN or "
+                         f"infinite) for row(s) {rows[:8].tolist()} of this request: the input is likely far "
+                         "outside what the policy was trained on")
+
+
+def check_observations(model: LoadedModel, obs: np.ndarray, what: str, batched: bool) -> np.ndarray:
+    """``obs`` if it is [batch, *obs_shape] (``batched``) or one [*obs_shape], non-empty, within the
+    batch cap and finite; InvalidArgument naming what is wrong otherwise."""
+    expected = model.observation_shape
+    if obs.shape[int(batched):] != expected or obs.ndim != len(expected) + int(batched):
+        wanted = f"[batch, {', '.join(map(str, expected))}]" if batched else list(expected)
+        raise InvalidArgument(f"{what} have shape {list(obs.shape)}; model {model.name!r} expects {wanted}")
+    if batched and obs.shape[0] == 0:
+        raise InvalidArgument(f"{what} hold an empty batch (batch size 0)")
+    if batched and obs.shape[0] > MAX_BATCH:
+        raise InvalidArgument(f"batch size {obs.shape[0]} exceeds the maximum of {MAX_BATCH}")
+    finite = np.isfinite(obs)
+    if not finite.all():
+        where = tuple(int(i) for i in np.argwhere(~finite)[0])
+        element = where[int(batched):]
+        element = element[0] if len(element) == 1 else list(element)
+        label = f"row {where[0]}, element {element}" if batched else f"element {element}"
+        raise InvalidArgument(f"{what} must be finite: {label} is {obs[where]}")
+    return obs
