@@ -13,7 +13,6 @@ COMMANDS = {
     "serve": "serve the model repository over gRPC (CUDA when usable, else CPU)",
     "rollout": "drive a Gymnasium environment through a served policy",
     "models": "list, load or unload the models of a running server (load/unload need the admin token)",
-    "bench-serve": "serving load benchmark: policy server vs bare gRPC echo vs in-process onnxruntime",
 }
 
 
@@ -164,13 +163,7 @@ def serve(argv: list[str]) -> int:
 
 
 def rollout(argv: list[str]) -> int:
-    from batchrl.serving.rollout import main
-
-    return main(argv)
-
-
-def bench_serve(argv: list[str]) -> int:
-    from batchrl.serving.bench import main
+    from batchrl.rollout import main
 
     return main(argv)
 
@@ -216,7 +209,7 @@ def models(argv: list[str]) -> int:
 
 
 HANDLERS = {"train": train, "eval": evaluate, "export": export, "serve": serve, "rollout": rollout,
-            "models": models, "bench-serve": bench_serve}
+            "models": models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """Where the policy server's time goes: single-observation Act at 32 in flight, with its stages taken
-away one at a time, beside the bare gRPC echo of `batchrl bench-serve` (headline (a)).
+away one at a time, beside the bare gRPC echo of `benchmarks.serve_bench` (headline (a)).
 
     python -m benchmarks.serve_stages            # writes benchmarks/results/serving-stages.md and .json
 
@@ -79,7 +79,7 @@ def serve(stage: str, repository: Path, workers: int, threads: int) -> None:
 
 # -- the driver ----------------------------------------------------------------------
 def run(args) -> dict:
-    from batchrl.serving import bench
+    from benchmarks import serve_bench as bench
 
     s = bench.Settings(model=args.model, repository=args.repository, duration=args.duration, warmup=args.warmup,
                        processes=args.processes, threads=args.threads, workers=args.workers, server_cores=args.server_cores,
@@ -162,7 +162,7 @@ def write(data: dict, output: Path) -> Path:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in rows.items():
-        what = "bare gRPC echo (serving/echo.py), raw bytes" if name == "echo" else STAGES[name]
+        what = "bare gRPC echo (benchmarks/echo.py), raw bytes" if name == "echo" else STAGES[name]
         errors = sum(sum(r["errors"].values()) for r in runs)
         per_round = ", ".join(f"{r['qps']:,.0f}" for r in runs)
         runs_per = data["requests_per_model_run"].get(name)

@@ -80,6 +80,10 @@ def version_dirs(model_dir: Path, root: Path | None = None) -> dict[int, Path]:
     return scan_versions(model_dir, root).versions
 
 
+# The largest message the server and its clients accept unless told otherwise (grpc's own default is 4 MiB:
+# too small for a batch of 65,536 observations).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
 # ONNX metadata_props key holding the manifest, as the JSON form of ModelManifest.
 MANIFEST_KEY = "batchrl.manifest"
 

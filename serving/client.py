@@ -7,6 +7,7 @@ import grpc
 import numpy as np
 
 from batchrl.protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
+from batchrl.protos.contract import MAX_MESSAGE_BYTES
 from batchrl.serving.tensors import decode, encode
 
 
@@ -15,7 +16,7 @@ class PolicyClient:
 
     def __init__(self, address: str, timeout: float | None = 10.0, tls_ca: bytes | None = None,
                  client_cert: bytes | None = None, client_key: bytes | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024, token: str | None = None):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None):
         """Plaintext by default; ``tls_ca`` (PEM bytes) switches to TLS, and ``client_cert`` with
         ``client_key`` present a client certificate (mutual TLS). ``token``: the data-plane bearer
         token, for a server started with one."""

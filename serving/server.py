@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from batchrl.version import package_version
 from batchrl.protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
+from batchrl.protos.contract import MAX_MESSAGE_BYTES
 from batchrl.serving.admission import Admission, AdmissionLimits, Role, StreamIdle
 from batchrl.serving.auth import DATA_TOKEN_ENV, Tokens, read_admin_token, read_token
 from batchrl.serving.batcher import BatchLimits
@@ -274,7 +275,7 @@ class ServerOptions:
     stream_idle_timeout: float = 60.0    # seconds a stream may wait for its client's next message
     admin_token: str | None = None       # None: model management is refused
     data_token: str | None = None        # None: the data plane needs no token
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     grace: float = 5.0                   # seconds in-flight requests get to finish on shutdown
     per_client_limit: int | None = None  # concurrent requests per client (mTLS identity, else peer address)
     reuse_port: bool = False             # share the port with other processes (SO_REUSEPORT) on purpose
@@ -436,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics over HTTP on this port (0: any free port; default: off)")
     parser.add_argument("--metrics-address", default="127.0.0.1", help="address of the metrics endpoint")
-    parser.add_argument("--max-message-mb", type=float, default=64.0, help="largest request or response (MiB)")
+    parser.add_argument("--max-message-mb", type=float, default=MAX_MESSAGE_BYTES / 2**20,
+                        help=f"largest request or response (MiB; default {MAX_MESSAGE_BYTES / 2**20:g})")
     parser.add_argument("--grace", type=float, default=5.0,
                         help="seconds requests in flight get to finish after SIGTERM (default 5)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")

@@ -1,17 +1,41 @@
 """Packaging contracts: import boundaries, generated code in date, the console script."""
 import json
+import pkgutil
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def imported_after(statement: str) -> set[str]:
+def modules_after(statement: str) -> list[str]:
+    """Every module loaded by ``statement`` in a fresh interpreter."""
     code = f"import sys, json; {statement}; print(json.dumps(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    return {m.split(".")[0] for m in json.loads(out.stdout)}
+    return json.loads(out.stdout)
+
+
+def imported_after(statement: str) -> set[str]:
+    return {m.split(".")[0] for m in modules_after(statement)}
+
+
+def serving_install_modules() -> list[str]:
+    """Every module that the serving install ships: batchrl.serving and batchrl.protos."""
+    import batchrl.protos
+    import batchrl.serving
+
+    return sorted(m.name for package in (batchrl.serving, batchrl.protos)
+                  for m in pkgutil.walk_packages(package.__path__, package.__name__ + "."))
+
+
+@pytest.mark.parametrize("module", serving_install_modules())
+def test_no_module_of_the_serving_install_imports_training_torch_minari_or_gymnasium(module):
+    mods = modules_after(f"import {module}")
+    assert not {"torch", "minari", "gymnasium", "mujoco"} & {m.split(".")[0] for m in mods}
+    assert not [m for m in mods if m.startswith("batchrl.training")]
 
 
 def test_server_imports_no_torch_minari_or_gymnasium():

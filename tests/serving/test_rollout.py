@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from batchrl.serving.repository import Registry
-from batchrl.serving.rollout import rollout
+from batchrl.rollout import rollout
 from batchrl.serving.server import build_server
 from batchrl.training.evaluation import run_episodes
 

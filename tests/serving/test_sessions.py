@@ -11,7 +11,7 @@ import torch
 
 from batchrl.protos.batchrl.v1 import policy_pb2
 from batchrl.protos.sequence import SEQUENCE_INPUTS
-from batchrl.serving.rollout import rollout
+from batchrl.rollout import rollout
 from batchrl.serving.runtime import load_model
 from batchrl.serving.sessions import SessionStore
 from tests.serving.running import running

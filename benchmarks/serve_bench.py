@@ -1,4 +1,4 @@
-"""`batchrl bench-serve`: how close the policy server gets to bare gRPC and to in-process onnxruntime.
+"""The serving benchmark (`python -m benchmarks.serve_bench`): how close the policy server gets to bare gRPC and to in-process onnxruntime.
 
 Method. One run starts, as subprocesses pinned with ``taskset -c`` to the
 server cores, three servers that stay idle unless measured (one at a time):
@@ -73,12 +73,21 @@ import numpy as np
 
 from batchrl.protos.batchrl.v1 import policy_pb2
 from batchrl.protos.contract import MODEL_FILE, version_dirs
-from batchrl.serving.echo import ECHO_METHOD, STREAM_METHOD
+from batchrl.protos.contract import MAX_MESSAGE_BYTES
+from batchrl.serving.dataplane import MAX_BATCH
+from benchmarks.echo import ECHO_METHOD, STREAM_METHOD
 from batchrl.serving.tensors import decode, encode
 
-ACT_METHOD = "/batchrl.v1.PolicyService/Act"
-MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
-EPISODE_METHOD = "/batchrl.v1.PolicyService/Episode"
+# Method paths from the wire contract itself (the OIP's is read where tritonclient is loaded anyway).
+SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+ACT_METHOD = f"/{SERVICE_NAME}/Act"
+EPISODE_METHOD = f"/{SERVICE_NAME}/Episode"
+
+
+def model_infer_method() -> str:
+    from batchrl.serving.server import KSERVE_SERVICE_NAME  # imports tritonclient's protocol modules
+
+    return f"/{KSERVE_SERVICE_NAME}/ModelInfer"
 STREAM_CONCURRENCY = 32    # streams in phase 3: each holds a server worker thread while open
 BATCH_CONCURRENCIES = (1, 4)
 BATCHING_CONCURRENCY = 64  # clients in the batching on/off comparison
@@ -89,7 +98,6 @@ TARGET_SERVED_VS_IN_PROCESS = 0.4
 LEAD = 0.3                 # seconds between sending a job and its warm-up: workers connect meanwhile
 REQUEST_TIMEOUT = 30.0     # per request; only a stuck server hits it
 STARTUP_TIMEOUT = 90.0     # a busy machine imports onnxruntime slowly
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # what `batchrl serve` and the echo accept by default
 N_PHASES = 8
 
 
@@ -115,7 +123,7 @@ class Settings:
 
     def command(self) -> str:
         """The command line that repeats this run, every setting spelled out."""
-        args = ["batchrl", "bench-serve", "--model", self.model, "--repository", str(self.repository),
+        args = ["python", "-m", "benchmarks.serve_bench", "--model", self.model, "--repository", str(self.repository),
                 "--duration", f"{self.duration:g}", "--warmup", f"{self.warmup:g}",
                 "--processes", str(self.processes), "--concurrency", ",".join(map(str, self.concurrency)),
                 "--batch-size", str(self.batch_size), "--threads", str(self.threads), "--workers", str(self.workers),
@@ -147,8 +155,8 @@ def check_settings(s: Settings) -> None:
                         ("--workers", s.workers)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    if s.batch_size > 65_536:  # the server's MAX_BATCH
-        raise ValueError(f"--batch-size {s.batch_size} exceeds the server's maximum batch of 65536")
+    if s.batch_size > MAX_BATCH:
+        raise ValueError(f"--batch-size {s.batch_size} exceeds the server's maximum batch of {MAX_BATCH}")
     model_dir = s.repository / s.model
     if not model_dir.is_dir():
         there = sorted(p.name for p in s.repository.iterdir() if p.is_dir()) if s.repository.is_dir() else None
@@ -307,7 +315,7 @@ def policy_server(name: str, s: Settings, pinning: Pinning, extra: list[str] = (
 
 def echo_server(s: Settings, pinning: Pinning, response_bytes: int) -> ServerProcess:
     """Replies (unary and stream) of ``response_bytes``: the size of the policy server's own answer."""
-    argv = [*pinning.prefix(), sys.executable, "-m", "batchrl.serving.echo", "--address", "127.0.0.1:0",
+    argv = [*pinning.prefix(), sys.executable, "-m", "benchmarks.echo", "--address", "127.0.0.1:0",
             "--workers", str(s.workers), "--response-bytes", str(response_bytes)]
     return ServerProcess("echo server", argv, r"^(\d+)$")
 
@@ -968,7 +976,7 @@ def run(s: Settings) -> dict:
                  f"{pinning.note}")
         work = Workloads(Workload(ECHO_METHOD, "unary", echo_request), Workload(STREAM_METHOD, "stream", echo_request),
                          single, batch, episode,
-                         Workload(MODEL_INFER_METHOD, "triton", **library) if library else None,
+                         Workload(model_infer_method(), "triton", **library) if library else None,
                          Workload(ACT_METHOD, "batchrl", **library) if library else None)
         model_path = version_dirs(s.repository / s.model)[version.version] / MODEL_FILE
         bench = Bench(s, pool, pinning, Servers(on, off, echo), work, model_path)
@@ -1080,7 +1088,7 @@ def pct(value: float | None) -> str:
 def markdown(data: dict) -> str:
     s, m, pin = data["settings"], data["machine"], data["pinning"]
     lines = [f"# Serving benchmark: {data['model']['name']} (version {data['model']['version']})", "",
-             "Written by `batchrl bench-serve` (serving/bench.py, whose docstring explains the method); every "
+             "Written by `python -m benchmarks.serve_bench` (its docstring explains the method); every "
              "number below comes from this one run.", "", "## Headline", "",
              "| | ratio | value | target | met |", "|---|---|---|---|---|"]
     for key, h in data["headline"].items():
@@ -1131,7 +1139,7 @@ def write(data: dict, output: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     d = Settings()
-    parser = argparse.ArgumentParser(prog="batchrl bench-serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=d.model, help=f"model name in the repository (default {d.model})")
     parser.add_argument("--repository", "-r", type=Path, default=d.repository,
                         help=f"model repository root (default {d.repository})")

@@ -1,4 +1,4 @@
-"""`batchrl bench-serve` end to end on a tiny budget, the echo server, and the benchmark's small parts."""
+"""The serving benchmark (`python -m benchmarks.serve_bench`) end to end on a tiny budget, the echo server, and the benchmark's small parts."""
 import json
 import os
 import shutil
@@ -10,8 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from batchrl.serving.bench import parse_concurrency, parse_cpus, split
-from batchrl.serving.echo import ECHO_METHOD, STREAM_METHOD, build_echo_server
+from benchmarks.serve_bench import parse_concurrency, parse_cpus, split
+from benchmarks.echo import ECHO_METHOD, STREAM_METHOD, build_echo_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ def test_bench_serve_measures_every_phase_and_writes_the_report(tmp_path):
     out = tmp_path / "results" / "serving"
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "batchrl.cli", "bench-serve", "--repository", str(ROOT / "models"), "--model",
+        [sys.executable, "-m", "benchmarks.serve_bench", "--repository", str(ROOT / "models"), "--model",
          "hopper-iql", "--duration", "0.5", "--warmup", "0.2", "--concurrency", "1,4", "--processes", "2",
          "--batch-size", "8", "--output", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=140)
@@ -85,7 +85,7 @@ def test_echo_answers_with_the_configured_sizes():
 
 
 def test_echo_cli_prints_its_port_and_stops_on_sigterm():
-    proc = subprocess.Popen([sys.executable, "-m", "batchrl.serving.echo", "--response-bytes", "3", "--workers", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.echo", "--response-bytes", "3", "--workers", "2"],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())
@@ -117,7 +117,7 @@ def test_cpu_lists_read_like_taskset():
 
 
 def test_benchmark_imports_no_torch_minari_gymnasium_or_tritonclient():
-    code = "import sys, json, batchrl.serving.bench, batchrl.serving.echo; print(json.dumps(sorted(sys.modules)))"
+    code = "import sys, json, benchmarks.serve_bench, benchmarks.echo; print(json.dumps(sorted(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     mods = {m.split(".")[0] for m in json.loads(out.stdout)}
     assert "grpc" in mods and not {"torch", "minari", "gymnasium"} & mods

@@ -1,4 +1,5 @@
-"""A bare gRPC echo service: the floor `batchrl bench-serve` compares the policy server against.
+"""A bare gRPC echo service: the floor the serving benchmark (benchmarks/serve_bench.py) compares the policy
+server against.
 
 It is built like the policy server (``grpc.server`` over a ThreadPoolExecutor
 with the same worker count and message size options) but does no work: the
@@ -9,7 +10,7 @@ that payload like the policy server's real response, so both servers put the
 same bytes on the wire and the difference between them is the policy work
 (decode, checks, batcher, onnxruntime, encode, metrics).
 
-    python -m serving.echo --address 127.0.0.1:0 --workers 64 --response-bytes 37
+    python -m benchmarks.echo --address 127.0.0.1:0 --workers 64 --response-bytes 37
 
 prints its bound port on stdout (one line) and serves until SIGTERM or SIGINT.
 No protobuf: identity (bytes) serializers on both methods.
@@ -24,6 +25,7 @@ from concurrent import futures
 
 import grpc
 
+from batchrl.protos.contract import MAX_MESSAGE_BYTES
 from batchrl.serving.signals import StopSignals
 
 SERVICE = "batchrl.bench.Echo"
@@ -32,7 +34,7 @@ STREAM_METHOD = f"/{SERVICE}/EchoStream"
 
 
 def build_echo_server(address: str, workers: int, response_bytes: int, stream_response_bytes: int | None = None,
-                      max_message_bytes: int = 64 * 1024 * 1024) -> tuple[grpc.Server, int]:
+                      max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
     """A configured, not yet started, echo server and its bound port."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -71,13 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--response-bytes", type=int, required=True, help="size of every Echo reply")
     parser.add_argument("--stream-response-bytes", type=int, default=None,
                         help="size of every EchoStream reply (default: --response-bytes)")
-    parser.add_argument("--max-message-mb", type=float, default=64.0, help="largest request or response (MiB)")
+    parser.add_argument("--max-message-mb", type=float, default=MAX_MESSAGE_BYTES / 2**20,
+                        help="largest request or response (MiB)")
     args = parser.parse_args(argv)
     try:
         server, port = build_echo_server(args.address, args.workers, args.response_bytes,
                                          args.stream_response_bytes, int(args.max_message_mb * 1024 * 1024))
     except (ValueError, OSError) as exc:
-        print(f"batchrl.serving.echo: error: {exc}", file=sys.stderr)
+        print(f"benchmarks.echo: error: {exc}", file=sys.stderr)
         return 1
     signals = StopSignals()
     server.start()
