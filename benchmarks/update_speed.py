@@ -2,9 +2,10 @@
 
     python -m benchmarks.update_speed            # writes benchmarks/results/update_speed.md
 
-Synthetic transitions (11-dim observations, 3-dim actions) at each algorithm's
-default networks and batch size; 20 warm-up updates, then timed updates. No
-evaluation or I/O is included.
+A synthetic dataset (11-dim observations, 3-dim actions, 100 episodes of 1,000
+steps) drawn by each algorithm's own sampler (transitions, or the Decision
+Transformer's segments) at its default networks and batch size; 20 warm-up
+updates, then timed updates. Sampling is included, evaluation and I/O are not.
 """
 from __future__ import annotations
 
@@ -13,30 +14,43 @@ import platform
 import sys
 import time
 
+import numpy as np
 import torch
 
 from benchmarks.offline import RESULTS
-from batchrl.training.algorithms import ALGORITHMS, Batch, Context
+from batchrl.training.algorithms import ALGORITHMS, Context
+from batchrl.training.data import OfflineDataset
 from batchrl.training.trainer import algorithm_config
 
 
-def updates_per_second(name: str, updates: int, obs_dim: int = 11, act_dim: int = 3, size: int = 100_000) -> float:
+def synthetic_dataset(obs_dim: int = 11, act_dim: int = 3, episodes: int = 100, length: int = 1000) -> OfflineDataset:
+    rng = np.random.default_rng(0)
+    size = episodes * length
+    obs = rng.normal(size=(size, obs_dim)).astype(np.float32)
+    ends = np.zeros(size, np.float32)
+    ends[length - 1::length] = 1.0
+    return OfflineDataset(
+        dataset_id="synthetic", env_id="", observations=obs, next_observations=np.roll(obs, -1, axis=0),
+        actions=rng.uniform(-1, 1, size=(size, act_dim)).astype(np.float32),
+        rewards=rng.random(size).astype(np.float32), terminations=np.zeros(size, np.float32), truncations=ends,
+        episode_starts=np.arange(0, size, length, dtype=np.int64),
+        episode_lengths=np.full(episodes, length, dtype=np.int64), action_low=-np.ones(act_dim, np.float32),
+        action_high=np.ones(act_dim, np.float32), ref_min_score=None, ref_max_score=None)
+
+
+def updates_per_second(name: str, updates: int, data: OfflineDataset | None = None, warmup: int = 20) -> float:
+    """Updates per second of ``name`` at its defaults, batches drawn by its own sampler."""
     torch.manual_seed(0)
-    obs, act = torch.randn(size, obs_dim), torch.rand(size, act_dim) * 2 - 1
-    rew, term = torch.rand(size), torch.zeros(size)
-    algo = ALGORITHMS[name][1](algorithm_config(name, {}),
-                               Context(obs_dim, act_dim, 100_000, 3000.0, torch.device("cpu")))
-    gen = torch.Generator().manual_seed(0)
-
-    def batch() -> Batch:
-        idx = torch.randint(size, (algo.batch_size,), generator=gen)
-        return Batch(obs[idx], act[idx], rew[idx], obs[idx], term[idx])
-
-    for _ in range(20):
-        algo.update(batch())
+    data = synthetic_dataset() if data is None else data
+    device = torch.device("cpu")
+    algo = ALGORITHMS[name][1](algorithm_config(name, {}), Context(data.obs_dim, data.act_dim, 100_000, 3000.0, device))
+    mean, std = data.observation_stats()
+    sampler = algo.sampler(data, mean, std, device, seed=0)
+    for _ in range(warmup):
+        algo.update(sampler.sample(algo.batch_size))
     start = time.perf_counter()
     for _ in range(updates):
-        algo.update(batch())
+        algo.update(sampler.sample(algo.batch_size))
     return updates / (time.perf_counter() - start)
 
 
@@ -49,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
              f"Machine: {platform.machine()}, torch {torch.__version__}. "
              "Reproduce: `python -m benchmarks.update_speed`.", "",
              "| algorithm | batch | updates/s |", "|---|---|---|"]
+    data = synthetic_dataset()
     for name in ALGORITHMS:
-        rate = updates_per_second(name, args.updates)
+        rate = updates_per_second(name, args.updates, data)
         batch = algorithm_config(name, {}).batch_size
         print(f"{name}: {rate:.1f} updates/s", flush=True)
         lines.append(f"| {name} | {batch} | {rate:.1f} |")

@@ -28,10 +28,9 @@ from tqdm.auto import tqdm
 from batchrl.version import package_version
 from batchrl.protos.sequence import ContextSpec
 from batchrl.training.algorithms import ALGORITHMS, Context, OfflineAlgorithm
-from batchrl.training.data import OfflineDataset, load_dataset
+from batchrl.training.data import load_dataset
 from batchrl.training.evaluation import Act, evaluate, make_eval_env, sequence_agent, stateless
 from batchrl.training.policy import DeployedPolicy, DeployedSequencePolicy
-from batchrl.training.sampling import ReplaySampler, SegmentSampler
 
 CHECKPOINT = "checkpoint.pt"
 RESULT = "result.json"
@@ -120,26 +119,6 @@ def build_algorithm(config: TrainConfig, obs_dim: int, act_dim: int, return_rang
     return cls(algorithm_config(config.algorithm, config.algo), ctx)
 
 
-def make_sampler(algo: OfflineAlgorithm, data: OfflineDataset, obs_mean: np.ndarray, obs_std: np.ndarray,
-                 device: torch.device, seed: int):
-    if algo.batch_kind == "segments":
-        cfg = algo.config
-        return SegmentSampler(data, obs_mean, obs_std, device, seed, cfg.context_length, cfg.max_timestep,
-                              cfg.return_scale)
-    return ReplaySampler(data, obs_mean, obs_std, device, seed)
-
-
-def deployed_policy(algo: OfflineAlgorithm, obs_mean: np.ndarray, obs_std: np.ndarray, action_low: np.ndarray,
-                    action_high: np.ndarray, best_return: float) -> DeployedPolicy:
-    """The algorithm's acting path wrapped with normalisation and action scaling."""
-    if algo.batch_kind == "segments":
-        cfg = algo.config
-        target = best_return if cfg.target_return is None else cfg.target_return
-        return DeployedSequencePolicy(algo.policy(), obs_mean, obs_std, action_low, action_high,
-                                      cfg.context_length, cfg.max_timestep, cfg.return_scale, target)
-    return DeployedPolicy(algo.policy(), obs_mean, obs_std, action_low, action_high)
-
-
 def policy_act(policy: DeployedPolicy) -> Act:
     """The deployed policy as an evaluation ``Act`` (a rolling context per episode for sequence models)."""
     if isinstance(policy, DeployedSequencePolicy):
@@ -177,7 +156,7 @@ def load_policy(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, Deploy
     algo = build_algorithm(config, int(norm["obs_mean"].numel()), int(norm["action_low"].numel()),
                            float(ckpt["return_range"]), torch.device(device))
     algo.load_state_dict(ckpt["algorithm"])
-    policy = deployed_policy(algo, norm["obs_mean"].cpu().numpy(), norm["obs_std"].cpu().numpy(),
+    policy = algo.deployed(norm["obs_mean"].cpu().numpy(), norm["obs_std"].cpu().numpy(),
                              norm["action_low"].cpu().numpy(), norm["action_high"].cpu().numpy(),
                              float(ckpt.get("best_return", float("nan")))).to(device)
     return config, policy.eval(), ckpt
@@ -223,8 +202,8 @@ class Trainer:
         self.return_range = float(returns.max() - returns.min())
         self.best_return = float(returns.max())
         self.algo = build_algorithm(config, self.data.obs_dim, self.data.act_dim, self.return_range, self.device)
-        self.sampler = make_sampler(self.algo, self.data, self.obs_mean, self.obs_std, self.device, config.seed)
-        self.policy = deployed_policy(self.algo, self.obs_mean, self.obs_std, self.data.action_low,
+        self.sampler = self.algo.sampler(self.data, self.obs_mean, self.obs_std, self.device, config.seed)
+        self.policy = self.algo.deployed(self.obs_mean, self.obs_std, self.data.action_low,
                                       self.data.action_high, self.best_return).to(self.device)
         self.step = 0
         self.train_seconds = 0.0

@@ -5,6 +5,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,10 +53,12 @@ class OfflineAlgorithm(ABC):
 
     Subclasses fill ``modules``, ``optimizers`` and ``schedulers`` and implement
     ``update`` (one gradient step) and ``policy`` (normalised obs -> action in [-1, 1]).
+    What differs between algorithms beyond that is theirs too: ``sampler`` (what feeds
+    ``update``) and ``deployed`` (the acting path with normalisation and action scaling);
+    the defaults are the transition algorithms'. The trainer holds no per-algorithm branch.
     """
 
     name: ClassVar[str]
-    batch_kind: ClassVar[str] = "transitions"  # or "segments" (sequence models): which sampler feeds update()
 
     def __init__(self, config) -> None:
         self.config = config
@@ -73,6 +76,19 @@ class OfflineAlgorithm(ABC):
     def policy(self) -> nn.Module:
         """The deterministic acting path: normalised observations -> actions in [-1, 1]
         (sequence models: the normalised context -> the last step's action)."""
+
+    def sampler(self, data, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device, seed: int):
+        """What feeds ``update``: uniformly drawn transitions (a ReplaySampler)."""
+        from batchrl.training.sampling import ReplaySampler  # sampling imports this module
+
+        return ReplaySampler(data, obs_mean, obs_std, device, seed)
+
+    def deployed(self, obs_mean: np.ndarray, obs_std: np.ndarray, action_low: np.ndarray, action_high: np.ndarray,
+                 best_return: float) -> nn.Module:
+        """The acting path with observation normalisation and action scaling (what export traces)."""
+        from batchrl.training.policy import DeployedPolicy
+
+        return DeployedPolicy(self.policy(), obs_mean, obs_std, action_low, action_high)
 
     def step_optimizer(self, name: str, loss: torch.Tensor) -> None:
         opt = self.optimizers[name]

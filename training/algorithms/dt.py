@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -133,7 +133,6 @@ def masked_action_loss(predicted: torch.Tensor, target: torch.Tensor, mask: torc
 
 class DT(OfflineAlgorithm):
     name = "dt"
-    batch_kind: ClassVar[str] = "segments"
 
     def __init__(self, config: DTConfig, ctx: Context):
         super().__init__(config)
@@ -159,3 +158,21 @@ class DT(OfflineAlgorithm):
 
     def policy(self) -> nn.Module:
         return LastAction(self.model)
+
+    def sampler(self, data, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device, seed: int):
+        """Segments of K consecutive steps of one episode, left-padded (a SegmentSampler)."""
+        from batchrl.training.sampling import SegmentSampler
+
+        cfg = self.config
+        return SegmentSampler(data, obs_mean, obs_std, device, seed, cfg.context_length, cfg.max_timestep,
+                              cfg.return_scale)
+
+    def deployed(self, obs_mean: np.ndarray, obs_std: np.ndarray, action_low: np.ndarray, action_high: np.ndarray,
+                 best_return: float) -> nn.Module:
+        """The rolling-context acting path, conditioned by default on the dataset's best return."""
+        from batchrl.training.policy import DeployedSequencePolicy
+
+        cfg = self.config
+        target = best_return if cfg.target_return is None else cfg.target_return
+        return DeployedSequencePolicy(self.policy(), obs_mean, obs_std, action_low, action_high,
+                                      cfg.context_length, cfg.max_timestep, cfg.return_scale, target)
