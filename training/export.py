@@ -27,7 +27,7 @@ from batchrl.protos.sequence import SEQUENCE_INPUTS, ContextSpec, RollingContext
 from batchrl.training.data import OfflineDataset, load_dataset
 from batchrl.training.policy import DeployedSequencePolicy
 from batchrl.version import package_version
-from batchrl.training.trainer import RESULT, code_version, load_policy
+from batchrl.training.trainer import RESULT, load_policy, training_code
 
 OPSET = 17
 
@@ -83,11 +83,11 @@ def probe_inputs(policy: torch.nn.Module, data: OfflineDataset, probes: int) -> 
 
 
 def build_manifest(config, data: OfflineDataset, steps: int, result: dict | None,
-                   policy: torch.nn.Module | None = None) -> manifest_pb2.ModelManifest:
+                   policy: torch.nn.Module | None = None, code: str = "unknown") -> manifest_pb2.ModelManifest:
     m = manifest_pb2.ModelManifest(
         algorithm=config.algorithm, dataset_id=config.dataset, env_id=data.env_id, training_steps=steps,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), batchrl_version=package_version(),
-        code_version=code_version(),
+        code_version=code,  # the code that trained the policy, not the checkout that exports it
     )
     m.observation_space.shape.extend([data.obs_dim])
     m.observation_space.low.extend([-np.inf] * data.obs_dim)
@@ -186,7 +186,7 @@ def export_run(run_dir: str | Path, name: str, repository: str | Path = "models"
     data = load_dataset(config.dataset)
     result_path = Path(run_dir) / RESULT
     result = json.loads(result_path.read_text()) if result_path.exists() else None
-    manifest = build_manifest(config, data, int(ckpt["step"]), result, policy)
+    manifest = build_manifest(config, data, int(ckpt["step"]), result, policy, training_code(Path(run_dir)))
     inputs = probe_inputs(policy, data, probes)
     count = len(next(iter(inputs.values())))
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,9 @@
 
 A run folder holds:
   config.json     the run's configuration (algorithm config resolved)
-  version.json    batchrl version and git commit of the code that trained it
+  version.json    provenance: one entry per training session (the first, then one per resume) with
+                  the batchrl version, the git commit of the code that trained, torch, and the step
+                  it started from; export copies the commits into the manifest
   metrics.jsonl   one JSON row per log interval ("train") and per evaluation ("eval")
   curve.png       the learning curve (normalised score or return, and losses)
   checkpoint.pt   the latest checkpoint (tensors and plain values only: loads with weights_only)
@@ -33,6 +35,7 @@ from batchrl.training.evaluation import Act, evaluate, make_eval_env, sequence_a
 from batchrl.training.policy import DeployedPolicy, DeployedSequencePolicy
 
 CHECKPOINT = "checkpoint.pt"
+VERSION = "version.json"
 RESULT = "result.json"
 METRICS = "metrics.jsonl"
 
@@ -103,6 +106,20 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
+
+
+def read_provenance(run_dir: Path) -> list[dict]:
+    """The run's training sessions, oldest first (a version.json written before sessions were kept: one)."""
+    path = Path(run_dir) / VERSION
+    if not path.exists():
+        return []
+    recorded = json.loads(path.read_text())
+    return recorded["sessions"] if "sessions" in recorded else [recorded]
+
+
+def training_code(run_dir: Path) -> str:
+    """The commit(s) of the code that trained the run, in order, joined by '+' when a resume changed it."""
+    return "+".join(dict.fromkeys(s["code"] for s in read_provenance(run_dir))) or "unknown"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -210,8 +227,10 @@ class Trainer:
         if resume and ckpt_path.exists():
             self._restore(load_checkpoint(self.run_dir, map_location=self.device))
         self._write_json("config.json", dataclasses.asdict(config))
-        self._write_json("version.json", {"batchrl": package_version(), "code": code_version(),
-                                          "torch": torch.__version__})
+        sessions = read_provenance(self.run_dir) if resume else []
+        sessions.append({"batchrl": package_version(), "code": code_version(), "torch": torch.__version__,
+                         "from_step": self.step, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        self._write_json(VERSION, {"sessions": sessions})
         self._env = None
 
     # -- checkpoints -------------------------------------------------------

@@ -1,5 +1,6 @@
 """ONNX export: parity with torch, dynamic batch, manifest, atomic integer versions."""
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -62,6 +63,18 @@ def test_manifest_in_metadata(repository, trained_run):
     assert manifest.normalized_score == pytest.approx(result["normalized_score"])
     assert (manifest.ref_min_score, manifest.ref_max_score) == (-1200.0, -150.0)
     assert manifest.created_at.endswith("Z") and manifest.code_version
+
+
+def test_manifest_carries_the_code_that_trained_not_the_checkout_that_exports(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    sessions = json.loads((run / "version.json").read_text())["sessions"]
+    sessions[0]["code"] = "0123abc"  # trained by another commit, then resumed by this checkout's
+    sessions.append({**sessions[0], "code": "4567def", "from_step": 150})
+    (run / "version.json").write_text(json.dumps({"sessions": sessions}))
+    export_run(run, "pendulum", tmp_path / "models")
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "models" / "pendulum" / "1" / "model.onnx")).metadata_props}
+    assert manifest_from_json(meta[MANIFEST_KEY]).code_version == "0123abc+4567def"
 
 
 def test_mismatch_writes_nothing(trained_run, tmp_path):

@@ -23,7 +23,8 @@ def test_run_folder_holds_config_version_metrics_curve_checkpoint_and_result(tra
     assert result["steps"] == 300 and result["normalized_score"] is not None
     cfg = json.loads((trained_run / "config.json").read_text())
     assert cfg["algo"]["expectile"] == 0.7 and cfg["algo"]["beta"] == 3.0 and cfg["algo"]["hidden"] == [32, 32]
-    assert json.loads((trained_run / "version.json").read_text())["code"]
+    [session] = json.loads((trained_run / "version.json").read_text())["sessions"]
+    assert session["code"] and session["from_step"] == 0 and session["batchrl"]
     assert (trained_run / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -51,6 +52,10 @@ def test_resume_continues_exactly(minari_root, tmp_path):
         for key, tensor in a["algorithm"]["modules"][group].items():
             torch.testing.assert_close(tensor, b["algorithm"]["modules"][group][key], rtol=0, atol=0)
     assert a["algorithm"]["schedulers"]["actor"]["last_epoch"] == b["algorithm"]["schedulers"]["actor"]["last_epoch"] == 120
+    # provenance: the first session, then one entry per resume (the first is never rewritten)
+    first = json.loads((tmp_path / "straight" / "version.json").read_text())["sessions"]
+    sessions = json.loads((tmp_path / "resumed" / "version.json").read_text())["sessions"]
+    assert [s["from_step"] for s in first] == [0] and [s["from_step"] for s in sessions] == [0, 60]
     rows_a = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     rows_b = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "updates_per_s"} for r in rows]  # noqa: E731
