@@ -4,7 +4,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -19,13 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(150)
 def test_bench_serve_measures_every_phase_and_writes_the_report(tmp_path):
     out = tmp_path / "results" / "serving"
-    started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.serve_bench", "--repository", str(ROOT / "models"), "--model",
          "hopper-iql", "--duration", "0.5", "--warmup", "0.2", "--concurrency", "1,4", "--processes", "2",
          "--batch-size", "8", "--output", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=140)
-    elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     assert "[8/8]" in result.stderr  # a progress line per phase
 
@@ -69,7 +66,6 @@ def test_bench_serve_measures_every_phase_and_writes_the_report(tmp_path):
     assert "tritonclient QPS / PolicyClient QPS at concurrency 32" in md
     assert "| 8. tritonclient ModelInfer |" in md and "| 8. batchrl PolicyClient.act |" in md
     assert data["command"] in md and "--concurrency 1,4" in data["command"]
-    assert elapsed < 60, f"the tiny benchmark took {elapsed:.0f} s"
 
 
 def test_echo_answers_with_the_configured_sizes():

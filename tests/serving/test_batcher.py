@@ -116,10 +116,11 @@ def test_a_full_queue_refuses_and_an_expired_request_is_not_run():
 
 def test_a_filling_batch_waits_for_more_but_a_lone_request_does_not():
     run = SlowDouble(delay=0.0)
-    batcher = Batcher(run, BatchLimits(max_delay=0.5))
-    start = time.monotonic()
-    batcher.submit({"x": np.ones((1, 1))})
-    assert time.monotonic() - start < 0.25  # nothing else queued: ran at once
+    batcher = Batcher(run, BatchLimits(max_delay=60.0))
+    lone = threading.Thread(target=batcher.submit, args=({"x": np.ones((1, 1))},))
+    lone.start()
+    lone.join(timeout=30)  # a batch filling for more would wait the whole minute
+    assert not lone.is_alive() and run.sizes == [1]  # nothing else queued: ran at once, alone
     slow = SlowDouble(delay=0.3)
     batcher = Batcher(slow, BatchLimits(max_delay=0.3, max_rows=64))
     # One request runs alone (0.3 s); two arrive near its end and a third 0.1 s after it ends:
