@@ -402,20 +402,21 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="batchrl serve", description="Serve the model repository over gRPC.")
+    defaults = ServerOptions()  # the one place the server's defaults are written
     parser.add_argument("--repository", "-r", default="models", help="model repository root (default: models)")
     parser.add_argument("--address", "-a", default="127.0.0.1:50051", help="host:port to listen on")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                         help="auto: CUDA when a GPU is usable, else CPU")
     parser.add_argument("--device-id", type=int, default=0, help="CUDA device index")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per model")
-    parser.add_argument("--workers", type=int, default=64,
-                        help="gRPC worker threads (each open stream holds one; default 64)")
+    parser.add_argument("--workers", type=int, default=defaults.workers,
+                        help="gRPC worker threads (each open stream holds one; default %(default)s)")
     parser.add_argument("--max-streams", type=int, default=None,
                         help="most concurrent streams (Episode, reflection); more get RESOURCE_EXHAUSTED "
                              "(default: workers - 8, so unary calls and health always find a thread)")
-    parser.add_argument("--stream-idle-timeout", type=float, default=60.0,
+    parser.add_argument("--stream-idle-timeout", type=float, default=defaults.stream_idle_timeout,
                         help="seconds a stream may wait for its client's next message before the server closes "
-                             "it; its session stays open (default 60)")
+                             "it; its session stays open (default %(default)s)")
     parser.add_argument("--max-batch", type=int, default=1024,
                         help="most observations (or session steps) one model run gathers (default 1024)")
     parser.add_argument("--max-queue-delay-us", type=int, default=500,
@@ -437,10 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics over HTTP on this port (0: any free port; default: off)")
     parser.add_argument("--metrics-address", default="127.0.0.1", help="address of the metrics endpoint")
-    parser.add_argument("--max-message-mb", type=float, default=MAX_MESSAGE_BYTES / 2**20,
-                        help=f"largest request or response (MiB; default {MAX_MESSAGE_BYTES / 2**20:g})")
-    parser.add_argument("--grace", type=float, default=5.0,
-                        help="seconds requests in flight get to finish after SIGTERM (default 5)")
+    parser.add_argument("--max-message-mb", type=float, default=defaults.max_message_bytes / 2**20,
+                        help="largest request or response (MiB; default %(default)g)")
+    parser.add_argument("--grace", type=float, default=defaults.grace,
+                        help="seconds requests in flight get to finish after SIGTERM (default %(default)s)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text")
     parser.add_argument("--per-client-limit", type=int, default=None,
                         help="most concurrent requests per client: its mutual-TLS identity, else its IP address")
