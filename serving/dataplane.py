@@ -14,7 +14,7 @@ import numpy as np
 from batchrl.serving.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from batchrl.serving.repository import Registry
 from batchrl.serving.runtime import LoadedModel
-from batchrl.serving.sessions import Session, SessionStore
+from batchrl.serving.sessions import Session, Sessions
 
 MAX_BATCH = 65_536  # observations in one Act
 MAX_NAME = 128      # characters of a model name or session id in a request
@@ -37,7 +37,7 @@ class StepResult:
 
 
 class DataPlane:
-    def __init__(self, registry: Registry, sessions: SessionStore, metrics=None):
+    def __init__(self, registry: Registry, sessions: Sessions, metrics=None):
         self.registry = registry
         self.sessions = sessions
         self.metrics = metrics

@@ -35,7 +35,7 @@ from batchrl.serving.metrics import Metrics
 from batchrl.serving.repository import Registry
 from batchrl.serving.runtime import LoadedModel, choose_providers
 from batchrl.serving.signals import StopSignals
-from batchrl.serving.sessions import Session, SessionStore
+from batchrl.serving.sessions import Session, Sessions, SessionStore
 from batchrl.serving.tensors import decode, encode
 
 log = logging.getLogger("batchrl.serve")
@@ -236,7 +236,7 @@ class ModelService(admin_pb2_grpc.ModelServiceServicer):
         return guarded(context, Call("UnloadModel"), unload, self.metrics)
 
 
-def start_sweeper(sessions: SessionStore, stop: threading.Event) -> threading.Thread:
+def start_sweeper(sessions: Sessions, stop: threading.Event) -> threading.Thread:
     """Evict idle sessions in the background, so an abandoned session does not pin its model forever."""
     interval = min(30.0, sessions.idle_timeout / 2)
 
@@ -357,7 +357,7 @@ class Served:
 
 
 def build_server(registry: Registry, options: ServerOptions | str = ServerOptions(),
-                 sessions: SessionStore | None = None, metrics: Metrics | None = None) -> Served:
+                 sessions: Sessions | None = None, metrics: Metrics | None = None) -> Served:
     """A configured, not yet started, server bound to ``options.address`` (a bare string is the address)."""
     if isinstance(options, str):
         options = ServerOptions(address=options)

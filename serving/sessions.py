@@ -15,6 +15,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from batchrl.protos.sequence import RollingContext
 from batchrl.serving.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -39,7 +40,30 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one Step at a time
 
 
+class Sessions(Protocol):
+    """What the dataplane, the OIP translator, the sweeper and the metrics ask of a session store.
+    ``SessionStore`` (in this process) is the first implementation; a shared store (e.g. on Redis,
+    for several server processes) is another, with no change to the callers."""
+
+    idle_timeout: float
+    max_sessions: int
+
+    def __len__(self) -> int: ...
+
+    def open(self, model: LoadedModel, target_return: float, key: Hashable | None = None) -> Session: ...
+
+    def get(self, session_id: str) -> Session: ...
+
+    def find(self, key: Hashable) -> str | None: ...
+
+    def close(self, session_id: str) -> Session | None: ...
+
+    def evict_idle(self) -> int: ...
+
+
 class SessionStore:
+    """Sessions in this process's memory (the default store)."""
+
     def __init__(self, max_sessions: int = 1024, idle_timeout: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, remember_expired: int = 65_536):
         if max_sessions < 1:
