@@ -157,7 +157,7 @@ def export(argv: list[str]) -> int:
 
 
 def serve(argv: list[str]) -> int:
-    from batchrl.serving.server import main
+    from batchrl.serve import main
 
     return main(argv)
 

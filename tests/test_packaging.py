@@ -23,12 +23,12 @@ def imported_after(statement: str) -> set[str]:
 
 
 def serving_install_modules() -> list[str]:
-    """Every module that the serving install ships: batchrl.serving and batchrl.protos."""
+    """Every module of the serving install that serves: batchrl.serving, batchrl.protos and the serve command."""
     import batchrl.protos
     import batchrl.serving
 
-    return sorted(m.name for package in (batchrl.serving, batchrl.protos)
-                  for m in pkgutil.walk_packages(package.__path__, package.__name__ + "."))
+    return sorted([m.name for package in (batchrl.serving, batchrl.protos)
+                   for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")] + ["batchrl.serve"])
 
 
 @pytest.mark.parametrize("module", serving_install_modules())
