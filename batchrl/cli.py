@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from batchrl.errors import UserError
+
 COMMANDS = {
     "train": "train a policy on a Minari dataset (progress bar, metrics, checkpoints, --resume)",
     "eval": "evaluate a run folder or an exported model in its evaluation environment",
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         return HANDLERS[argv[0]](argv[1:])
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:  # user-caused: no traceback
+    except (FileNotFoundError, FileExistsError, ValueError, UserError) as exc:  # user-caused: no traceback
         print(f"batchrl {argv[0]}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from batchrl.errors import UserError
 from batchrl.protos.batchrl.v1 import manifest_pb2
 from batchrl.protos.contract import MANIFEST_KEY, manifest_from_json
 from batchrl.protos.sequence import OUTPUT as SEQUENCE_OUTPUT
@@ -51,7 +53,7 @@ def choose_providers(device: str = "auto", device_id: int = 0) -> list:
     if cuda_usable():
         return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
     if device == "cuda":
-        raise RuntimeError("device 'cuda' requested but no usable CUDA GPU was found")
+        raise UserError("device 'cuda' requested but no usable CUDA GPU was found")
     return ["CPUExecutionProvider"]
 
 

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from batchrl.errors import UserError
 from batchrl.version import package_version
 from batchrl.protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
 from batchrl.protos.contract import MAX_MESSAGE_BYTES
@@ -388,7 +389,7 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
     except RuntimeError:  # grpc's "Failed to bind to address ...", with the reason only in its debug log
         port = 0
     if port == 0:
-        raise RuntimeError(f"cannot listen on {options.address}: the port is in use (another server?) or the "
+        raise UserError(f"cannot listen on {options.address}: the port is in use (another server?) or the "
                            "address is not one of this machine's; to share a port between batchrl serve "
                            "processes on purpose, start every one of them with --reuse-port")
     return Served(server, port, health_servicer, plane, admission, options.grace)

@@ -88,3 +88,21 @@ def test_train_help_names_every_registered_algorithm():
     assert out.returncode == 0
     for name in ALGORITHMS:
         assert name in out.stdout
+
+
+def test_the_cli_reports_user_errors_in_one_line_and_keeps_the_traceback_of_bugs(monkeypatch, capsys):
+    from batchrl import cli
+    from batchrl.errors import UserError
+
+    def busy(argv):
+        raise UserError("run folder runs/x is in use by another training process")
+
+    def bug(argv):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(cli.HANDLERS, "train", busy)
+    assert cli.main(["train"]) == 1
+    assert capsys.readouterr().err.strip() == "batchrl train: error: run folder runs/x is in use by another training process"
+    monkeypatch.setitem(cli.HANDLERS, "train", bug)
+    with pytest.raises(RuntimeError, match="a bug"):  # not swallowed into one line
+        cli.main(["train"])

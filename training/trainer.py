@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from batchrl.errors import UserError
 from batchrl.version import package_version
 from batchrl.protos.sequence import ContextSpec
 from batchrl.training.algorithms import ALGORITHMS, Context, OfflineAlgorithm
@@ -187,7 +188,7 @@ def lock_run(run_dir: Path):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise RuntimeError(f"run folder {run_dir} is in use by another training process") from None
+        raise UserError(f"run folder {run_dir} is in use by another training process") from None
     return handle
 
 
