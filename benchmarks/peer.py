@@ -33,12 +33,19 @@ WORKER = ROOT / "peer_d3rlpy.py"
 PEER = "d3rlpy"
 # What the peer cannot match, per algorithm (the tables print it).
 DIFFERENCES = {
-    "bc": "d3rlpy's stochastic BC regresses a sampled action, not the likelihood (used only for policy=gaussian)",
+    "bc": "none beyond the data difference",
+    "bc-gaussian": "d3rlpy's stochastic BC regresses a sampled action instead of maximising the likelihood",
     "iql": "d3rlpy's IQL actor is its Gaussian head (log-std through a sigmoid into [-5, 2], starting at -1.5) "
            "and one learning rate serves its Q and V networks; no deterministic actor",
     "td3bc": "none beyond the data difference",
     "cql": "d3rlpy's CQL samples its candidate actions with its own SAC policy head",
 }
+
+
+def difference(algorithm: str, settings: dict) -> str:
+    if algorithm == "bc" and settings["policy"] == "gaussian":
+        return DIFFERENCES["bc-gaussian"]
+    return DIFFERENCES.get(algorithm, "")
 
 
 def python() -> Path:
@@ -128,7 +135,7 @@ def run(run_dir: Path, algorithm: str, dataset_id: str, seed: int, steps: int, e
               "eval_episodes": episodes, "return_mean": final["return_mean"], "return_std": final["return_std"],
               "normalized_score": final["normalized_score"], "normalized_std": final["normalized_std"],
               "train_seconds": progress["train_seconds"], "updates_per_s": steps / max(progress["train_seconds"], 1e-9),
-              "peer_dropped_transitions": dropped, "peer_difference": DIFFERENCES.get(algorithm, "")}
+              "peer_dropped_transitions": dropped, "peer_difference": difference(algorithm, settings)}
     (run_dir / "dataset.npz").unlink(missing_ok=True)  # rebuilt on resume; kept out of the run folder
     tmp = run_dir / ".result.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
