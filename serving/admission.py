@@ -158,12 +158,14 @@ class Admission(grpc.ServerInterceptor):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"the request to {method} is not a valid {message} message ({len(raw)} bytes)")
 
+        # The token check this method needs, decided once: none for open methods, nor for the data
+        # plane of a server without a data token (then no call reads its metadata for it).
+        refuse = (self.tokens.refuse_admin if role is Role.ADMIN else
+                  self.tokens.refuse_data if role is Role.DATA and self.tokens.data is not None else None)
+
         def admit(context) -> str | None:
             """Authenticate and take a per-client slot; returns the client holding one (None: no limit)."""
-            metadata = context.invocation_metadata()
-            reason = (self.tokens.refuse_admin(metadata) if role is Role.ADMIN else
-                      self.tokens.refuse_data(metadata) if role is Role.DATA else None)
-            if reason is not None:
+            if refuse is not None and (reason := refuse(context.invocation_metadata())) is not None:
                 self._refused(method, "unauthenticated")
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
             return self._enter_client(method, context)
