@@ -86,30 +86,55 @@ def test_limits_must_be_positive():
         Batcher(SlowDouble(), BatchLimits(max_delay=-1.0))
 
 
+class GatedDouble:
+    """A model run that doubles its input but does not return until the gate is opened; it records
+    its batch sizes. The tests hold the model busy with it instead of guessing how long to sleep."""
+
+    def __init__(self):
+        self.gate, self.entered, self.sizes = threading.Event(), threading.Event(), []
+
+    def __call__(self, feeds):
+        self.sizes.append(len(feeds["x"]))
+        self.entered.set()
+        assert self.gate.wait(timeout=30), "the test never opened the gate"
+        return feeds["x"] * 2.0
+
+
+def wait_until(condition, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "condition not reached in 30 s"
+        time.sleep(0.001)
+
+
+def started(target, *args):
+    thread = threading.Thread(target=target, args=args)
+    thread.start()
+    return thread
+
+
 def test_a_full_queue_refuses_and_an_expired_request_is_not_run():
-    run = SlowDouble(delay=0.3)
+    run = GatedDouble()
     batcher = Batcher(run, BatchLimits(max_queue=2, max_delay=0.0))
-    first = threading.Thread(target=batcher.submit, args=({"x": np.zeros((1, 1))},))
-    first.start()  # runs for 0.3 s
-    time.sleep(0.05)
+    first = started(batcher.submit, {"x": np.zeros((1, 1))})
+    wait_until(run.entered.is_set)  # the first request holds the model
     late = [None]
+    deadline = time.monotonic() + 0.05
 
     def expiring():
         try:
-            batcher.submit({"x": np.ones((1, 1))}, deadline=time.monotonic() + 0.1)
+            batcher.submit({"x": np.ones((1, 1))}, deadline=deadline)
         except DeadlineExceeded as exc:
             late[0] = exc
 
-    waiting = [threading.Thread(target=expiring),
-               threading.Thread(target=batcher.submit, args=({"x": np.full((1, 1), 2.0)},))]
-    for t in waiting:
-        t.start()
-    time.sleep(0.05)
-    assert batcher.queue_depth == 2
+    waiting = [started(expiring), started(batcher.submit, {"x": np.full((1, 1), 2.0)})]
+    wait_until(lambda: batcher.queue_depth == 2)
     with pytest.raises(QueueFull, match="2 requests queued"):
         batcher.submit({"x": np.zeros((1, 1))})
+    wait_until(lambda: time.monotonic() > deadline)
+    run.gate.set()
     for t in [first, *waiting]:
-        t.join()
+        t.join(timeout=30)
     assert isinstance(late[0], DeadlineExceeded)
     assert run.sizes == [1, 1]  # the expired request never reached the model
 
@@ -117,25 +142,24 @@ def test_a_full_queue_refuses_and_an_expired_request_is_not_run():
 def test_a_filling_batch_waits_for_more_but_a_lone_request_does_not():
     run = SlowDouble(delay=0.0)
     batcher = Batcher(run, BatchLimits(max_delay=60.0))
-    lone = threading.Thread(target=batcher.submit, args=({"x": np.ones((1, 1))},))
-    lone.start()
+    lone = started(batcher.submit, {"x": np.ones((1, 1))})
     lone.join(timeout=30)  # a batch filling for more would wait the whole minute
     assert not lone.is_alive() and run.sizes == [1]  # nothing else queued: ran at once, alone
-    slow = SlowDouble(delay=0.3)
-    batcher = Batcher(slow, BatchLimits(max_delay=0.3, max_rows=64))
-    # One request runs alone (0.3 s); two arrive near its end and a third 0.1 s after it ends:
-    # the filling batch (up to 0.3 s from the oldest arrival) waits for the straggler instead of
-    # running the two at once.
-    threads = [threading.Thread(target=batcher.submit, args=({"x": np.ones((1, 1))},))]
-    threads[0].start()
-    time.sleep(0.25)
-    for delay in (0.0, 0.0, 0.15):
-        time.sleep(delay)
-        threads.append(threading.Thread(target=batcher.submit, args=({"x": np.ones((1, 1))},)))
-        threads[-1].start()
+    # One request holds the model while two queue behind it. When it is done the two form a
+    # filling batch, which waits (up to a minute) for a third to fill it to max_rows rather than
+    # running the two at once; the third completes it and it runs at once.
+    gated = GatedDouble()
+    batcher = Batcher(gated, BatchLimits(max_delay=60.0, max_rows=3))
+    threads = [started(batcher.submit, {"x": np.ones((1, 1))})]
+    wait_until(gated.entered.is_set)
+    threads += [started(batcher.submit, {"x": np.ones((1, 1))}) for _ in range(2)]
+    wait_until(lambda: batcher.queue_depth == 2)
+    gated.gate.set()
+    time.sleep(0.2)  # a batcher that did not wait would run the two now (the sleep only sharpens the test)
+    threads.append(started(batcher.submit, {"x": np.ones((1, 1))}))
     for t in threads:
-        t.join()
-    assert slow.sizes == [1, 3]
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads) and gated.sizes == [1, 3]
 
 
 def test_sustained_load_hands_the_runner_role_on_without_losing_or_mixing_requests():

@@ -38,11 +38,22 @@ def test_resume_continues_exactly(minari_root, tmp_path):
     straight = Trainer(tmp_path / "straight", config(), progress=False)
     straight.run()
 
+    # A crash at step 110: after the checkpoint at 60, and after train rows at 80 and 100 were logged.
     interrupted = Trainer(tmp_path / "resumed", config(), progress=False)
-    interrupted.config.steps = 60  # stop at the first checkpoint, as an interruption would
-    interrupted.run()
-    (tmp_path / "resumed" / "result.json").unlink()
-    # config.json still says 120 steps: a fresh Trainer resumes from the checkpoint at 60.
+    update = interrupted.algo.update
+
+    def crash_at_110(batch):
+        if interrupted.step == 110:
+            raise RuntimeError("power cut")
+        return update(batch)
+
+    interrupted.algo.update = crash_at_110
+    with pytest.raises(RuntimeError, match="power cut"):
+        interrupted.run()
+    logged = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [20, 40, 60, 60, 80, 100] and not (tmp_path / "resumed" / "result.json").exists()
+    # A fresh Trainer resumes from the checkpoint at 60 and replays 61..120; the rows at 80 and 100
+    # written after that checkpoint must not appear twice.
     resumed = Trainer(tmp_path / "resumed", progress=False)
     assert resumed.step == 60
     resumed.run()
