@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 from batchrl.errors import UserError
+
+CONNECT_TIMEOUT = 5.0  # seconds the client commands wait for a server before saying there is none
+DEBUG_ENV = "BATCHRL_DEBUG"  # set (or pass --debug) to see the traceback of a reported error
 
 COMMANDS = {
     "train": "train a policy on a Minari dataset (progress bar, metrics, checkpoints, --resume)",
@@ -18,17 +23,42 @@ COMMANDS = {
 }
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        if any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)) or action.default == [] \
+                or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A usage error in one line (argparse's own prints the whole usage block first)."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of a `batchrl` subcommand: --help shows every default, a usage error is one line."""
+    return _Parser(prog=prog, description=description, formatter_class=_Help)
+
+
 def train(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="batchrl train", description=COMMANDS["train"])
-    parser.add_argument("--algo", help="algorithm: bc, iql, td3bc, cql, bcq or dt (Decision Transformer)")
-    parser.add_argument("--dataset", help="Minari dataset id (root from MINARI_DATASETS_PATH)")
-    parser.add_argument("--run-dir", help="run folder (default: runs/<dataset>/<algo>-s<seed>)")
-    parser.add_argument("--steps", type=int, default=100_000, help="gradient steps (default 100000)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=10_000)
-    parser.add_argument("--eval-episodes", type=int, default=10)
-    parser.add_argument("--checkpoint-every", type=int, default=10_000)
-    parser.add_argument("--log-every", type=int, default=1_000)
+    parser = command_parser("batchrl train", COMMANDS["train"])
+    parser.add_argument("--algo", help="algorithm: bc, iql, td3bc, cql, bcq or dt (Decision Transformer); "
+                                       "required unless --resume")
+    parser.add_argument("--dataset", help="Minari dataset id, read from $MINARI_DATASETS_PATH; required unless "
+                                          "--resume")
+    parser.add_argument("--run-dir", help="run folder (default: runs/<dataset>/<algo>-s<seed>); required with "
+                                          "--resume")
+    parser.add_argument("--steps", type=int, default=100_000, help="gradient steps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the networks and the batch sampler")
+    parser.add_argument("--eval-every", type=int, default=10_000, help="steps between evaluations")
+    parser.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation")
+    parser.add_argument("--checkpoint-every", type=int, default=10_000,
+                        help="steps between checkpoints (Ctrl-C or SIGTERM also writes one)")
+    parser.add_argument("--log-every", type=int, default=1_000, help="steps between train rows in metrics.jsonl")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="algorithm setting, e.g. --set beta=3.0 --set hidden=256,256 (repeatable)")
@@ -40,6 +70,7 @@ def train(argv: list[str]) -> int:
         if not args.run_dir:
             parser.error("--resume needs --run-dir")
         trainer = Trainer(args.run_dir)
+        print(f"resuming {trainer.run_dir} from step {trainer.step} of {trainer.config.steps}", file=sys.stderr)
     else:
         if not args.algo or not args.dataset:
             parser.error("--algo and --dataset are required (or --resume --run-dir RUN)")
@@ -62,17 +93,17 @@ def train(argv: list[str]) -> int:
 
 
 def evaluate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="batchrl eval", description=COMMANDS["eval"])
+    parser = command_parser("batchrl eval", COMMANDS["eval"])
     parser.add_argument("target", metavar="RUN_OR_MODEL",
                         help="a run folder, a model file, a version folder or models/NAME (highest version)")
-    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--episodes", type=int, default=10, help="episodes to run")
     parser.add_argument("--seed", type=int, default=0, help="episode i is reset with seed SEED + i")
     parser.add_argument("--env", help="Gymnasium id to use instead of the dataset's evaluation environment")
     parser.add_argument("--target-return", type=float, default=None,
                         help="sequence policies: the return to condition on (default: the model's own)")
     args = parser.parse_args(argv)
+    from batchrl.training.evaluation import check_observation_size, sequence_agent, stateless
     from batchrl.training.evaluation import evaluate as run_eval
-    from batchrl.training.evaluation import sequence_agent, stateless
 
     target = Path(args.target)
     if (target / "config.json").exists():
@@ -81,10 +112,11 @@ def evaluate(argv: list[str]) -> int:
         config, policy, ckpt = load_policy(target)
         if args.target_return is not None:
             if not hasattr(policy, "target_return"):
-                raise SystemExit(f"{config.algorithm} is a feed-forward policy: --target-return applies only to "
-                                 "sequence policies (dt)")
+                raise UserError(f"{config.algorithm} is a feed-forward policy: --target-return applies only to "
+                                "sequence policies (dt)")
             policy.target_return = args.target_return
         act, dataset_id, env_id = policy_act(policy), config.dataset, None
+        obs_size = int(ckpt["normalization"]["obs_mean"].numel())
         label = f"run {target} ({config.algorithm}, step {int(ckpt['step'])})"
     else:
         from batchrl.serving.runtime import load_model
@@ -92,15 +124,17 @@ def evaluate(argv: list[str]) -> int:
         path, version = _model_file(target)
         model = load_model(target.name, version, path, ["CPUExecutionProvider"])
         if args.target_return is not None and not model.is_sequence:
-            raise SystemExit(f"{path} is a feed-forward policy: --target-return applies only to sequence policies")
+            raise UserError(f"{path} is a feed-forward policy: --target-return applies only to sequence policies")
         if model.is_sequence:
             goal = model.manifest.default_target_return if args.target_return is None else args.target_return
             act = sequence_agent(model.run, model.context_spec, goal)
         else:
             act = stateless(lambda obs: model.run({"observations": obs[None]})[0])
         dataset_id, env_id = model.manifest.dataset_id, model.manifest.env_id
+        obs_size = math.prod(model.manifest.observation_space.shape)
         label = f"model {path} ({model.manifest.algorithm}, onnxruntime CPU)"
     env, ref = _eval_env(args.env, dataset_id, env_id)
+    check_observation_size(env, obs_size, f"the {label.split(' (')[0]}")
     result = run_eval(env, act, args.episodes, args.seed, *ref)
     print(label)
     for i, r in enumerate(result.returns):
@@ -118,17 +152,15 @@ def _model_file(target: Path) -> tuple[Path, int]:
         return target / MODEL_FILE, int(target.name) if target.name.isdigit() else 0
     complete = [v for v, folder in version_dirs(target).items() if (folder / MODEL_FILE).is_file()]
     if not complete:
-        raise SystemExit(f"{target} is neither a run folder (config.json) nor a model ({MODEL_FILE}, or "
-                         "version folders holding one)")
+        raise UserError(f"{target} is neither a run folder (config.json) nor a model ({MODEL_FILE}, or "
+                        "version folders holding one)")
     return target / str(complete[-1]) / MODEL_FILE, complete[-1]
 
 
 def _eval_env(env_override: str | None, dataset_id: str, env_id: str | None):
     """The environment and reference scores: the dataset's evaluation env unless --env names one."""
-    import gymnasium as gym
-
     from batchrl.training.data import load_dataset
-    from batchrl.training.evaluation import make_eval_env
+    from batchrl.training.evaluation import make_env, make_eval_env
 
     ref = (None, None)
     try:
@@ -136,18 +168,18 @@ def _eval_env(env_override: str | None, dataset_id: str, env_id: str | None):
         ref = (data.ref_min_score, data.ref_max_score)
     except (FileNotFoundError, ValueError) as exc:
         if env_override is None and env_id is None:
-            raise SystemExit(str(exc))
+            raise
         print(f"note: dataset {dataset_id!r} not available ({exc}); using {env_override or env_id} "
               "with no reference scores", file=sys.stderr)
-        return gym.make(env_override or env_id), ref
-    return (gym.make(env_override) if env_override else make_eval_env(dataset_id)), ref
+        return make_env(env_override or env_id), ref
+    return (make_env(env_override) if env_override else make_eval_env(dataset_id)), ref
 
 
 def export(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="batchrl export", description=COMMANDS["export"])
+    parser = command_parser("batchrl export", COMMANDS["export"])
     parser.add_argument("run", metavar="RUN", help="run folder")
     parser.add_argument("--name", required=True, help="model name in the repository")
-    parser.add_argument("--repository", "-r", default="models", help="model repository root (default: models)")
+    parser.add_argument("--repository", "-r", default="models", help="model repository root")
     parser.add_argument("--atol", type=float, default=1e-5, help="max abs ONNX-vs-torch difference allowed")
     args = parser.parse_args(argv)
     from batchrl.training.export import export_run
@@ -171,7 +203,7 @@ def rollout(argv: list[str]) -> int:
 
 
 def models(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="batchrl models", description=COMMANDS["models"])
+    parser = command_parser("batchrl models", COMMANDS["models"])
     parser.add_argument("action", choices=["list", "load", "unload"])
     parser.add_argument("name", nargs="?", help="model name (load, unload)")
     parser.add_argument("--version", type=int, default=None, help="load: one version (default: every new one)")
@@ -182,31 +214,26 @@ def models(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.action != "list" and not args.name:
         parser.error(f"{args.action} needs a model NAME")
-    import grpc
-
     from batchrl.serving.auth import DATA_TOKEN_ENV, read_admin_token, read_token
     from batchrl.serving.client import PolicyClient
 
     admin_token = read_admin_token(args.token_file)
     with PolicyClient(args.server, token=admin_token or read_token(None, DATA_TOKEN_ENV)) as client:
-        try:
-            if args.action == "list":
-                for info in client.list_models():
-                    for v in info.versions:
-                        mark = "*" if v.version == info.default_version else " "
-                        print(f"{mark} {info.name} version {v.version}: {v.manifest.algorithm} on "
-                              f"{v.manifest.dataset_id} ({', '.join(v.providers)})")
-            elif args.action == "load":
-                out = client.load_model(args.name, args.version, admin_token)
-                print(f"{out.name}: loaded {list(out.loaded_versions) or 'nothing new'}; serving versions "
-                      f"{list(out.versions)} (default {out.default_version})")
-            else:
-                out = client.unload_model(args.name, admin_token)
-                pinned = f"; kept for open sessions: {list(out.pinned_versions)}" if out.pinned_versions else ""
-                print(f"{out.name}: unloaded versions {list(out.unloaded_versions)}{pinned}")
-        except grpc.RpcError as exc:
-            print(f"batchrl models {args.action}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+        client.wait_ready(CONNECT_TIMEOUT)
+        if args.action == "list":
+            for info in client.list_models():
+                for v in info.versions:
+                    mark = "*" if v.version == info.default_version else " "
+                    print(f"{mark} {info.name} version {v.version}: {v.manifest.algorithm} on "
+                          f"{v.manifest.dataset_id} ({', '.join(v.providers)})")
+        elif args.action == "load":
+            out = client.load_model(args.name, args.version, admin_token)
+            print(f"{out.name}: loaded {list(out.loaded_versions) or 'nothing new'}; serving versions "
+                  f"{list(out.versions)} (default {out.default_version})")
+        else:
+            out = client.unload_model(args.name, admin_token)
+            pinned = f"; kept for open sessions: {list(out.pinned_versions)}" if out.pinned_versions else ""
+            print(f"{out.name}: unloaded versions {list(out.unloaded_versions)}{pinned}")
     return 0
 
 
@@ -214,22 +241,56 @@ HANDLERS = {"train": train, "eval": evaluate, "export": export, "serve": serve, 
             "models": models}
 
 
+def usage() -> str:
+    lines = ["usage: batchrl [--version] [--debug] COMMAND [options]   (batchrl COMMAND --help for its options)",
+             "", "commands:"]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {text}" for name, text in COMMANDS.items()]
+    lines += ["", f"A reported error is one line; --debug (or {DEBUG_ENV}=1) shows its traceback."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in HANDLERS:
-        lines = ["usage: batchrl COMMAND [options]   (batchrl COMMAND --help for its options)", "", "commands:"]
-        width = max(map(len, COMMANDS))
-        lines += [f"  {name:<{width}} {text}" for name, text in COMMANDS.items()]
-        print("\n".join(lines))
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nbatchrl: unknown command {argv[0]!r}", file=sys.stderr)
-            return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = bool(os.environ.get(DEBUG_ENV))
+    while argv and argv[0] in ("--debug", "--version"):
+        if argv.pop(0) == "--version":
+            from batchrl.version import package_version
+
+            print(f"batchrl {package_version()}")
+            return 0
+        debug = True
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
         return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in HANDLERS:
+        print(usage())
+        print(f"\nbatchrl: unknown command {command!r}", file=sys.stderr)
+        return 2
     try:
-        return HANDLERS[argv[0]](argv[1:])
-    except (FileNotFoundError, FileExistsError, ValueError, UserError) as exc:  # user-caused: no traceback
-        print(f"batchrl {argv[0]}: error: {exc}", file=sys.stderr)
-        return 1
+        return HANDLERS[command](rest)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"batchrl {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - only the user's mistakes are reported in one line
+        problem = user_error(exc)
+        if problem is None or debug:
+            raise
+        print(f"batchrl {command}: error: {problem}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """One line for an exception that reports a mistake of the user's; None for a bug (traceback)."""
+    if isinstance(exc, (UserError, FileNotFoundError, FileExistsError, ValueError, ConnectionError)):
+        return " ".join(str(exc).split()) or type(exc).__name__
+    code = getattr(exc, "code", None)  # a gRPC error the server answered with: its status and message
+    if callable(code) and callable(getattr(exc, "details", None)):
+        return f"the server answered {code().name}: {' '.join(str(exc.details()).split())}"
+    return None
 
 
 if __name__ == "__main__":

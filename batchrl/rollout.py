@@ -4,13 +4,15 @@ Imports gymnasium: it is never imported by the server itself.
 """
 from __future__ import annotations
 
-import argparse
+import math
 
 import numpy as np
 
+from batchrl.cli import CONNECT_TIMEOUT, command_parser
+from batchrl.errors import UserError
 from batchrl.serving.auth import DATA_TOKEN_ENV, read_token
 from batchrl.serving.client import Episode, PolicyClient
-from batchrl.training.evaluation import Act, run_episodes, summarize
+from batchrl.training.evaluation import Act, check_observation_size, make_env, run_episodes, summarize
 
 
 def served_manifest(client: PolicyClient, model: str, version: int | None):
@@ -20,8 +22,9 @@ def served_manifest(client: PolicyClient, model: str, version: int | None):
             for v in info.versions:
                 if v.version == wanted:
                     return v.manifest
-            raise SystemExit(f"model {model!r} has no version {wanted}; served: {[v.version for v in info.versions]}")
-    raise SystemExit(f"model {model!r} is not served at this address")
+            raise UserError(f"model {model!r} has no version {wanted}; served: {[v.version for v in info.versions]}")
+    raise UserError(f"model {model!r} is not served at {client.address}; served: "
+                    f"{sorted(info.name for info in client.list_models())}")
 
 
 class EpisodeStreams:
@@ -45,20 +48,19 @@ class EpisodeStreams:
 
 def rollout(server: str, model: str, env_id: str, episodes: int, seed: int, version: int | None = None,
             print_fn=print, target_return: float | None = None, token: str | None = None):
-    import gymnasium as gym
-
     with PolicyClient(server, token=token) as client:
-        client.wait_ready()
+        client.wait_ready(CONNECT_TIMEOUT)
         manifest = served_manifest(client, model, version)
-        env = gym.make(env_id)
+        env = make_env(env_id)
+        check_observation_size(env, math.prod(manifest.observation_space.shape), f"model {model!r}")
         streams = None
         if manifest.context_length > 0:
             streams = EpisodeStreams(client, model, version, target_return)
             act: Act = streams
         else:
             if target_return is not None:
-                raise SystemExit(f"model {model!r} is a feed-forward policy: --target-return applies only to "
-                                 "sequence policies")
+                raise UserError(f"model {model!r} is a feed-forward policy: --target-return applies only to "
+                                "sequence policies")
 
             def act(obs: np.ndarray, reward: float | None) -> np.ndarray:
                 return client.act(model, obs[None], version=version)[0]
@@ -78,12 +80,11 @@ def rollout(server: str, model: str, env_id: str, episodes: int, seed: int, vers
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="batchrl rollout",
-                                     description="Run episodes of a Gymnasium environment through a served policy.")
+    parser = command_parser("batchrl rollout", "Run episodes of a Gymnasium environment through a served policy.")
     parser.add_argument("--model", required=True, help="served model name")
     parser.add_argument("--version", type=int, default=None, help="model version (default: the highest)")
     parser.add_argument("--env", default=None, help="Gymnasium environment id (default: the model's env_id)")
-    parser.add_argument("--episodes", type=int, default=5)
+    parser.add_argument("--episodes", type=int, default=5, help="episodes to run")
     parser.add_argument("--seed", type=int, default=0, help="episode i is reset with seed SEED + i")
     parser.add_argument("--server", default="127.0.0.1:50051", help="server address host:port")
     parser.add_argument("--target-return", type=float, default=None,
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     env_id = args.env
     if env_id is None:
         with PolicyClient(args.server, token=token) as client:
+            client.wait_ready(CONNECT_TIMEOUT)
             env_id = served_manifest(client, args.model, args.version).env_id
     rollout(args.server, args.model, env_id, args.episodes, args.seed, args.version,
             target_return=args.target_return, token=token)

@@ -3,12 +3,12 @@ repository, session store and metrics of serving/; the process serves until SIGT
 then drains (exit 0, or 1 when unary calls were cut off at the end of the grace period)."""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import threading
 from pathlib import Path
 
+from batchrl.cli import command_parser
 from batchrl.serving.auth import DATA_TOKEN_ENV, read_admin_token, read_token
 from batchrl.serving.batcher import BatchLimits
 from batchrl.serving.logs import configure as configure_logs
@@ -23,34 +23,34 @@ log = logging.getLogger("batchrl.serve")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="batchrl serve", description="Serve the model repository over gRPC.")
-    defaults = ServerOptions()  # the one place the server's defaults are written
-    parser.add_argument("--repository", "-r", default="models", help="model repository root (default: models)")
+    parser = command_parser("batchrl serve", "Serve the model repository over gRPC.")
+    defaults, batching = ServerOptions(), BatchLimits()  # the one place the server's defaults are written
+    parser.add_argument("--repository", "-r", default="models", help="model repository root")
     parser.add_argument("--address", "-a", default="127.0.0.1:50051", help="host:port to listen on")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                         help="auto: CUDA when a GPU is usable, else CPU")
     parser.add_argument("--device-id", type=int, default=0, help="CUDA device index")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per model")
     parser.add_argument("--workers", type=int, default=defaults.workers,
-                        help="gRPC worker threads (each open stream holds one; default %(default)s)")
+                        help="gRPC worker threads (each open stream holds one)")
     parser.add_argument("--max-streams", type=int, default=None,
                         help="most concurrent streams (Episode, reflection); more get RESOURCE_EXHAUSTED "
                              "(default: workers - 8, so unary calls and health always find a thread)")
     parser.add_argument("--stream-idle-timeout", type=float, default=defaults.stream_idle_timeout,
                         help="seconds a stream may wait for its client's next message before the server closes "
-                             "it; its session stays open (default %(default)s)")
-    parser.add_argument("--max-batch", type=int, default=1024,
-                        help="most observations (or session steps) one model run gathers (default 1024)")
-    parser.add_argument("--max-queue-delay-us", type=int, default=500,
-                        help="microseconds a filling batch may wait for more requests (default 500; a "
-                             "request that finds nothing else queued never waits)")
-    parser.add_argument("--max-queue", type=int, default=1024,
+                             "it; its session stays open")
+    parser.add_argument("--max-batch", type=int, default=batching.max_rows,
+                        help="most observations (or session steps) one model run gathers")
+    parser.add_argument("--max-queue-delay-us", type=int, default=round(batching.max_delay * 1e6),
+                        help="microseconds a filling batch may wait for more requests (a request that finds "
+                             "nothing else queued never waits)")
+    parser.add_argument("--max-queue", type=int, default=batching.max_queue,
                         help="most requests waiting per model version; more get RESOURCE_EXHAUSTED")
-    parser.add_argument("--max-sessions", type=int, default=1024, help="most open sessions (default 1024)")
+    parser.add_argument("--max-sessions", type=int, default=1024, help="most open sessions")
     parser.add_argument("--session-timeout", type=float, default=300.0,
-                        help="seconds without a Step after which a session is evicted (default 300)")
+                        help="seconds without a Step after which a session is evicted")
     parser.add_argument("--poll", type=float, default=0.0, metavar="SECONDS",
-                        help="rescan the repository every SECONDS: load new version folders, drop removed ones")
+                        help="rescan the repository every SECONDS: load new version folders, drop removed ones (0: never)")
     parser.add_argument("--admin-token-file", default=None,
                         help="file holding the bearer token for LoadModel/UnloadModel "
                              "(default: $BATCHRL_ADMIN_TOKEN; neither: model management is disabled)")
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve Prometheus metrics over HTTP on this port (0: any free port; default: off)")
     parser.add_argument("--metrics-address", default="127.0.0.1", help="address of the metrics endpoint")
     parser.add_argument("--max-message-mb", type=float, default=defaults.max_message_bytes / 2**20,
-                        help="largest request or response (MiB; default %(default)g)")
+                        help="largest request or response, in MiB")
     parser.add_argument("--grace", type=float, default=defaults.grace,
-                        help="seconds requests in flight get to finish after SIGTERM (default %(default)s)")
-    parser.add_argument("--log-format", choices=["text", "json"], default="text")
+                        help="seconds requests in flight get to finish after SIGTERM")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text", help="log line format")
     parser.add_argument("--per-client-limit", type=int, default=None,
                         help="most concurrent requests per client: its mutual-TLS identity, else its IP address")
     parser.add_argument("--reuse-port", action="store_true",
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.poll > 0:
         start_poller(registry, args.poll, stop)
     in_use = sorted({p for versions in registry.models.values() for m in versions.values() for p in m.providers})
-    log.info("serving %d model(s) on %s (port %d); onnxruntime providers in use: %s",
+    log.info("serving %d models (%d versions) on %s (port %d); onnxruntime providers in use: %s", len(registry.models),
              sum(len(v) for v in registry.models.values()), args.address, served.port, ", ".join(in_use) or "none")
     received = signals.wait()
     stop.set()

@@ -15,6 +15,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ def run_job(job: Job) -> str:
     import torch
 
     torch.set_num_threads(1)
-    from batchrl.training.trainer import CHECKPOINT, RESULT, TrainConfig, Trainer
+    from batchrl.training.trainer import CHECKPOINT, RESULT, TrainConfig, Trainer, lock_run
 
     if (job.run_dir / RESULT).exists():
         return f"skip {job.run_dir.relative_to(ROOT)} (finished)"
@@ -121,6 +122,9 @@ def run_job(job: Job) -> str:
         if (job.run_dir / CHECKPOINT).exists():
             trainer = Trainer(job.run_dir, progress=False)
         else:
+            if job.run_dir.exists():  # started, but stopped before its first checkpoint: start again
+                with lock_run(job.run_dir):  # unless another process is training it
+                    shutil.rmtree(job.run_dir)
             config = TrainConfig(algorithm=job.algorithm, dataset=job.dataset, seed=job.seed, steps=job.steps,
                                  eval_every=job.eval_every, eval_episodes=job.eval_episodes,
                                  checkpoint_every=min(5_000, job.eval_every), device="cpu", algo=dict(job.settings))

@@ -119,7 +119,8 @@ class Settings:
     workers: int = 64
     server_cores: str = "0"
     client_cores: str = "1"
-    output: Path = Path("benchmarks/results/serving")
+    output: Path = Path("serve-bench") / "serving"  # made fresh per run (fresh_output); the published
+    # results are written with --output benchmarks/results/serving
 
     def command(self) -> str:
         """The command line that repeats this run, every setting spelled out."""
@@ -1129,6 +1130,16 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fresh_output() -> Path:
+    """A folder no earlier run wrote, so a first run never overwrites anyone's results."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    folder, n = Path(f"serve-bench-{stamp}"), 1
+    while folder.exists():
+        n += 1
+        folder = Path(f"serve-bench-{stamp}-{n}")
+    return folder / "serving"
+
+
 def write(data: dict, output: Path) -> tuple[Path, Path]:
     output.parent.mkdir(parents=True, exist_ok=True)
     md, js = Path(f"{output}.md"), Path(f"{output}.json")
@@ -1162,9 +1173,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"CPUs for the servers, as taskset -c (default {d.server_cores})")
     parser.add_argument("--client-cores", default=d.client_cores,
                         help=f"CPUs for the load generators (default {d.client_cores})")
-    parser.add_argument("--output", type=Path, default=d.output,
-                        help=f"writes OUTPUT.md and OUTPUT.json (default {d.output})")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="writes OUTPUT.md and OUTPUT.json (default: a new folder serve-bench-<UTC time>/serving "
+                             "in the working directory; the published results: benchmarks/results/serving)")
     args = parser.parse_args(argv)
+    args.output = args.output or fresh_output()
     settings = Settings(model=args.model, repository=args.repository, duration=args.duration, warmup=args.warmup,
                         processes=args.processes, concurrency=parse_concurrency(args.concurrency),
                         batch_size=args.batch_size, threads=args.threads, workers=args.workers,

@@ -27,6 +27,7 @@ class PolicyClient:
         else:
             creds = grpc.ssl_channel_credentials(tls_ca, client_key, client_cert)
             self.channel = grpc.secure_channel(address, creds, options=options)
+        self.address = address
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
         self.admin = admin_pb2_grpc.ModelServiceStub(self.channel)
         self.timeout = timeout
@@ -81,7 +82,12 @@ class PolicyClient:
                                       metadata=_auth(token))
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        """Wait until the channel connects; ConnectionError naming the address if it does not."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ConnectionError(f"no server answered at {self.address} within {timeout:g} s; start one with "
+                                  "`batchrl serve`, or pass --server HOST:PORT") from None
 
     def close(self) -> None:
         self.channel.close()

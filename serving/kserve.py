@@ -173,7 +173,8 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
 
     # -- model repository extension --------------------------------------------
     def RepositoryIndex(self, request, context):
-        """Loaded models to anyone; folders on disk that are not loaded only to the admin token."""
+        """Loaded models to anyone, one entry per loaded version (the protocol's index is of model
+        versions); folders on disk that are not loaded only to the admin token, one entry each."""
         def index(call):
             registry = self.plane.registry
             response = kv.RepositoryIndexResponse()

@@ -8,6 +8,7 @@ across an episode boundary.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,10 +70,13 @@ def load_dataset(dataset_id: str) -> OfflineDataset:
 
     try:
         ds = minari.load_dataset(dataset_id)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            f"Minari dataset {dataset_id!r} not found: {exc}. Set MINARI_DATASETS_PATH to the folder holding it."
-        ) from exc
+    except FileNotFoundError:  # Minari's own hint (download=True) is for its Python API
+        root = os.environ.get("MINARI_DATASETS_PATH")
+        where = f"under MINARI_DATASETS_PATH={root}" if root else "(MINARI_DATASETS_PATH is not set)"
+        local = sorted(minari.list_local_datasets())
+        shown = ", ".join(local[:8]) + (f" and {len(local) - 8} more" if len(local) > 8 else "") or "none"
+        raise FileNotFoundError(f"Minari dataset {dataset_id!r} not found {where}; datasets there: {shown}; "
+                                "get one with `minari download DATASET_ID`") from None
     return from_minari(ds)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from batchrl.errors import UserError
 from batchrl.protos.sequence import ContextSpec, RollingContext
 from batchrl.training.data import normalized_score
 
@@ -100,4 +101,30 @@ def make_eval_env(dataset_id: str):
     """The dataset's evaluation environment (Minari's recover_environment(eval_env=True))."""
     import minari
 
-    return minari.load_dataset(dataset_id).recover_environment(eval_env=True)
+    dataset = minari.load_dataset(dataset_id)
+    return _making(f"the evaluation environment of {dataset_id!r}", lambda: dataset.recover_environment(eval_env=True))
+
+
+def make_env(env_id: str):
+    """A Gymnasium environment by id; UserError naming it when Gymnasium cannot make it."""
+    import gymnasium as gym
+
+    return _making(f"environment {env_id!r}", lambda: gym.make(env_id))
+
+
+def _making(what: str, make):
+    import gymnasium as gym
+
+    try:
+        return make()
+    except gym.error.Error as exc:  # unknown id, missing dependency (e.g. Box2D), bad version
+        raise UserError(f"cannot make {what}: {exc}") from None
+
+
+def check_observation_size(env, expected: int, model: str) -> None:
+    """UserError naming both sizes when ``env``'s observations are not the model's."""
+    got = int(np.prod(env.observation_space.shape))
+    if got != expected:
+        name = env.spec.id if env.spec is not None else type(env).__name__
+        raise UserError(f"environment {name!r} gives observations of size {got}, but {model} expects {expected}; "
+                        "choose a matching environment with --env")

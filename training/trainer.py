@@ -12,11 +12,15 @@ A run folder holds:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
 import os
+import shutil
+import signal
 import subprocess
+import threading
 import time
 import types
 import typing
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from batchrl.errors import UserError
+from batchrl.errors import Interrupted, UserError
 from batchrl.version import package_version
 from batchrl.protos.sequence import ContextSpec
 from batchrl.training.algorithms import ALGORITHMS, Context, OfflineAlgorithm
@@ -192,6 +196,38 @@ def lock_run(run_dir: Path):
     return handle
 
 
+class LogWindow:
+    """Sums of the update metrics since the last train row (some updates, e.g. delayed actors, skip
+    some metrics, so each metric keeps its own count)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.counts[k] = self.counts.get(k, 0) + 1
+        self.steps += 1
+
+    def row(self) -> dict:
+        """The mean of each metric and the update rate; empties the window."""
+        row = {k: float(v) / self.counts[k] for k, v in self.sums.items()}
+        row["updates_per_s"] = self.steps / max(self.seconds, 1e-9)
+        self.__init__()
+        return row
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "steps": self.steps, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.__init__()
+        if state:
+            self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+            self.steps, self.seconds = int(state["steps"]), float(state["seconds"])
+
+
 class Trainer:
     """Trains a new run (``config`` given) or resumes the run in ``run_dir`` (``config`` None).
 
@@ -203,14 +239,36 @@ class Trainer:
     def __init__(self, run_dir: str | Path, config: TrainConfig | None = None, progress: bool = True):
         self.run_dir = Path(run_dir)
         self.progress = progress
+        resume = config is None
+        if resume and not (self.run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{self.run_dir} holds no run to resume (no config.json)")
+        created = self.run_dir  # the top-most folder this trainer creates: removed if it cannot start
+        while not created.parent.exists():
+            created = created.parent
+        created = None if self.run_dir.exists() else created
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_run(self.run_dir)
+        self._stop_signal: int | None = None
+        try:
+            self._open(config)
+        except BaseException:
+            self.close()
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+
+    def _open(self, config: TrainConfig | None) -> None:
         ckpt_path = self.run_dir / CHECKPOINT
         resume = config is None
         if resume:
             config = read_config(self.run_dir)
-        elif ckpt_path.exists():
-            raise FileExistsError(f"{self.run_dir} already holds a run; resume it with --resume")
+            if not ckpt_path.exists():
+                raise UserError(f"{self.run_dir} has no checkpoint to resume from (one is written every "
+                                f"{config.checkpoint_every} steps, and when training is stopped by Ctrl-C or "
+                                "SIGTERM); delete the folder and train again")
+        elif (self.run_dir / "config.json").exists():
+            raise FileExistsError(f"{self.run_dir} already holds a run; resume it with --resume, or delete the "
+                                  "folder to start again")
         self.config = config
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
@@ -225,7 +283,10 @@ class Trainer:
                                       self.data.action_high, self.best_return).to(self.device)
         self.step = 0
         self.train_seconds = 0.0
-        if resume and ckpt_path.exists():
+        # The train metrics gathered since the last train row: saved with a checkpoint, so a run
+        # stopped between rows logs the same row when it resumes.
+        self.window = LogWindow()
+        if resume:
             self._restore(load_checkpoint(self.run_dir, map_location=self.device))
         self._write_json("config.json", dataclasses.asdict(config))
         sessions = read_provenance(self.run_dir) if resume else []
@@ -242,6 +303,7 @@ class Trainer:
             "return_range": self.return_range,
             "best_return": self.best_return,  # a sequence policy's default target return
             "algorithm": self.algo.state_dict(),
+            "log_window": self.window.state_dict(),
             "sampler_rng": self.sampler.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "normalization": {
@@ -257,6 +319,7 @@ class Trainer:
         torch.set_rng_state(ckpt["torch_rng"])
         self.step = int(ckpt["step"])
         self.train_seconds = float(ckpt["train_seconds"])
+        self.window.load_state_dict(ckpt.get("log_window"))  # absent from checkpoints older than it
         # Rows logged after the checkpoint are replayed by the resumed run: drop them.
         path = self.run_dir / METRICS
         if path.exists():
@@ -280,8 +343,11 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------
     def run(self) -> dict:
+        """Train to the configured step count and return the final result. SIGINT or SIGTERM (when
+        run in the main thread) stops it at the current step with a checkpoint: Interrupted."""
         try:
-            return self._train()
+            with self._stopping_on_signals():
+                return self._train()
         finally:
             self.close()
 
@@ -290,21 +356,45 @@ class Trainer:
         if not self._lock.closed:
             self._lock.close()
 
+    @contextlib.contextmanager
+    def _stopping_on_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def stop(signum, frame):
+            self._stop_signal = signum
+            for number, handler in previous.items():  # a second signal acts as it would have
+                signal.signal(number, handler)
+
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, stop)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
     def _train(self) -> dict:
         cfg = self.config
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}  # per metric: some updates (e.g. delayed actors) skip some metrics
-        steps_since_log, seconds_since_log = 0, 0.0
+        window = self.window
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.algorithm} {cfg.dataset}", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         tick = time.perf_counter()
         while self.step < cfg.steps:
-            metrics = self.algo.update(self.sampler.sample(self.algo.batch_size))
-            for k, v in metrics.items():
-                sums[k] = sums[k] + v if k in sums else v.clone()
-                counts[k] = counts.get(k, 0) + 1
+            if self._stop_signal is not None:
+                elapsed = time.perf_counter() - tick
+                self.train_seconds += elapsed
+                window.seconds += elapsed
+                self.checkpoint()
+                bar.close()
+                name = signal.Signals(self._stop_signal).name
+                raise Interrupted(f"{name}: stopped at step {self.step} of {cfg.steps} and wrote a checkpoint; "
+                                  f"continue with: batchrl train --resume --run-dir {self.run_dir}",
+                                  self._stop_signal)
+            window.add(self.algo.update(self.sampler.sample(self.algo.batch_size)))
             self.step += 1
-            steps_since_log += 1
             bar.update(1)
             log, evaluate, checkpoint = (self.step % cfg.log_every == 0, self.step % cfg.eval_every == 0,
                                          self.step % cfg.checkpoint_every == 0)
@@ -313,13 +403,13 @@ class Trainer:
                 continue
             elapsed = time.perf_counter() - tick  # training time only: evaluation and I/O are excluded
             self.train_seconds += elapsed
-            seconds_since_log += elapsed
+            window.seconds += elapsed
             if log or last:
-                row = {k: float(v) / counts[k] for k, v in sums.items()}
-                row.update(kind="train", step=self.step, updates_per_s=steps_since_log / max(seconds_since_log, 1e-9))
+                row = window.row()
+                row.update(kind="train", step=self.step)
                 self._log(row)
-                bar.set_postfix({k: f"{row[k]:.3g}" for k in list(sums)[:3]})
-                sums, counts, steps_since_log, seconds_since_log = {}, {}, 0, 0.0
+                losses = [k for k in row if k not in ("kind", "step", "updates_per_s")]
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in losses[:3]})
             if evaluate or last:
                 result = self.evaluate()
                 score = result.normalized_score if result.normalized_score is not None else result.mean_return
