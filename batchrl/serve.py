@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s: draining: health NOT_SERVING, no new requests, up to %.1f s for those in flight",
              received.name, args.grace)
     drained = served.drain()
+    metrics.close()
     if drained.streams_left:
         log.info("closed %d open stream(s) at the end of the grace period (a drain ends streams; their sessions "
                  "end with this process)", drained.streams_left)

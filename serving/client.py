@@ -142,7 +142,9 @@ class Episode:
             pass
 
     def cancel(self) -> None:
+        """Abandon the stream mid-episode (the server closes the session)."""
         self._call.cancel()
+        self._requests.put(self._END)  # ends the request iterator, so grpc's thread reading it exits
 
     def __enter__(self) -> "Episode":
         return self

@@ -60,9 +60,17 @@ class Metrics:
         self.registry.register(_LiveState(registry, sessions))
 
     def serve(self, port: int, address: str = "0.0.0.0"):
-        """Start the HTTP endpoint in a daemon thread; returns the bound port."""
-        server, _ = start_http_server(port, address, registry=self.registry)
-        return server.server_port
+        """Start the HTTP endpoint in a daemon thread; returns the bound port. close() stops it."""
+        self._http, self._http_thread = start_http_server(port, address, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint, if serve() started one."""
+        http, self._http = getattr(self, "_http", None), None
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+            self._http_thread.join(timeout=5)
 
 
 class _LiveState:

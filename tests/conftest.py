@@ -3,6 +3,9 @@ and a model repository holding its export."""
 from __future__ import annotations
 
 import os
+import re
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +134,23 @@ def dt_repository(dt_runs, repository, tmp_path_factory) -> Path:
     export_run(dt_runs[0], "dt-a", repo)
     export_run(dt_runs[1], "dt-b", repo)
     return repo
+
+
+
+# Threads that belong to a server a fixture owns: a gRPC server's worker pool grows on demand while
+# a test calls it, and its threads end when the fixture stops the server.
+POOL_THREAD = re.compile(r"(batchrl|ThreadPoolExecutor-\d+)_\d+$")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Every thread a test body starts is stopped by the test (a server, a stream, an HTTP endpoint)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive() and not POOL_THREAD.match(t.name)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not left, f"{item.nodeid} left threads running: {[t.name for t in left]}"

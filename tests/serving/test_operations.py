@@ -68,6 +68,7 @@ def test_metrics_endpoint_reflects_traffic(dt_repository, tmp_path):
             samples = scrape(metrics_port)
     finally:
         served.stop()
+        metrics.close()
     assert value(samples, "batchrl_requests_total", model="pendulum", rpc="Act", code="OK") == 5
     assert value(samples, "batchrl_requests_total", model="pendulum", rpc="Act", code="INVALID_ARGUMENT") == 1
     assert value(samples, "batchrl_requests_total", model="", rpc="Act", code="NOT_FOUND") == 1  # no label per bad name
