@@ -17,7 +17,7 @@ from batchrl.serving.repository import Registry
 from batchrl.serving.runtime import choose_providers
 from batchrl.serving.server import DRAIN_BOUND, ServerOptions, build_server, start_poller, start_sweeper
 from batchrl.serving.signals import StopSignals
-from batchrl.serving.sessions import SessionStore
+from batchrl.serving.sessions import open_session_store
 
 log = logging.getLogger("batchrl.serve")
 
@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-sessions", type=int, default=1024, help="most open sessions")
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds without a Step after which a session is evicted")
+    parser.add_argument("--session-store", default="memory", metavar="memory|redis://HOST:PORT/DB",
+                        help="where sequence-policy sessions live: this process's memory, or Redis (redis:// or "
+                             "rediss://, a password as redis://:PASSWORD@HOST:PORT/DB), shared by every server "
+                             "attached to it, so any of them answers any session's next Step")
+    parser.add_argument("--session-key-prefix", default="batchrl:",
+                        help="prefix of the store's Redis keys (deployments sharing one Redis use different ones)")
     parser.add_argument("--poll", type=float, default=0.0, metavar="SECONDS",
                         help="rescan the repository every SECONDS: load new version folders, drop removed ones (0: never)")
     parser.add_argument("--admin-token-file", default=None,
@@ -79,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     providers = choose_providers(args.device, args.device_id)
     limits = BatchLimits(args.max_batch, args.max_queue_delay_us / 1e6, args.max_queue)
     metrics = Metrics()
+    # the store first: a bad or unreachable one is refused before minutes of model loading
+    sessions = open_session_store(args.session_store, lambda name, version: registry.get(name, version),
+                                  args.max_sessions, args.session_timeout, args.session_key_prefix)
     registry = Registry.open(Path(args.repository), providers, args.threads, limits, metrics=metrics)
     if not registry.models:
         log.warning("no models loaded from %s", args.repository)
-    sessions = SessionStore(args.max_sessions, args.session_timeout)
     options = ServerOptions(address=args.address, workers=args.workers, max_streams=args.max_streams,
                             stream_idle_timeout=args.stream_idle_timeout,
                             admin_token=read_admin_token(args.admin_token_file),

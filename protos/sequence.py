@@ -103,6 +103,31 @@ class RollingContext:
         return {"states": states[None], "actions": actions[None], "returns_to_go": returns[None],
                 "timesteps": timesteps[None], "attention_mask": mask[None]}
 
+    def pack(self) -> bytes:
+        """The context as bytes (for a shared session store); ``unpack`` with the same spec restores it."""
+        header = np.array([self.length, self.t], np.int64).tobytes() + np.float64(self.return_to_go).tobytes()
+        return header + b"".join(a.tobytes() for a in (self.states, self.actions, self.returns_to_go,
+                                                         self.timesteps))
+
+    @classmethod
+    def unpack(cls, spec: ContextSpec, data: bytes) -> "RollingContext":
+        context = cls(spec, 0.0)
+        length, t = np.frombuffer(data[:16], np.int64)
+        context.length, context.t = int(length), int(t)
+        context.return_to_go = float(np.frombuffer(data[16:24], np.float64)[0])
+        offset = 24
+        for name in ("states", "actions", "returns_to_go", "timesteps"):
+            template = getattr(context, name)
+            size = template.nbytes
+            chunk = data[offset:offset + size]
+            if len(chunk) != size:
+                raise ValueError(f"a packed context of {len(data)} bytes does not fit this spec ({spec})")
+            setattr(context, name, np.frombuffer(chunk, template.dtype).reshape(template.shape).copy())
+            offset += size
+        if offset != len(data):
+            raise ValueError(f"a packed context of {len(data)} bytes does not fit this spec ({spec})")
+        return context
+
     def advance(self, observation: np.ndarray, reward: float | None, action: np.ndarray) -> None:
         action = np.asarray(action, dtype=np.float32).reshape(self.spec.act_dim)
         self.states, self.actions, self.returns_to_go, self.timesteps, self.return_to_go = self._appended(

@@ -56,9 +56,12 @@ class PolicyClient:
         return self.stub.OpenSession(open_request(model, version, target_return), timeout=self.timeout,
                                      metadata=self.metadata)
 
-    def step(self, session_id: str, observation: np.ndarray, reward: float | None = None) -> np.ndarray:
-        """One observation -> the session's action; ``reward`` is what the previous action earned."""
-        return decode(self.stub.Step(step_request(observation, reward, session_id), timeout=self.timeout,
+    def step(self, session_id: str, observation: np.ndarray, reward: float | None = None,
+             index: int | None = None) -> np.ndarray:
+        """One observation -> the session's action; ``reward`` is what the previous action earned;
+        ``index``, this step's index in the episode (0 first), makes a retry answer once (a shared
+        session store requires it)."""
+        return decode(self.stub.Step(step_request(observation, reward, session_id, index), timeout=self.timeout,
                                      metadata=self.metadata).action, "action")
 
     def close_session(self, session_id: str) -> int:
@@ -112,10 +115,13 @@ def open_request(model: str, version: int | None, target_return: float | None) -
     return request
 
 
-def step_request(observation: np.ndarray, reward: float | None, session_id: str = "") -> policy_pb2.StepRequest:
+def step_request(observation: np.ndarray, reward: float | None, session_id: str = "",
+                 index: int | None = None) -> policy_pb2.StepRequest:
     request = policy_pb2.StepRequest(session_id=session_id, observation=encode(observation))
     if reward is not None:
         request.reward = reward
+    if index is not None:
+        request.index = index
     return request
 
 
@@ -130,10 +136,13 @@ class Episode:
         self._call = stub.Episode(iter(self._requests.get, self._END), metadata=metadata)
         self._requests.put(policy_pb2.EpisodeRequest(open=request))
         self.opened: policy_pb2.OpenSessionResponse = next(self._call).opened
+        self.index = 0  # the next step's index in the episode: every step carries it
 
     def step(self, observation: np.ndarray, reward: float | None = None) -> np.ndarray:
-        self._requests.put(policy_pb2.EpisodeRequest(step=step_request(observation, reward)))
-        return decode(next(self._call).step.action, "action")
+        self._requests.put(policy_pb2.EpisodeRequest(step=step_request(observation, reward, index=self.index)))
+        action = decode(next(self._call).step.action, "action")
+        self.index += 1
+        return action
 
     def close(self) -> None:
         """End the stream (the server closes the session)."""

@@ -7,14 +7,12 @@ repository, and raises the typed errors of serving/errors.py for whatever a call
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from batchrl.serving.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from batchrl.serving.repository import Registry
 from batchrl.serving.runtime import LoadedModel
-from batchrl.serving.sessions import Session, Sessions
+from batchrl.serving.sessions import Closed, Session, Sessions, StepResult
 
 MAX_BATCH = 65_536  # observations in one Act
 MAX_NAME = 128      # characters of a model name or session id in a request
@@ -26,14 +24,6 @@ def quoted(text: str, limit: int = 64) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} characters)"
-
-
-@dataclass(frozen=True)
-class StepResult:
-    action: np.ndarray   # [*action_shape]
-    timestep: int        # this step's index in the episode
-    return_to_go: float  # what the action was conditioned on
-    version: int         # the session's model version
 
 
 class DataPlane:
@@ -93,28 +83,33 @@ class DataPlane:
         return self.sessions.get(session_id)
 
     def step(self, session: Session, observation: np.ndarray, reward: float | None,
-             deadline: float | None = None, what: str = "observation") -> StepResult:
+             deadline: float | None = None, what: str = "observation", index: int | None = None) -> StepResult:
         """One step: the action for ``observation``; ``reward`` is what the previous action earned.
-        A refused or failed step leaves the session as it was."""
+        ``index`` (0 for the first step) makes a retried step answer once (see sessions.py). A refused
+        or failed step leaves the session as it was."""
         model = session.model
         obs = check_observations(model, observation, what, batched=False)
-        with session.lock:
+        if index is not None and index < 0:
+            raise InvalidArgument(f"step index must be >= 0, got {index}")
+
+        def run(context) -> StepResult:
             try:
-                feeds = session.context.inputs(obs, reward)
+                feeds = context.inputs(obs, reward)
             except ValueError as exc:  # the shared context's contract; here it is the caller's value
                 raise InvalidArgument(str(exc)) from None
             action = self._finite(model, model.infer(feeds, deadline))[0]
-            session.context.advance(obs, reward, action)
-            return StepResult(action.reshape(model.action_shape), session.context.t - 1,
-                              session.context.return_to_go, model.version)
+            context.advance(obs, reward, action)
+            return StepResult(action.reshape(model.action_shape), context.t - 1, context.return_to_go, model.version)
 
-    def close(self, session_id: str) -> Session:
+        return self.sessions.step(session, index, run)
+
+    def close(self, session_id: str) -> Closed:
         """Close an open session; NotFound (saying whether it expired) otherwise."""
-        session = self.sessions.close(session_id)
-        if session is None:
+        closed = self.sessions.close(session_id)
+        if closed is None:
             self.session(session_id)  # raises NotFound, saying whether it expired
             raise NotFound(f"session {quoted(session_id)} is closed")
-        return session
+        return closed
 
     # -- checks -------------------------------------------------------------------------
     def _finite(self, model: LoadedModel, out: np.ndarray) -> np.ndarray:

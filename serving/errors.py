@@ -35,3 +35,8 @@ class DeadlineExceeded(ServingError):
 
 class OutOfRange(ServingError):
     code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Unavailable(ServingError):
+    """A service the server depends on (the shared session store) cannot be reached: retry."""
+    code = grpc.StatusCode.UNAVAILABLE

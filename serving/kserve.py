@@ -123,6 +123,8 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument("sequence_id must be a non-zero integer or a non-empty string")
         if isinstance(sequence, str) and len(sequence) > MAX_SEQUENCE_ID:
             raise InvalidArgument(f"sequence_id {quoted(sequence)} is longer than {MAX_SEQUENCE_ID} characters")
+        index = (parameter_value(params["step_index"], "step_index", ("int64_param", "uint64_param"))
+                 if "step_index" in params else None)  # this step's index in the sequence: a retry answers once
         start = bool(params["sequence_start"].bool_param) if "sequence_start" in params else False
         end = bool(params["sequence_end"].bool_param) if "sequence_end" in params else False
         unknown = set(inputs) - {"observation", "reward"}
@@ -156,7 +158,8 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
                                       "sequence_start on its first request")
             session = self.plane.session(session_id)
         try:
-            result = self.plane.step(session, observation[0], reward, deadline, what="input 'observation'")
+            result = self.plane.step(session, observation[0], reward, deadline, what="input 'observation'",
+                                     index=index)
         except Exception:
             if start:  # a failed first step leaves no half-open sequence behind
                 self.plane.sessions.close(session.id)

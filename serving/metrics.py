@@ -11,6 +11,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from batchrl.serving.errors import Unavailable
+
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 
@@ -100,4 +102,8 @@ class _LiveState:
         for (name, reason), count in sorted(self.registry.rejected().items()):
             rejected.add_metric([name, reason], count)
         yield rejected
-        yield GaugeMetricFamily("batchrl_open_sessions", "open sequence-policy sessions", value=len(self.sessions))
+        try:
+            open_now = len(self.sessions)
+        except Unavailable:  # a shared store that cannot be reached: the gauge is left out, the rest is served
+            return
+        yield GaugeMetricFamily("batchrl_open_sessions", "open sequence-policy sessions", value=open_now)

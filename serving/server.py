@@ -119,9 +119,9 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         call = Call("CloseSession")
 
         def close():
-            session = self.plane.close(request.session_id)
-            call.model = session.model.name
-            return policy_pb2.CloseSessionResponse(steps=session.context.t)
+            closed = self.plane.close(request.session_id)
+            call.model = closed.model_name
+            return policy_pb2.CloseSessionResponse(steps=closed.steps)
 
         return self._guard(context, call, close)
 
@@ -185,7 +185,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         if not request.HasField("observation"):
             raise InvalidArgument("observation is missing")
         result = self.plane.step(session, decode(request.observation, "observation"), optional(request, "reward"),
-                                 deadline)
+                                 deadline, index=optional(request, "index"))
         return policy_pb2.StepResponse(action=encode(result.action), timestep=result.timestep,
                                        return_to_go=result.return_to_go, version=result.version)
 

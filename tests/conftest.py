@@ -154,3 +154,62 @@ def pytest_runtest_call(item):
             break
         time.sleep(0.05)
     assert not left, f"{item.nodeid} left threads running: {[t.name for t in left]}"
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real Redis: the one at $REDIS_URL (.ci/run sets it), else a private redis-server started here on
+    a free loopback port (no persistence) and stopped at the end."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    import shutil
+    import socket
+    import subprocess
+
+    binary = shutil.which("redis-server")
+    assert binary, "no redis-server on PATH and REDIS_URL is not set: install Redis or point REDIS_URL at one"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_prefix(redis_url):
+    """A key prefix of this test's own; its keys are deleted afterwards (never the whole server)."""
+    import uuid
+
+    import redis
+
+    prefix = f"batchrl-test:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=prefix + "*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def session_store(request):
+    """A function (registry, **limits) -> a session store: in-process, or Redis (a test's own prefix)."""
+    from batchrl.serving.sessions import RedisSessionStore, SessionStore
+
+    if request.param == "memory":
+        return lambda registry, **limits: SessionStore(**limits)
+    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    return lambda registry, **limits: RedisSessionStore(url, registry.get, prefix=prefix, **limits)

@@ -8,22 +8,23 @@ from pathlib import Path
 from batchrl.serving.client import PolicyClient
 from batchrl.serving.repository import Registry
 from batchrl.serving.server import ServerOptions, build_server
-from batchrl.serving.sessions import SessionStore
+from batchrl.serving.sessions import Sessions, SessionStore
 
 
 @dataclass
 class Running:
     address: str
     registry: Registry
-    sessions: SessionStore
+    sessions: Sessions
     client: PolicyClient | None  # None when the test connects its own way (TLS)
 
 
 @contextlib.contextmanager
-def running(repo: Path, options: ServerOptions | None = None, sessions: SessionStore | None = None,
-            connect: bool = True, **registry_options):
+def running(repo: Path, options: ServerOptions | None = None, sessions=None, connect: bool = True,
+            **registry_options):
+    """``sessions``: a store, or a function of the registry that makes one (default: in-process)."""
     registry = Registry.open(repo, ["CPUExecutionProvider"], **registry_options)
-    store = SessionStore() if sessions is None else sessions
+    store = SessionStore() if sessions is None else sessions(registry) if callable(sessions) else sessions
     served = build_server(registry, options or ServerOptions(), store)
     served.start()
     address = f"127.0.0.1:{served.port}"

@@ -86,23 +86,26 @@ def step_inputs(obs, reward):
     return inputs
 
 
-def test_a_decision_transformer_episode_over_sequence_id_equals_batchrl_sessions(repo):
+def test_a_decision_transformer_episode_over_sequence_id_equals_batchrl_sessions(repo, session_store):
     rng = np.random.default_rng(3)
     observations = rng.normal(size=(12, 3)).astype(np.float32)
     # float32-exact rewards: the Triton reward input is FP32, batchrl's is a double
     rewards = rng.normal(size=12).astype(np.float32).astype(np.float64)
-    with running(repo) as srv:
+    with running(repo, sessions=session_store) as srv:
         session = srv.client.open_session("dt-a", target_return=-250.0).session_id
-        native = [srv.client.step(session, observations[0])]
-        native += [srv.client.step(session, observations[t], float(rewards[t - 1])) for t in range(1, 12)]
+        native = [srv.client.step(session, observations[0], index=0)]
+        native += [srv.client.step(session, observations[t], float(rewards[t - 1]), index=t) for t in range(1, 12)]
         srv.client.close_session(session)
         client = triton.InferenceServerClient(srv.address)
         served = []
         for t in range(12):
-            result = client.infer("dt-a", step_inputs(observations[t], None if t == 0 else rewards[t - 1]),
-                                  sequence_id="episode-7", sequence_start=t == 0, sequence_end=t == 11,
-                                  parameters={"target_return": -250.0})
+            inputs = step_inputs(observations[t], None if t == 0 else rewards[t - 1])
+            result = client.infer("dt-a", inputs, sequence_id="episode-7", sequence_start=t == 0,
+                                  sequence_end=t == 11, parameters={"target_return": -250.0, "step_index": t})
             served.append(result.as_numpy("action")[0])
+            if t == 5:  # a retried step (same step_index) is answered again, not appended twice
+                again = client.infer("dt-a", inputs, sequence_id="episode-7", parameters={"step_index": t})
+                np.testing.assert_array_equal(again.as_numpy("action")[0], served[-1])
         assert len(srv.sessions) == 0  # sequence_end closed the session
         np.testing.assert_array_equal(np.stack(served), np.stack(native))
         with pytest.raises(InferenceServerException) as info:  # unknown sequence without the start flag

@@ -13,7 +13,6 @@ from batchrl.protos.batchrl.v1 import policy_pb2
 from batchrl.protos.sequence import SEQUENCE_INPUTS
 from batchrl.rollout import rollout
 from batchrl.serving.runtime import load_model
-from batchrl.serving.sessions import SessionStore
 from tests.serving.running import running
 from batchrl.training.evaluation import run_episodes, sequence_agent
 from batchrl.training.trainer import load_policy
@@ -71,16 +70,16 @@ def client_script(i, steps=15):
 def play(client, script):
     model, observations, rewards, target = script
     session = client.open_session(model, target_return=target).session_id
-    actions = [client.step(session, observations[0])]
+    actions = [client.step(session, observations[0], index=0)]
     for t in range(1, len(observations)):
-        actions.append(client.step(session, observations[t], float(rewards[t - 1])))
+        actions.append(client.step(session, observations[t], float(rewards[t - 1]), index=t))
     client.close_session(session)
     return np.stack(actions)
 
 
-def test_64_concurrent_sessions_over_two_models_match_each_run_alone(dt_repository):
+def test_64_concurrent_sessions_over_two_models_match_each_run_alone(dt_repository, session_store):
     scripts = [client_script(i) for i in range(64)]
-    with running(dt_repository) as srv:
+    with running(dt_repository, sessions=session_store) as srv:
         client, registry = srv.client, srv.registry
         alone = [play(client, s) for s in scripts]
         batchers = [registry.get(name).batcher for name in ("dt-a", "dt-b")]
@@ -103,23 +102,23 @@ def test_64_concurrent_sessions_over_two_models_match_each_run_alone(dt_reposito
     assert runs < 64 * 15  # steps of different sessions shared model runs
 
 
-def test_idle_sessions_expire(dt_repository):
-    with running(dt_repository, sessions=SessionStore(idle_timeout=0.3)) as srv:
+def test_idle_sessions_expire(dt_repository, session_store):
+    with running(dt_repository, sessions=lambda registry: session_store(registry, idle_timeout=0.3)) as srv:
         client, store = srv.client, srv.sessions
         session = client.open_session("dt-a").session_id
-        client.step(session, np.zeros(3, np.float32))
+        client.step(session, np.zeros(3, np.float32), index=0)
         time.sleep(0.6)
         with pytest.raises(grpc.RpcError) as info:
-            client.step(session, np.zeros(3, np.float32), 0.0)
+            client.step(session, np.zeros(3, np.float32), 0.0, index=1)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND and "expired" in info.value.details()
         assert len(store) == 0
         with pytest.raises(grpc.RpcError) as info:
-            client.step("no-such-session", np.zeros(3, np.float32))
+            client.step("no-such-session", np.zeros(3, np.float32), index=0)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND and "does not exist" in info.value.details()
 
 
-def test_session_limit(dt_repository):
-    with running(dt_repository, sessions=SessionStore(max_sessions=2)) as srv:
+def test_session_limit(dt_repository, session_store):
+    with running(dt_repository, sessions=lambda registry: session_store(registry, max_sessions=2)) as srv:
         client = srv.client
         first = client.open_session("dt-a").session_id
         client.open_session("dt-b")
@@ -137,9 +136,9 @@ def wait_for(condition, timeout=5.0):
     return condition()
 
 
-def test_episode_stream_equals_unary_session_and_a_cancelled_stream_frees_its_session(dt_repository):
+def test_episode_stream_equals_unary_session_and_a_cancelled_stream_frees_its_session(dt_repository, session_store):
     script = client_script(5)
-    with running(dt_repository) as srv:
+    with running(dt_repository, sessions=session_store) as srv:
         client, store = srv.client, srv.sessions
         unary = play(client, script)
         model, observations, rewards, target = script

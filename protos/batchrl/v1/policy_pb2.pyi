@@ -100,14 +100,16 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., context_length: _Optional[int] = ..., target_return: _Optional[float] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "observation", "reward")
+    __slots__ = ("session_id", "observation", "reward", "index")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OBSERVATION_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     observation: Tensor
     reward: float
-    def __init__(self, session_id: _Optional[str] = ..., observation: _Optional[_Union[Tensor, _Mapping]] = ..., reward: _Optional[float] = ...) -> None: ...
+    index: int
+    def __init__(self, session_id: _Optional[str] = ..., observation: _Optional[_Union[Tensor, _Mapping]] = ..., reward: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("action", "timestep", "return_to_go", "version")
