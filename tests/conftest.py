@@ -163,30 +163,13 @@ def redis_url():
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    import shutil
-    import socket
-    import subprocess
+    from tests import redis_server
 
-    binary = shutil.which("redis-server")
-    assert binary, "no redis-server on PATH and REDIS_URL is not set: install Redis or point REDIS_URL at one"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url = redis_server.start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        redis_server.stop(proc)
 
 
 @pytest.fixture

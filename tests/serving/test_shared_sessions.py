@@ -1,9 +1,6 @@
 """Exactly-once steps, and sessions shared through a real Redis by several servers."""
 import shutil
-import socket
-import subprocess
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -11,6 +8,7 @@ import pytest
 import redis
 
 from batchrl.serving.sessions import RedisSessionStore
+from tests import redis_server
 from tests.serving.running import running
 from tests.serving.test_sessions import client_script, play
 
@@ -116,24 +114,8 @@ def test_a_step_reaches_redis_at_most_twice(dt_repository, redis_url, redis_pref
     assert set(used) - {"hgetall", "evalsha"} <= inside_the_script, used
 
 
-def private_redis():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-
-
 def test_redis_stopped_gives_unavailable_and_act_keeps_working(dt_repository):
-    proc, url = private_redis()  # this test stops Redis: only a private one of its own
+    proc, url = redis_server.start()  # this test stops Redis: only a private one of its own
     try:
         store = redis_store(url, "batchrl-test:", timeout=0.5)
         with running(dt_repository, sessions=store) as srv:
@@ -147,9 +129,7 @@ def test_redis_stopped_gives_unavailable_and_act_keeps_working(dt_repository):
             assert code == grpc.StatusCode.UNAVAILABLE, details
             assert srv.client.act("pendulum", np.ones((2, 3), np.float32)).shape == (2, 1)  # stateless Act works
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=10)
+        redis_server.stop(proc)
 
 
 def test_serve_takes_the_redis_store_from_its_command_line(dt_repository, redis_url, redis_prefix):
