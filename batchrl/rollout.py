@@ -46,7 +46,7 @@ class EpisodeStreams:
             self.episode = None
 
 
-def rollout(server: str, model: str, env_id: str, episodes: int, seed: int, version: int | None = None,
+def rollout(server: str | list[str], model: str, env_id: str, episodes: int, seed: int, version: int | None = None,
             print_fn=print, target_return: float | None = None, token: str | None = None):
     with PolicyClient(server, token=token) as client:
         client.wait_ready(CONNECT_TIMEOUT)
@@ -86,12 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", default=None, help="Gymnasium environment id (default: the model's env_id)")
     parser.add_argument("--episodes", type=int, default=5, help="episodes to run")
     parser.add_argument("--seed", type=int, default=0, help="episode i is reset with seed SEED + i")
-    parser.add_argument("--server", default="127.0.0.1:50051", help="server address host:port")
+    parser.add_argument("--server", default="127.0.0.1:50051",
+                        help="server address host:port, or several separated by commas (replicas sharing a session "
+                             "store: a call that finds one UNAVAILABLE is retried on the next, same step index)")
     parser.add_argument("--target-return", type=float, default=None,
                         help="sequence policies: the return to condition on (default: the model's own)")
     parser.add_argument("--token-file", default=None,
                         help=f"file holding the server's data-plane token (default: ${DATA_TOKEN_ENV}; neither: none)")
     args = parser.parse_args(argv)
+    args.server = [a.strip() for a in args.server.split(",") if a.strip()] or parser.error("--server is empty")
     token = read_token(args.token_file, DATA_TOKEN_ENV)
     env_id = args.env
     if env_id is None:

@@ -1,7 +1,11 @@
 """A Python client for the policy service."""
 from __future__ import annotations
 
+import itertools
 import queue
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -11,27 +15,83 @@ from batchrl.protos.contract import MAX_MESSAGE_BYTES
 from batchrl.serving.tensors import decode, encode
 
 
-class PolicyClient:
-    """Blocking client: ``with PolicyClient("127.0.0.1:50051") as c: c.act("hopper-iql", obs)``."""
+@dataclass(frozen=True)
+class Failover:
+    """How a call that finds its server UNAVAILABLE (down, draining, a broken stream) is retried: on
+    the next address, after a back-off that doubles from ``backoff`` (capped at 1 s), at most
+    ``tries`` attempts in all and none started after ``deadline`` seconds. A session Step retried
+    this way carries the same step index, so it is answered once."""
+    tries: int = 4
+    backoff: float = 0.05
+    deadline: float = 10.0
 
-    def __init__(self, address: str, timeout: float | None = 10.0, tls_ca: bytes | None = None,
+
+class PolicyClient:
+    """Blocking client: ``with PolicyClient("127.0.0.1:50051") as c: c.act("hopper-iql", obs)``.
+
+    Several addresses (replicas sharing a session store) make it fail over: calls go to one address
+    until it is UNAVAILABLE, then to the next (see Failover); ``retries`` counts the retried calls."""
+
+    def __init__(self, address: str | Sequence[str], timeout: float | None = 10.0, tls_ca: bytes | None = None,
                  client_cert: bytes | None = None, client_key: bytes | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None,
+                 failover: Failover = Failover()):
         """Plaintext by default; ``tls_ca`` (PEM bytes) switches to TLS, and ``client_cert`` with
         ``client_key`` present a client certificate (mutual TLS). ``token``: the data-plane bearer
         token, for a server started with one."""
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
+        self.addresses = [address] if isinstance(address, str) else list(address)
+        if not self.addresses:
+            raise ValueError("PolicyClient needs at least one address")
         if tls_ca is None and client_cert is None:
-            self.channel = grpc.insecure_channel(address, options=options)
+            self._channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
         else:
             creds = grpc.ssl_channel_credentials(tls_ca, client_key, client_cert)
-            self.channel = grpc.secure_channel(address, creds, options=options)
-        self.address = address
-        self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
-        self.admin = admin_pb2_grpc.ModelServiceStub(self.channel)
+            self._channels = [grpc.secure_channel(a, creds, options=options) for a in self.addresses]
+        self._stubs = [policy_pb2_grpc.PolicyServiceStub(c) for c in self._channels]
+        self._current = 0  # the address calls go to until it fails
+        self.failover = failover
+        self.retries = 0
         self.timeout = timeout
         self.metadata = _auth(token)
+
+    @property
+    def address(self) -> str:
+        return self.addresses[self._current]
+
+    @property
+    def channel(self) -> grpc.Channel:
+        return self._channels[self._current]
+
+    @property
+    def stub(self) -> policy_pb2_grpc.PolicyServiceStub:
+        return self._stubs[self._current]
+
+    @property
+    def admin(self) -> admin_pb2_grpc.ModelServiceStub:
+        return admin_pb2_grpc.ModelServiceStub(self.channel)
+
+    def _retrying(self, attempt: int, started: float, error: grpc.RpcError) -> None:
+        """Raise ``error`` unless attempt ``attempt`` (0 first) may be retried; else move to the next
+        address and wait out the back-off."""
+        policy = self.failover
+        if error.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 >= policy.tries:
+            raise error
+        pause = min(policy.backoff * 2 ** attempt, 1.0)
+        if time.monotonic() + pause - started > policy.deadline:
+            raise error
+        self.retries += 1
+        self._current = (self._current + 1) % len(self.addresses)
+        time.sleep(pause)
+
+    def _unary(self, method: str, request):
+        started = time.monotonic()
+        for attempt in itertools.count():
+            try:
+                return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+            except grpc.RpcError as error:
+                self._retrying(attempt, started, error)
 
     def act(self, model: str, observations: np.ndarray, version: int | None = None,
             noise_std: float = 0.0, seed: int | None = None) -> np.ndarray:
@@ -43,34 +103,29 @@ class PolicyClient:
             request.sampling.noise_std = noise_std
             if seed is not None:
                 request.sampling.seed = seed
-        response = self.stub.Act(request, timeout=self.timeout, metadata=self.metadata)
-        return decode(response.actions, "actions")
+        return decode(self._unary("Act", request).actions, "actions")
 
     def list_models(self) -> list[policy_pb2.ModelInfo]:
-        return list(self.stub.ListModels(policy_pb2.ListModelsRequest(), timeout=self.timeout,
-                                         metadata=self.metadata).models)
+        return list(self._unary("ListModels", policy_pb2.ListModelsRequest()).models)
 
     # -- sessions (sequence policies) ----------------------------------------
     def open_session(self, model: str, version: int | None = None,
                      target_return: float | None = None) -> policy_pb2.OpenSessionResponse:
-        return self.stub.OpenSession(open_request(model, version, target_return), timeout=self.timeout,
-                                     metadata=self.metadata)
+        return self._unary("OpenSession", open_request(model, version, target_return))
 
     def step(self, session_id: str, observation: np.ndarray, reward: float | None = None,
              index: int | None = None) -> np.ndarray:
         """One observation -> the session's action; ``reward`` is what the previous action earned;
         ``index``, this step's index in the episode (0 first), makes a retry answer once (a shared
         session store requires it)."""
-        return decode(self.stub.Step(step_request(observation, reward, session_id, index), timeout=self.timeout,
-                                     metadata=self.metadata).action, "action")
+        return decode(self._unary("Step", step_request(observation, reward, session_id, index)).action, "action")
 
     def close_session(self, session_id: str) -> int:
-        return self.stub.CloseSession(policy_pb2.CloseSessionRequest(session_id=session_id),
-                                      timeout=self.timeout, metadata=self.metadata).steps
+        return self._unary("CloseSession", policy_pb2.CloseSessionRequest(session_id=session_id)).steps
 
     def episode(self, model: str, version: int | None = None, target_return: float | None = None) -> "Episode":
         """An Episode stream: one session for one episode, closed when the stream ends."""
-        return Episode(self.stub, open_request(model, version, target_return), self.metadata)
+        return Episode(self, open_request(model, version, target_return))
 
     # -- model control (needs the server's admin token) ---------------------
     def load_model(self, name: str, version: int | None = None, token: str | None = None,
@@ -93,7 +148,8 @@ class PolicyClient:
                                   "`batchrl serve`, or pass --server HOST:PORT") from None
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> "PolicyClient":
         return self
@@ -126,21 +182,48 @@ def step_request(observation: np.ndarray, reward: float | None, session_id: str 
 
 
 class Episode:
-    """``with client.episode("hopper-dt") as ep: action = ep.step(obs); action = ep.step(obs, reward)``."""
+    """``with client.episode("hopper-dt") as ep: action = ep.step(obs); action = ep.step(obs, reward)``.
+
+    Every step carries its index. If the stream breaks (its server UNAVAILABLE), the step is sent
+    again on a new stream to the client's next address, attaching to the same session (the first
+    message of that stream is the step, with the session id): with a shared session store the
+    episode goes on where it was, each step answered once."""
 
     _END = object()
 
-    def __init__(self, stub: policy_pb2_grpc.PolicyServiceStub, request: policy_pb2.OpenSessionRequest,
-                 metadata: tuple = ()):
-        self._requests: queue.Queue = queue.Queue()
-        self._call = stub.Episode(iter(self._requests.get, self._END), metadata=metadata)
-        self._requests.put(policy_pb2.EpisodeRequest(open=request))
-        self.opened: policy_pb2.OpenSessionResponse = next(self._call).opened
+    def __init__(self, client: PolicyClient, request: policy_pb2.OpenSessionRequest):
+        self._client = client
+        self._connect()
+        started = time.monotonic()
+        for attempt in itertools.count():
+            try:
+                self._requests.put(policy_pb2.EpisodeRequest(open=request))
+                self.opened: policy_pb2.OpenSessionResponse = next(self._call).opened
+                break
+            except grpc.RpcError as error:
+                self._reconnect(attempt, started, error)
         self.index = 0  # the next step's index in the episode: every step carries it
 
+    def _connect(self) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._call = self._client.stub.Episode(iter(self._requests.get, self._END), metadata=self._client.metadata)
+
+    def _reconnect(self, attempt: int, started: float, error: grpc.RpcError) -> None:
+        self._requests.put(self._END)  # ends the broken stream's request iterator
+        self._client._retrying(attempt, started, error)
+        self._connect()
+
     def step(self, observation: np.ndarray, reward: float | None = None) -> np.ndarray:
-        self._requests.put(policy_pb2.EpisodeRequest(step=step_request(observation, reward, index=self.index)))
-        action = decode(next(self._call).step.action, "action")
+        request = step_request(observation, reward, index=self.index)
+        started = time.monotonic()
+        for attempt in itertools.count():
+            try:
+                self._requests.put(policy_pb2.EpisodeRequest(step=request))
+                action = decode(next(self._call).step.action, "action")
+                break
+            except grpc.RpcError as error:
+                self._reconnect(attempt, started, error)
+                request.session_id = self.opened.session_id  # the new stream attaches to the session
         self.index += 1
         return action
 

@@ -130,8 +130,10 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
 
         The first message opens a session, or attaches the stream to an open one (a step carrying
         its session_id). A stream the server closes for idleness leaves its session open, for a
-        unary Step or a later stream; one the client ends or cancels closes it. Every message goes
-        through the guard; the first error ends the stream with its status.
+        unary Step or a later stream; one the client ends closes it. One that breaks (cancelled, its
+        connection lost) closes an in-process session, but leaves a shared store's session open for a
+        new stream to attach to, here or at another server. Every message goes through the guard;
+        the first error ends the stream with its status.
         """
         opened: list[Session] = []
         try:
@@ -149,12 +151,18 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                 else:
                     self._guard(context, Call("Episode"), _raise(InvalidArgument(
                         "empty EpisodeRequest: set `open` or `step`")))
+            if not context.is_active() and self.plane.sessions.shared:
+                opened.clear()  # the requests ended because the stream broke, not because the client ended it
         except StreamIdle:
             if opened:
                 log.info("session %s stays open after its idle Episode stream was closed", opened[0].id)
             opened.clear()
+        except BaseException:  # the stream broke (cancelled, failed): a shared store keeps the session
+            if self.plane.sessions.shared:  # for a new stream, here or at another server, to attach to
+                opened.clear()
+            raise
         finally:
-            while opened:
+            while opened:  # the client ended the stream: its episode is over
                 self.plane.sessions.close(opened.pop().id)
 
     def _stream_open(self, call: Call, opened: list[Session],

@@ -103,6 +103,7 @@ class Sessions(Protocol):
 
     idle_timeout: float
     max_sessions: int
+    shared: bool  # other server processes answer its sessions too: a broken stream leaves its session open
 
     def __len__(self) -> int: ...
 
@@ -133,6 +134,8 @@ def too_many(open_now: int, limit: int) -> TooManySessions:
 
 class SessionStore:
     """Sessions in this process's memory (the default store)."""
+
+    shared = False
 
     def __init__(self, max_sessions: int = 1024, idle_timeout: float = 300.0,
                  clock: Callable[[], float] = time.monotonic, remember_expired: int = 65_536):
@@ -298,6 +301,8 @@ class RedisSessionStore:
     """Sessions in Redis (``redis://HOST:PORT/DB``, ``rediss://`` for TLS, a password in the URL),
     shared by every server process attached to it. ``resolve(name, version)`` is the LoadedModel
     of a session's version in this process (the registry's ``get``)."""
+
+    shared = True
 
     def __init__(self, url: str, resolve: Callable[[str, int], LoadedModel], max_sessions: int = 1024,
                  idle_timeout: float = 300.0, prefix: str = "batchrl:", timeout: float = 2.0):

@@ -12,6 +12,7 @@ import torch
 from batchrl.protos.batchrl.v1 import policy_pb2
 from batchrl.protos.sequence import SEQUENCE_INPUTS
 from batchrl.rollout import rollout
+from batchrl.serving.client import step_request
 from batchrl.serving.runtime import load_model
 from tests.serving.running import running
 from batchrl.training.evaluation import run_episodes, sequence_agent
@@ -154,8 +155,18 @@ def test_episode_stream_equals_unary_session_and_a_cancelled_stream_frees_its_se
         episode.step(observations[0])
         episode.step(observations[1], 0.5)
         assert len(store) == 1
-        episode.cancel()  # mid-episode
-        assert wait_for(lambda: len(store) == 0)
+        episode.cancel()  # mid-episode: to the server, a broken stream
+        if not store.shared:
+            assert wait_for(lambda: len(store) == 0)
+            return
+        # a shared store keeps the session for a new stream (here or at another server) to attach to
+        time.sleep(0.5)
+        assert len(store) == 1
+        sid = episode.opened.session_id
+        attached = client.stub.Episode(iter([policy_pb2.EpisodeRequest(step=step_request(
+            observations[2], 0.25, sid, index=2))]))
+        assert next(attached).step.timestep == 2
+        assert wait_for(lambda: len(store) == 0)  # that stream ended normally: the episode is over
 
 
 def expect(code, call, match):

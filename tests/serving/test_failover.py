@@ -1,0 +1,111 @@
+"""Replicas sharing sessions through a real Redis: three `batchrl serve` processes, one SIGKILLed
+mid-run, and 30 Decision Transformer episodes that all finish as if nothing had happened."""
+import contextlib
+import signal
+import threading
+
+import numpy as np
+
+from batchrl.protos.sequence import RollingContext
+from batchrl.serving.client import Failover, PolicyClient
+from batchrl.serving.runtime import load_model
+from tests.serving import blackbox
+
+EPISODES, STEPS = 30, 100
+
+
+def scripts():
+    rng = np.random.default_rng(0)
+    return [(rng.normal(size=(STEPS, 3)).astype(np.float32), rng.normal(size=STEPS), float(rng.uniform(-800, -100)))
+            for _ in range(EPISODES)]
+
+
+def reference(repo, script):
+    """The episode's actions with no server at all: the exported model in onnxruntime, one rolling context."""
+    model = load_model("dt-a", 1, repo / "dt-a" / "1" / "model.onnx", ["CPUExecutionProvider"])
+    observations, rewards, target = script
+    context, actions = RollingContext(model.context_spec, target), []
+    for t in range(STEPS):
+        reward = None if t == 0 else float(rewards[t - 1])
+        action = model.run(context.inputs(observations[t], reward))[0]
+        context.advance(observations[t], reward, action)
+        actions.append(action)
+    return np.stack(actions)
+
+
+def run_with_a_kill(repo, redis_url, prefix, play):
+    """Start three servers on one Redis, play every episode (``play(client, script, progress)``) from its own
+    thread, each client starting at a different server, SIGKILL the first server once a third of the steps
+    are done; returns (actions per episode, errors, retries, steps counted by each close)."""
+    servers = [blackbox.start(repo, "--session-store", redis_url, "--session-key-prefix", prefix) for _ in range(3)]
+    addresses = [s.address for s in servers]
+    results, errors, retries, closed = [None] * EPISODES, [], [0] * EPISODES, [None] * EPISODES
+    done, killed = [0], threading.Event()
+    lock = threading.Lock()
+
+    def progress():
+        with lock:
+            done[0] += 1
+            if done[0] == EPISODES * STEPS // 3 and not killed.is_set():
+                servers[0].proc.send_signal(signal.SIGKILL)
+                killed.set()
+
+    def episode(i, script):
+        rotated = addresses[i % 3:] + addresses[:i % 3]
+        try:
+            with PolicyClient(rotated, failover=Failover(tries=6, backoff=0.05, deadline=20)) as client:
+                results[i], closed[i] = play(client, script, progress)
+                retries[i] = client.retries
+        except Exception as exc:  # noqa: BLE001 - counted: none may reach the caller
+            errors.append((i, repr(exc)))
+
+    try:
+        threads = [threading.Thread(target=episode, args=(i, s)) for i, s in enumerate(scripts())]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+    finally:
+        for server in servers:
+            with contextlib.suppress(Exception):
+                server.stop()
+    assert killed.is_set()
+    return results, errors, retries, closed
+
+
+def unary(client, script, progress):
+    observations, rewards, target = script
+    sid = client.open_session("dt-a", target_return=target).session_id
+    actions = []
+    for t in range(STEPS):
+        actions.append(client.step(sid, observations[t], None if t == 0 else float(rewards[t - 1]), index=t))
+        progress()
+    return np.stack(actions), client.close_session(sid)
+
+
+def streamed(client, script, progress):
+    observations, rewards, target = script
+    episode = client.episode("dt-a", target_return=target)
+    actions = []
+    for t in range(STEPS):
+        actions.append(episode.step(observations[t], None if t == 0 else float(rewards[t - 1])))
+        progress()
+    sid = episode.opened.session_id
+    episode.cancel()  # a shared store keeps the session; close it to read its step count
+    return np.stack(actions), client.close_session(sid)
+
+
+def check(dt_repository, results, errors, retries, closed):
+    assert errors == []  # zero errors reached the caller
+    assert sum(retries) > 0  # the episodes on the killed server moved, and that was counted
+    assert closed == [STEPS] * EPISODES  # no step appended twice
+    for i, script in enumerate(scripts()):
+        np.testing.assert_array_equal(results[i], reference(dt_repository, script), err_msg=f"episode {i}")
+
+
+def test_unary_sessions_survive_a_replica_killed_mid_run(dt_repository, redis_url, redis_prefix):
+    check(dt_repository, *run_with_a_kill(dt_repository, redis_url, redis_prefix, unary))
+
+
+def test_episode_streams_reattach_after_a_replica_is_killed(dt_repository, redis_url, redis_prefix):
+    check(dt_repository, *run_with_a_kill(dt_repository, redis_url, redis_prefix, streamed))
