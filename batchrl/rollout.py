@@ -53,7 +53,6 @@ def rollout(server: str | list[str], model: str, env_id: str, episodes: int, see
         manifest = served_manifest(client, model, version)
         env = make_env(env_id)
         check_observation_size(env, math.prod(manifest.observation_space.shape), f"model {model!r}")
-        streams = None
         if manifest.context_length > 0:
             streams = EpisodeStreams(client, model, version, target_return)
             act: Act = streams
@@ -61,17 +60,17 @@ def rollout(server: str | list[str], model: str, env_id: str, episodes: int, see
             if target_return is not None:
                 raise UserError(f"model {model!r} is a feed-forward policy: --target-return applies only to "
                                 "sequence policies")
+            streams = client.act_stream(model, version)  # one Act stream for every step of every episode
 
             def act(obs: np.ndarray, reward: float | None) -> np.ndarray:
-                return client.act(model, obs[None], version=version)[0]
+                return streams.act(obs[None])[0]
         try:
             returns, lengths = run_episodes(
                 env, act, episodes, seed,
                 on_episode=lambda i, r, n: print_fn(f"episode {i + 1}/{episodes} (seed {seed + i}): "
                                                     f"return {r:.2f} over {n} steps"))
         finally:
-            if streams is not None:
-                streams.close()
+            streams.close()
             env.close()
     ref = (manifest.ref_min_score, manifest.ref_max_score) if manifest.HasField("ref_max_score") else (None, None)
     result = summarize(returns, lengths, *ref)

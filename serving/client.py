@@ -108,6 +108,10 @@ class PolicyClient:
     def list_models(self) -> list[policy_pb2.ModelInfo]:
         return list(self._unary("ListModels", policy_pb2.ListModelsRequest()).models)
 
+    def act_stream(self, model: str, version: int | None = None) -> "ActStream":
+        """An ActStream: ``stream.act(observations)`` per tick on one stream, answered in order."""
+        return ActStream(self, model, version)
+
     # -- sessions (sequence policies) ----------------------------------------
     def open_session(self, model: str, version: int | None = None,
                      target_return: float | None = None) -> policy_pb2.OpenSessionResponse:
@@ -181,65 +185,86 @@ def step_request(observation: np.ndarray, reward: float | None, session_id: str 
     return request
 
 
-class Episode:
-    """``with client.episode("hopper-dt") as ep: action = ep.step(obs); action = ep.step(obs, reward)``.
-
-    Every step carries its index. If the stream breaks (its server UNAVAILABLE), the step is sent
-    again on a new stream to the client's next address, attaching to the same session (the first
-    message of that stream is the step, with the session id): with a shared session store the
-    episode goes on where it was, each step answered once."""
+class _Stream:
+    """A bidirectional stream fed from a queue, re-opened on the client's next address when it breaks."""
 
     _END = object()
 
-    def __init__(self, client: PolicyClient, request: policy_pb2.OpenSessionRequest):
-        self._client = client
+    def __init__(self, client: PolicyClient, method: str):
+        self._client, self._method = client, method
         self._connect()
-        started = time.monotonic()
-        for attempt in itertools.count():
-            try:
-                self._requests.put(policy_pb2.EpisodeRequest(open=request))
-                self.opened: policy_pb2.OpenSessionResponse = next(self._call).opened
-                break
-            except grpc.RpcError as error:
-                self._reconnect(attempt, started, error)
-        self.index = 0  # the next step's index in the episode: every step carries it
 
     def _connect(self) -> None:
         self._requests: queue.Queue = queue.Queue()
-        self._call = self._client.stub.Episode(iter(self._requests.get, self._END), metadata=self._client.metadata)
+        stub = getattr(self._client.stub, self._method)
+        self._call = stub(iter(self._requests.get, self._END), metadata=self._client.metadata)
 
-    def _reconnect(self, attempt: int, started: float, error: grpc.RpcError) -> None:
-        self._requests.put(self._END)  # ends the broken stream's request iterator
-        self._client._retrying(attempt, started, error)
-        self._connect()
-
-    def step(self, observation: np.ndarray, reward: float | None = None) -> np.ndarray:
-        request = step_request(observation, reward, index=self.index)
+    def _exchange(self, request, on_reconnect=None):
+        """Send ``request`` and return the answer; on UNAVAILABLE, again on a new stream (Failover)."""
         started = time.monotonic()
         for attempt in itertools.count():
             try:
-                self._requests.put(policy_pb2.EpisodeRequest(step=request))
-                action = decode(next(self._call).step.action, "action")
-                break
+                self._requests.put(request)
+                return next(self._call)
             except grpc.RpcError as error:
-                self._reconnect(attempt, started, error)
-                request.session_id = self.opened.session_id  # the new stream attaches to the session
-        self.index += 1
-        return action
+                self._requests.put(self._END)  # ends the broken stream's request iterator
+                self._client._retrying(attempt, started, error)
+                self._connect()
+                if on_reconnect is not None:
+                    on_reconnect(request)
 
     def close(self) -> None:
-        """End the stream (the server closes the session)."""
+        """End the stream."""
         self._requests.put(self._END)
         for _ in self._call:  # drain to the end of the stream
             pass
 
     def cancel(self) -> None:
-        """Abandon the stream mid-episode (the server closes the session)."""
+        """Abandon the stream."""
         self._call.cancel()
         self._requests.put(self._END)  # ends the request iterator, so grpc's thread reading it exits
 
-    def __enter__(self) -> "Episode":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ActStream(_Stream):
+    """``with client.act_stream("hopper-iql") as s: actions = s.act(observations)``: Act on one stream."""
+
+    def __init__(self, client: PolicyClient, model: str, version: int | None = None):
+        super().__init__(client, "ActStream")
+        self.model, self.version = model, version
+
+    def act(self, observations: np.ndarray) -> np.ndarray:
+        """A batch of observations [batch, *obs_shape] -> actions [batch, *act_shape]."""
+        request = policy_pb2.ActRequest(model=self.model, observations=encode(observations))
+        if self.version is not None:
+            request.version = self.version
+        return decode(self._exchange(request).actions, "actions")
+
+
+class Episode(_Stream):
+    """``with client.episode("hopper-dt") as ep: action = ep.step(obs); action = ep.step(obs, reward)``.
+
+    Every step carries its index. If the stream breaks (its server UNAVAILABLE), the step is sent
+    again on a new stream to the client's next address, attaching to the same session (the first
+    message of that stream is the step, with the session id): with a shared session store the
+    episode goes on where it was, each step answered once. Closing the stream ends the episode."""
+
+    def __init__(self, client: PolicyClient, request: policy_pb2.OpenSessionRequest):
+        super().__init__(client, "Episode")
+        self.opened: policy_pb2.OpenSessionResponse = self._exchange(policy_pb2.EpisodeRequest(open=request)).opened
+        self.index = 0  # the next step's index in the episode: every step carries it
+
+    def step(self, observation: np.ndarray, reward: float | None = None) -> np.ndarray:
+        request = policy_pb2.EpisodeRequest(step=step_request(observation, reward, index=self.index))
+
+        def attach(message):  # the new stream attaches to the session
+            message.step.session_id = self.opened.session_id
+
+        action = decode(self._exchange(request, attach).step.action, "action")
+        self.index += 1
+        return action

@@ -82,17 +82,25 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     # -- feed-forward policies ---------------------------------------------
     def Act(self, request: policy_pb2.ActRequest, context: grpc.ServicerContext) -> policy_pb2.ActResponse:
         call = Call("Act")
+        return self._guard(context, call, lambda: self._act(call, request, context))
 
-        def act():
-            model = self._model(call, request.model, optional(request, "version"))
-            if not request.HasField("observations"):
-                raise InvalidArgument("observations are missing")
-            sampling = request.sampling
-            actions = self.plane.act(model, decode(request.observations, "observations"), deadline_of(context),
-                                     sampling.noise_std, optional(sampling, "seed"))
-            return policy_pb2.ActResponse(model=model.name, version=model.version, actions=encode(actions))
+    def ActStream(self, request_iterator, context):
+        """Act, one answer per request on one stream; each message goes through the guard."""
+        try:
+            for request in request_iterator:
+                call = Call("ActStream")
+                yield self._guard(context, call, lambda: self._act(call, request, context))
+        except StreamIdle:
+            return
 
-        return self._guard(context, call, act)
+    def _act(self, call: Call, request: policy_pb2.ActRequest, context) -> policy_pb2.ActResponse:
+        model = self._model(call, request.model, optional(request, "version"))
+        if not request.HasField("observations"):
+            raise InvalidArgument("observations are missing")
+        sampling = request.sampling
+        actions = self.plane.act(model, decode(request.observations, "observations"), deadline_of(context),
+                                 sampling.noise_std, optional(sampling, "seed"))
+        return policy_pb2.ActResponse(model=model.name, version=model.version, actions=encode(actions))
 
     def ListModels(self, request, context) -> policy_pb2.ListModelsResponse:
         def list_models():

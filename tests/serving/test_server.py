@@ -126,3 +126,17 @@ def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(stub, label,
     assert re.search(message, info.value.details()), info.value.details()
     ok = stub.Act(raw_request([1, 3], f32(0.5, 0.5, 0.1)))
     assert ok.actions.shape == [1, 1]
+
+
+def test_act_stream_answers_equal_act_and_an_error_ends_the_stream(client):
+    rng = np.random.default_rng(5)
+    batches = [rng.normal(size=(1 + i % 3, 3)).astype(np.float32) for i in range(20)]
+    with client.act_stream("pendulum") as stream:
+        streamed = [stream.act(b) for b in batches]
+    for batch, answer in zip(batches, streamed):
+        np.testing.assert_array_equal(answer, client.act("pendulum", batch))
+    stream = client.act_stream("pendulum")
+    stream.act(batches[0])
+    with pytest.raises(grpc.RpcError) as info:
+        stream.act(np.ones((1, 4), np.float32))  # the wrong observation size
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expects [batch, 3]" in info.value.details()

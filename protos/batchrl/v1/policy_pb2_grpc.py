@@ -65,6 +65,11 @@ class PolicyServiceStub:
                 request_serializer=batchrl_dot_v1_dot_policy__pb2.EpisodeRequest.SerializeToString,
                 response_deserializer=batchrl_dot_v1_dot_policy__pb2.EpisodeResponse.FromString,
                 _registered_method=True)
+        self.ActStream = channel.stream_stream(
+                '/batchrl.v1.PolicyService/ActStream',
+                request_serializer=batchrl_dot_v1_dot_policy__pb2.ActRequest.SerializeToString,
+                response_deserializer=batchrl_dot_v1_dot_policy__pb2.ActResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -107,6 +112,14 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ActStream(self, request_iterator, context):
+        """Act on one stream: one answer per request, in order, for controllers that ask once per tick.
+        Counts against the server's stream cap; the first error ends the stream with its status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +152,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.Episode,
                     request_deserializer=batchrl_dot_v1_dot_policy__pb2.EpisodeRequest.FromString,
                     response_serializer=batchrl_dot_v1_dot_policy__pb2.EpisodeResponse.SerializeToString,
+            ),
+            'ActStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ActStream,
+                    request_deserializer=batchrl_dot_v1_dot_policy__pb2.ActRequest.FromString,
+                    response_serializer=batchrl_dot_v1_dot_policy__pb2.ActResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +322,33 @@ class PolicyService:
             '/batchrl.v1.PolicyService/Episode',
             batchrl_dot_v1_dot_policy__pb2.EpisodeRequest.SerializeToString,
             batchrl_dot_v1_dot_policy__pb2.EpisodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/batchrl.v1.PolicyService/ActStream',
+            batchrl_dot_v1_dot_policy__pb2.ActRequest.SerializeToString,
+            batchrl_dot_v1_dot_policy__pb2.ActResponse.FromString,
             options,
             channel_credentials,
             insecure,
