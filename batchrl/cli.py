@@ -41,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
 
 def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The parser of a `batchrl` subcommand: --help shows every default, a usage error is one line."""
-    return _Parser(prog=prog, description=description, formatter_class=_Help)
+    return _Parser(prog=prog, description=description, formatter_class=_Help, allow_abbrev=False)
 
 
 def train(argv: list[str]) -> int:

@@ -22,7 +22,8 @@ from batchrl.serving.sessions import open_session_store
 log = logging.getLogger("batchrl.serve")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser():
+    """The options of `batchrl serve` (deploy/ is checked against them)."""
     parser = command_parser("batchrl serve", "Serve the model repository over gRPC.")
     defaults, batching = ServerOptions(), BatchLimits()  # the one place the server's defaults are written
     parser.add_argument("--repository", "-r", default="models", help="model repository root")
@@ -79,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-cert", default=None, help="PEM server certificate: serve TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     parser.add_argument("--client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     configure_logs(args.log_format)
     signals = StopSignals()  # before anything slow: a SIGTERM during start-up is then a clean stop too
     providers = choose_providers(args.device, args.device_id)

@@ -35,12 +35,13 @@ class PolicyClient:
     def __init__(self, address: str | Sequence[str], timeout: float | None = 10.0, tls_ca: bytes | None = None,
                  client_cert: bytes | None = None, client_key: bytes | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None,
-                 failover: Failover = Failover()):
+                 failover: Failover = Failover(), channel_options: Sequence[tuple[str, object]] = ()):
         """Plaintext by default; ``tls_ca`` (PEM bytes) switches to TLS, and ``client_cert`` with
         ``client_key`` present a client certificate (mutual TLS). ``token``: the data-plane bearer
-        token, for a server started with one."""
+        token, for a server started with one. ``channel_options``: gRPC channel arguments, e.g.
+        ``[("grpc.lb_policy_name", "round_robin")]`` with a ``dns:///`` address of several replicas."""
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+                   ("grpc.max_send_message_length", max_message_bytes), *channel_options]
         self.addresses = [address] if isinstance(address, str) else list(address)
         if not self.addresses:
             raise ValueError("PolicyClient needs at least one address")
