@@ -129,7 +129,7 @@ class PolicyClient:
         return self._unary("CloseSession", policy_pb2.CloseSessionRequest(session_id=session_id)).steps
 
     def episode(self, model: str, version: int | None = None, target_return: float | None = None) -> "Episode":
-        """An Episode stream: one session for one episode, closed when the stream ends."""
+        """An Episode stream: one session for one episode, closed by ``close()`` (or the with block)."""
         return Episode(self, open_request(model, version, target_return))
 
     # -- model control (needs the server's admin token) ---------------------
@@ -221,15 +221,20 @@ class _Stream:
             pass
 
     def cancel(self) -> None:
-        """Abandon the stream."""
+        """Abandon the stream (to the server, a broken stream)."""
         self._call.cancel()
-        self._requests.put(self._END)  # ends the request iterator, so grpc's thread reading it exits
+        # End the request iterator, so grpc's thread reading it exits; only once the call is over, or
+        # that thread could half-close the stream first and the server would see an ended episode.
+        self._call.add_done_callback(lambda _: self._requests.put(self._END))
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, error_type, *_) -> None:
+        if error_type is None:
+            self.close()
+        else:  # the stream may be over already: do not hide the error behind another
+            self.cancel()
 
 
 class ActStream(_Stream):
@@ -253,7 +258,7 @@ class Episode(_Stream):
     Every step carries its index. If the stream breaks (its server UNAVAILABLE), the step is sent
     again on a new stream to the client's next address, attaching to the same session (the first
     message of that stream is the step, with the session id): with a shared session store the
-    episode goes on where it was, each step answered once. Closing the stream ends the episode."""
+    episode goes on where it was, each step answered once. ``close()`` ends the episode."""
 
     def __init__(self, client: PolicyClient, request: policy_pb2.OpenSessionRequest):
         super().__init__(client, "Episode")
@@ -269,3 +274,10 @@ class Episode(_Stream):
         action = decode(self._exchange(request, attach).step.action, "action")
         self.index += 1
         return action
+
+    def close(self) -> int:
+        """End the episode: the server closes the session; returns its step count."""
+        request = policy_pb2.EpisodeRequest(close=policy_pb2.CloseSessionRequest(session_id=self.opened.session_id))
+        steps = self._exchange(request).closed.steps
+        super().close()
+        return steps

@@ -134,14 +134,14 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         return self._guard(context, call, close)
 
     def Episode(self, request_iterator, context):
-        """One stream, one episode: open, step..., and the session closes when the stream ends.
+        """One stream, one episode: open (or attach), step..., close.
 
         The first message opens a session, or attaches the stream to an open one (a step carrying
-        its session_id). A stream the server closes for idleness leaves its session open, for a
-        unary Step or a later stream; one the client ends closes it. One that breaks (cancelled, its
-        connection lost) closes an in-process session, but leaves a shared store's session open for a
-        new stream to attach to, here or at another server. Every message goes through the guard;
-        the first error ends the stream with its status.
+        its session_id); `close` ends the episode. A stream that ends without `close` (the client
+        stopped, cancelled or lost its connection; the server closed it for idleness) closes an
+        in-process session, except after idleness, but leaves a shared store's session open for
+        another stream, here or at another server, to attach to. Every message goes through the
+        guard; the first error ends the stream with its status.
         """
         opened: list[Session] = []
         try:
@@ -156,22 +156,31 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                     step = self._guard(context, call, lambda: self._stream_step(call, opened, request.step,
                                                                                 deadline_of(context)))
                     yield policy_pb2.EpisodeResponse(step=step)
+                elif kind == "close":
+                    call = Call("EpisodeClose")
+                    closed = self._guard(context, call, lambda: self._stream_close(call, opened, request.close))
+                    yield policy_pb2.EpisodeResponse(closed=closed)
                 else:
                     self._guard(context, Call("Episode"), _raise(InvalidArgument(
-                        "empty EpisodeRequest: set `open` or `step`")))
-            if not context.is_active() and self.plane.sessions.shared:
-                opened.clear()  # the requests ended because the stream broke, not because the client ended it
+                        "empty EpisodeRequest: set `open`, `step` or `close`")))
         except StreamIdle:
             if opened:
                 log.info("session %s stays open after its idle Episode stream was closed", opened[0].id)
             opened.clear()
-        except BaseException:  # the stream broke (cancelled, failed): a shared store keeps the session
-            if self.plane.sessions.shared:  # for a new stream, here or at another server, to attach to
-                opened.clear()
-            raise
         finally:
-            while opened:  # the client ended the stream: its episode is over
+            if self.plane.sessions.shared:
+                opened.clear()  # for another stream to attach to; it expires after the idle timeout
+            while opened:
                 self.plane.sessions.close(opened.pop().id)
+
+    def _stream_close(self, call: Call, opened: list[Session],
+                      request: policy_pb2.CloseSessionRequest) -> policy_pb2.CloseSessionResponse:
+        if not opened and not request.session_id:
+            raise FailedPrecondition("`close` on an Episode stream with no session: open or attach first, or name "
+                                     "the session_id")
+        closed = self.plane.close(opened.pop().id if opened else request.session_id)
+        call.model = closed.model_name
+        return policy_pb2.CloseSessionResponse(steps=closed.steps)
 
     def _stream_open(self, call: Call, opened: list[Session],
                      request: policy_pb2.OpenSessionRequest) -> policy_pb2.OpenSessionResponse:

@@ -90,9 +90,7 @@ def streamed(client, script, progress):
     for t in range(STEPS):
         actions.append(episode.step(observations[t], None if t == 0 else float(rewards[t - 1])))
         progress()
-    sid = episode.opened.session_id
-    episode.cancel()  # a shared store keeps the session; close it to read its step count
-    return np.stack(actions), client.close_session(sid)
+    return np.stack(actions), episode.close()
 
 
 def check(dt_repository, results, errors, retries, closed):

@@ -163,10 +163,12 @@ def test_episode_stream_equals_unary_session_and_a_cancelled_stream_frees_its_se
         time.sleep(0.5)
         assert len(store) == 1
         sid = episode.opened.session_id
-        attached = client.stub.Episode(iter([policy_pb2.EpisodeRequest(step=step_request(
-            observations[2], 0.25, sid, index=2))]))
+        attached = client.stub.Episode(iter([
+            policy_pb2.EpisodeRequest(step=step_request(observations[2], 0.25, sid, index=2)),
+            policy_pb2.EpisodeRequest(close=policy_pb2.CloseSessionRequest())]))
         assert next(attached).step.timestep == 2
-        assert wait_for(lambda: len(store) == 0)  # that stream ended normally: the episode is over
+        assert next(attached).closed.steps == 3  # `close` ends the episode
+        assert len(store) == 0
 
 
 def expect(code, call, match):

@@ -136,17 +136,21 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, steps: _Optional[int] = ...) -> None: ...
 
 class EpisodeRequest(_message.Message):
-    __slots__ = ("open", "step")
+    __slots__ = ("open", "step", "close")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
     open: OpenSessionRequest
     step: StepRequest
-    def __init__(self, open: _Optional[_Union[OpenSessionRequest, _Mapping]] = ..., step: _Optional[_Union[StepRequest, _Mapping]] = ...) -> None: ...
+    close: CloseSessionRequest
+    def __init__(self, open: _Optional[_Union[OpenSessionRequest, _Mapping]] = ..., step: _Optional[_Union[StepRequest, _Mapping]] = ..., close: _Optional[_Union[CloseSessionRequest, _Mapping]] = ...) -> None: ...
 
 class EpisodeResponse(_message.Message):
-    __slots__ = ("opened", "step")
+    __slots__ = ("opened", "step", "closed")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
     opened: OpenSessionResponse
     step: StepResponse
-    def __init__(self, opened: _Optional[_Union[OpenSessionResponse, _Mapping]] = ..., step: _Optional[_Union[StepResponse, _Mapping]] = ...) -> None: ...
+    closed: CloseSessionResponse
+    def __init__(self, opened: _Optional[_Union[OpenSessionResponse, _Mapping]] = ..., step: _Optional[_Union[StepResponse, _Mapping]] = ..., closed: _Optional[_Union[CloseSessionResponse, _Mapping]] = ...) -> None: ...
