@@ -70,6 +70,23 @@ def variants(algorithm: str, steps: int, datasets: list[str], seeds: list[int], 
 
 REPLAY = ["bench/hopper/medium-replay-v0", "bench/halfcheetah/medium-replay-v0"]
 HOPPER_MEDIUM = ["bench/hopper/medium-v0"]
+HOPPER = ["bench/hopper/medium-v0", "bench/hopper/medium-replay-v0"]
+HALFCHEETAH = ["bench/halfcheetah/medium-v0", "bench/halfcheetah/medium-replay-v0"]
+PEER_ALGORITHMS = {"bc": 100_000, "td3bc": 100_000, "iql": 100_000}
+
+
+def peer_suite() -> list[Job]:
+    """Issue 12's table: batchrl (3 seeds) beside d3rlpy (2 seeds) on both hopper sets, CQL at 25k steps on
+    hopper/medium-replay, then the halfcheetah confirmations (1 seed each, no peer). Seed-major, batchrl
+    and the peer interleaved, so a partial run already compares like with like."""
+    jobs = []
+    for seed in (0, 1, 2):
+        for library in ("batchrl", "d3rlpy")[:2 if seed < 2 else 1]:
+            jobs += grid(PEER_ALGORITHMS, HOPPER, [seed], eval_episodes=20, library=library)
+            jobs += grid({"cql": 25_000}, ["bench/hopper/medium-replay-v0"], [seed], eval_episodes=20,
+                         library=library)
+    return jobs + grid(PEER_ALGORITHMS, HALFCHEETAH, [0], eval_episodes=20) + \
+        grid({"cql": 25_000}, ["bench/halfcheetah/medium-replay-v0"], [0], eval_episodes=20)
 
 
 SUITES: dict[str, list[Job]] = {
@@ -97,6 +114,8 @@ SUITES: dict[str, list[Job]] = {
         + variants("iql", 100_000, HOPPER_MEDIUM, [seed], {}, library="d3rlpy")
         + variants("bc", 100_000, HOPPER_MEDIUM, [seed], {"policy": "deterministic", "lr": "0.001"})
         + variants("iql", 100_000, HOPPER_MEDIUM, [seed], {"actor_lr_horizon": "1000000"}))],
+    # Issue 12's acceptance table (run it from a worktree pinned at one commit).
+    "peer": peer_suite(),
 }
 
 
