@@ -11,6 +11,7 @@ table from whatever runs have finished.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -38,6 +39,7 @@ class Job:
     eval_every: int = 10_000
     eval_episodes: int = 10
     library: str = "batchrl"  # or "d3rlpy": the peer trial kind (benchmarks/peer.py)
+    folder: str = ""  # a subfolder of runs/ for a suite whose runs must not mix with earlier ones
 
     @property
     def label(self) -> str:
@@ -49,7 +51,7 @@ class Job:
         prefix = "" if self.library == "batchrl" else f"{self.library}-"
         variant = "".join(f"-{k}{v}" for k, v in self.settings)
         episodes = "" if self.eval_episodes == 10 else f"-e{self.eval_episodes}"
-        return (RUNS / self.dataset.replace("/", "_") /
+        return (RUNS / self.folder / self.dataset.replace("/", "_") /
                 f"{prefix}{self.algorithm}{variant}-{self.steps // 1000}k{episodes}-s{self.seed}")
 
 
@@ -85,8 +87,11 @@ def peer_suite() -> list[Job]:
             jobs += grid(PEER_ALGORITHMS, HOPPER, [seed], eval_episodes=20, library=library)
             jobs += grid({"cql": 25_000}, ["bench/hopper/medium-replay-v0"], [seed], eval_episodes=20,
                          library=library)
-    return jobs + grid(PEER_ALGORITHMS, HALFCHEETAH, [0], eval_episodes=20) + \
-        grid({"cql": 25_000}, ["bench/halfcheetah/medium-replay-v0"], [0], eval_episodes=20)
+    jobs += grid(PEER_ALGORITHMS, HALFCHEETAH, [0], eval_episodes=20)
+    jobs += grid({"cql": 25_000}, ["bench/halfcheetah/medium-replay-v0"], [0], eval_episodes=20)
+    # Its own folder: the ablation's runs of the same names were made by an earlier commit (and BC's
+    # default policy changed since).
+    return [dataclasses.replace(job, folder="peer") for job in jobs]
 
 
 SUITES: dict[str, list[Job]] = {
