@@ -117,7 +117,8 @@ def evaluate(argv: list[str]) -> int:
             policy.target_return = args.target_return
         act, dataset_id, env_id = policy_act(policy), config.dataset, None
         obs_size = int(ckpt["normalization"]["obs_mean"].numel())
-        label = f"run {target} ({config.algorithm}, step {int(ckpt['step'])})"
+        what = f"run {target}"
+        label = f"{what} ({config.algorithm}, step {int(ckpt['step'])})"
     else:
         from batchrl.serving.runtime import load_model
 
@@ -132,9 +133,10 @@ def evaluate(argv: list[str]) -> int:
             act = stateless(lambda obs: model.run({"observations": obs[None]})[0])
         dataset_id, env_id = model.manifest.dataset_id, model.manifest.env_id
         obs_size = math.prod(model.manifest.observation_space.shape)
-        label = f"model {path} ({model.manifest.algorithm}, onnxruntime CPU)"
+        what = f"model {path}"
+        label = f"{what} ({model.manifest.algorithm}, onnxruntime CPU)"
     env, ref = _eval_env(args.env, dataset_id, env_id)
-    check_observation_size(env, obs_size, f"the {label.split(' (')[0]}")
+    check_observation_size(env, obs_size, f"the {what}")
     result = run_eval(env, act, args.episodes, args.seed, *ref)
     print(label)
     for i, r in enumerate(result.returns):

@@ -16,7 +16,8 @@ from batchrl.training.evaluation import Act, check_observation_size, make_env, r
 
 
 def served_manifest(client: PolicyClient, model: str, version: int | None):
-    for info in client.list_models():
+    served = client.list_models()
+    for info in served:
         if info.name == model:
             wanted = version if version is not None else info.default_version
             for v in info.versions:
@@ -24,7 +25,7 @@ def served_manifest(client: PolicyClient, model: str, version: int | None):
                     return v.manifest
             raise UserError(f"model {model!r} has no version {wanted}; served: {[v.version for v in info.versions]}")
     raise UserError(f"model {model!r} is not served at {client.address}; served: "
-                    f"{sorted(info.name for info in client.list_models())}")
+                    f"{sorted(info.name for info in served)}")
 
 
 class EpisodeStreams:

@@ -48,7 +48,6 @@ the command that reproduces it.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import multiprocessing as mp
@@ -71,12 +70,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from batchrl.cli import command_parser
 from batchrl.protos.batchrl.v1 import policy_pb2
-from batchrl.protos.contract import MODEL_FILE, version_dirs
-from batchrl.protos.contract import MAX_MESSAGE_BYTES
+from batchrl.protos.contract import MAX_MESSAGE_BYTES, MODEL_FILE, version_dirs
 from batchrl.serving.dataplane import MAX_BATCH
-from benchmarks.echo import ECHO_METHOD, STREAM_METHOD
 from batchrl.serving.tensors import decode, encode
+from benchmarks.echo import ECHO_METHOD, STREAM_METHOD
 
 # Method paths from the wire contract itself (the OIP's is read where tritonclient is loaded anyway).
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
@@ -88,6 +87,8 @@ def model_infer_method() -> str:
     from batchrl.serving.server import KSERVE_SERVICE_NAME  # imports tritonclient's protocol modules
 
     return f"/{KSERVE_SERVICE_NAME}/ModelInfer"
+
+
 STREAM_CONCURRENCY = 32    # streams in phase 3: each holds a server worker thread while open
 BATCH_CONCURRENCIES = (1, 4)
 BATCHING_CONCURRENCY = 64  # clients in the batching on/off comparison
@@ -1150,29 +1151,22 @@ def write(data: dict, output: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     d = Settings()
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=d.model, help=f"model name in the repository (default {d.model})")
-    parser.add_argument("--repository", "-r", type=Path, default=d.repository,
-                        help=f"model repository root (default {d.repository})")
-    parser.add_argument("--duration", type=float, default=d.duration,
-                        help=f"measured seconds per measurement (default {d.duration:g})")
+    parser = command_parser("python -m benchmarks.serve_bench", __doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=d.model, help="model name in the repository")
+    parser.add_argument("--repository", "-r", type=Path, default=d.repository, help="model repository root")
+    parser.add_argument("--duration", type=float, default=d.duration, help="measured seconds per measurement")
     parser.add_argument("--warmup", type=float, default=d.warmup,
-                        help=f"unmeasured seconds of load before each measurement (default {d.warmup:g})")
-    parser.add_argument("--processes", type=int, default=d.processes,
-                        help=f"load-generator processes (default {d.processes})")
+                        help="unmeasured seconds of load before each measurement")
+    parser.add_argument("--processes", type=int, default=d.processes, help="load-generator processes")
     parser.add_argument("--concurrency", default=",".join(map(str, d.concurrency)),
-                        help="requests in flight for the single-observation phases, comma-separated "
-                             f"(default {','.join(map(str, d.concurrency))})")
+                        help="requests in flight for the single-observation phases, comma-separated")
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
-                        help=f"observations per request in the throughput phase (default {d.batch_size})")
+                        help="observations per request in the throughput phase")
     parser.add_argument("--threads", type=int, default=d.threads,
-                        help=f"onnxruntime intra-op threads, server and in-process (default {d.threads})")
-    parser.add_argument("--workers", type=int, default=d.workers,
-                        help=f"gRPC worker threads of every server (default {d.workers})")
-    parser.add_argument("--server-cores", default=d.server_cores,
-                        help=f"CPUs for the servers, as taskset -c (default {d.server_cores})")
-    parser.add_argument("--client-cores", default=d.client_cores,
-                        help=f"CPUs for the load generators (default {d.client_cores})")
+                        help="onnxruntime intra-op threads, server and in-process")
+    parser.add_argument("--workers", type=int, default=d.workers, help="gRPC worker threads of every server")
+    parser.add_argument("--server-cores", default=d.server_cores, help="CPUs for the servers, as taskset -c")
+    parser.add_argument("--client-cores", default=d.client_cores, help="CPUs for the load generators")
     parser.add_argument("--output", type=Path, default=None,
                         help="writes OUTPUT.md and OUTPUT.json (default: a new folder serve-bench-<UTC time>/serving "
                              "in the working directory; the published results: benchmarks/results/serving)")

@@ -51,6 +51,7 @@ class PolicyClient:
             creds = grpc.ssl_channel_credentials(tls_ca, client_key, client_cert)
             self._channels = [grpc.secure_channel(a, creds, options=options) for a in self.addresses]
         self._stubs = [policy_pb2_grpc.PolicyServiceStub(c) for c in self._channels]
+        self._admins = [admin_pb2_grpc.ModelServiceStub(c) for c in self._channels]
         self._current = 0  # the address calls go to until it fails
         self.failover = failover
         self.retries = 0
@@ -71,35 +72,34 @@ class PolicyClient:
 
     @property
     def admin(self) -> admin_pb2_grpc.ModelServiceStub:
-        return admin_pb2_grpc.ModelServiceStub(self.channel)
+        return self._admins[self._current]
 
-    def _retrying(self, attempt: int, started: float, error: grpc.RpcError) -> None:
-        """Raise ``error`` unless attempt ``attempt`` (0 first) may be retried; else move to the next
-        address and wait out the back-off."""
-        policy = self.failover
-        if error.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 >= policy.tries:
-            raise error
-        pause = min(policy.backoff * 2 ** attempt, 1.0)
-        if time.monotonic() + pause - started > policy.deadline:
-            raise error
-        self.retries += 1
-        self._current = (self._current + 1) % len(self.addresses)
-        time.sleep(pause)
+    def _failing_over(self, attempt, reconnect=None):
+        """``attempt()``, retried as Failover says while it raises UNAVAILABLE: each retry moves to the
+        next address, waits out the back-off and calls ``reconnect()`` first, if given."""
+        policy, started = self.failover, time.monotonic()
+        for tried in itertools.count(1):
+            try:
+                return attempt()
+            except grpc.RpcError as error:
+                pause = min(policy.backoff * 2 ** (tried - 1), 1.0)
+                if (error.code() != grpc.StatusCode.UNAVAILABLE or tried >= policy.tries
+                        or time.monotonic() + pause - started > policy.deadline):
+                    raise
+                self.retries += 1
+                self._current = (self._current + 1) % len(self.addresses)
+                time.sleep(pause)
+                if reconnect is not None:
+                    reconnect()
 
     def _unary(self, method: str, request):
-        started = time.monotonic()
-        for attempt in itertools.count():
-            try:
-                return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
-            except grpc.RpcError as error:
-                self._retrying(attempt, started, error)
+        return self._failing_over(
+            lambda: getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata))
 
     def act(self, model: str, observations: np.ndarray, version: int | None = None,
             noise_std: float = 0.0, seed: int | None = None) -> np.ndarray:
         """A batch of observations [batch, *obs_shape] -> a batch of actions [batch, *act_shape]."""
-        request = policy_pb2.ActRequest(model=model, observations=encode(observations))
-        if version is not None:
-            request.version = version
+        request = act_request(model, observations, version)
         if noise_std or seed is not None:
             request.sampling.noise_std = noise_std
             if seed is not None:
@@ -167,6 +167,13 @@ def _auth(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def act_request(model: str, observations: np.ndarray, version: int | None) -> policy_pb2.ActRequest:
+    request = policy_pb2.ActRequest(model=model, observations=encode(observations))
+    if version is not None:
+        request.version = version
+    return request
+
+
 def open_request(model: str, version: int | None, target_return: float | None) -> policy_pb2.OpenSessionRequest:
     request = policy_pb2.OpenSessionRequest(model=model)
     if version is not None:
@@ -202,17 +209,20 @@ class _Stream:
 
     def _exchange(self, request, on_reconnect=None):
         """Send ``request`` and return the answer; on UNAVAILABLE, again on a new stream (Failover)."""
-        started = time.monotonic()
-        for attempt in itertools.count():
+        def attempt():
+            self._requests.put(request)
             try:
-                self._requests.put(request)
                 return next(self._call)
-            except grpc.RpcError as error:
+            except grpc.RpcError:
                 self._requests.put(self._END)  # ends the broken stream's request iterator
-                self._client._retrying(attempt, started, error)
-                self._connect()
-                if on_reconnect is not None:
-                    on_reconnect(request)
+                raise
+
+        def reconnect():
+            self._connect()
+            if on_reconnect is not None:
+                on_reconnect(request)
+
+        return self._client._failing_over(attempt, reconnect)
 
     def close(self) -> None:
         """End the stream."""
@@ -246,10 +256,7 @@ class ActStream(_Stream):
 
     def act(self, observations: np.ndarray) -> np.ndarray:
         """A batch of observations [batch, *obs_shape] -> actions [batch, *act_shape]."""
-        request = policy_pb2.ActRequest(model=self.model, observations=encode(observations))
-        if self.version is not None:
-            request.version = self.version
-        return decode(self._exchange(request).actions, "actions")
+        return decode(self._exchange(act_request(self.model, observations, self.version)).actions, "actions")
 
 
 class Episode(_Stream):

@@ -20,6 +20,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._http = None  # the metrics endpoint, once serve() started it
         self.requests = Counter("batchrl_requests", "RPCs answered, by model, RPC and status code",
                                 ["model", "rpc", "code"], registry=self.registry)
         self.latency = Histogram("batchrl_request_duration_seconds", "RPC latency in the server, by model and RPC",
@@ -68,7 +69,7 @@ class Metrics:
 
     def close(self) -> None:
         """Stop the HTTP endpoint, if serve() started one."""
-        http, self._http = getattr(self, "_http", None), None
+        http, self._http = self._http, None
         if http is not None:
             http.shutdown()
             http.server_close()

@@ -250,16 +250,15 @@ class Trainer:
         self._lock = lock_run(self.run_dir)
         self._stop_signal: int | None = None
         try:
-            self._open(config)
+            self._open(config, resume)
         except BaseException:
             self.close()
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)
             raise
 
-    def _open(self, config: TrainConfig | None) -> None:
+    def _open(self, config: TrainConfig | None, resume: bool) -> None:
         ckpt_path = self.run_dir / CHECKPOINT
-        resume = config is None
         if resume:
             config = read_config(self.run_dir)
             if not ckpt_path.exists():
@@ -384,9 +383,7 @@ class Trainer:
         tick = time.perf_counter()
         while self.step < cfg.steps:
             if self._stop_signal is not None:
-                elapsed = time.perf_counter() - tick
-                self.train_seconds += elapsed
-                window.seconds += elapsed
+                self._count_training_time(tick)
                 self.checkpoint()
                 bar.close()
                 name = signal.Signals(self._stop_signal).name
@@ -401,9 +398,7 @@ class Trainer:
             last = self.step == cfg.steps
             if not (log or evaluate or checkpoint or last):
                 continue
-            elapsed = time.perf_counter() - tick  # training time only: evaluation and I/O are excluded
-            self.train_seconds += elapsed
-            window.seconds += elapsed
+            self._count_training_time(tick)  # training time only: evaluation and I/O are excluded
             if log or last:
                 row = window.row()
                 row.update(kind="train", step=self.step)
@@ -420,6 +415,11 @@ class Trainer:
             tick = time.perf_counter()
         bar.close()
         return self._finish()
+
+    def _count_training_time(self, since: float) -> None:
+        elapsed = time.perf_counter() - since
+        self.train_seconds += elapsed
+        self.window.seconds += elapsed
 
     def _finish(self) -> dict:
         last_eval = [r for r in self.metrics() if r["kind"] == "eval" and r["step"] == self.step]
