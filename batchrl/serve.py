@@ -1,14 +1,17 @@
 """`batchrl serve`: the server process. Command-line options become ServerOptions and the
 repository, session store and metrics of serving/; the process serves until SIGTERM or SIGINT,
-then drains (exit 0, or 1 when unary calls were cut off at the end of the grace period)."""
+then drains (exit 0, or 1 when unary calls were cut off at the end of the grace period).
+With --workers N, this process supervises N such processes on one port (serving/workers.py)."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import threading
 from pathlib import Path
 
 from batchrl.cli import command_parser
+from batchrl.errors import UserError
 from batchrl.serving.auth import DATA_TOKEN_ENV, read_admin_token, read_token
 from batchrl.serving.batcher import BatchLimits
 from batchrl.serving.logs import configure as configure_logs
@@ -17,7 +20,7 @@ from batchrl.serving.repository import Registry
 from batchrl.serving.runtime import choose_providers
 from batchrl.serving.server import DRAIN_BOUND, ServerOptions, build_server, start_poller, start_sweeper
 from batchrl.serving.signals import StopSignals
-from batchrl.serving.sessions import open_session_store
+from batchrl.serving.sessions import memory_refusal, open_session_store
 
 log = logging.getLogger("batchrl.serve")
 
@@ -32,11 +35,16 @@ def parser():
                         help="auto: CUDA when a GPU is usable, else CPU")
     parser.add_argument("--device-id", type=int, default=0, help="CUDA device index")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per model")
-    parser.add_argument("--workers", type=int, default=defaults.workers,
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes sharing the port (SO_REUSEPORT), each loading the repository itself, "
+                             "supervised by this one (restarted when they die, drained on SIGTERM); connections, "
+                             "not RPCs, are spread over them. More than 1 with sequence policies needs "
+                             "--session-store redis://...")
+    parser.add_argument("--grpc-threads", type=int, default=defaults.grpc_threads,
                         help="gRPC worker threads (each open stream holds one)")
     parser.add_argument("--max-streams", type=int, default=None,
                         help="most concurrent streams (Episode, reflection); more get RESOURCE_EXHAUSTED "
-                             "(default: workers - 8, so unary calls and health always find a thread)")
+                             "(default: grpc threads - 8, so unary calls and health always find a thread)")
     parser.add_argument("--stream-idle-timeout", type=float, default=defaults.stream_idle_timeout,
                         help="seconds a stream may wait for its client's next message before the server closes "
                              "it; its session stays open")
@@ -80,23 +88,35 @@ def parser():
     parser.add_argument("--tls-cert", default=None, help="PEM server certificate: serve TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     parser.add_argument("--client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)")
+    # Set by the supervisor of --workers N for each worker it starts.
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    configure_logs(args.log_format)
+    configure_logs(args.log_format, worker=args.worker_index)
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: expected 1 or more server processes")
+    if args.workers > 1 and args.worker_index is None:
+        from batchrl.serving.workers import supervise
+
+        return supervise(args, argv)
     signals = StopSignals()  # before anything slow: a SIGTERM during start-up is then a clean stop too
     providers = choose_providers(args.device, args.device_id)
     limits = BatchLimits(args.max_batch, args.max_queue_delay_us / 1e6, args.max_queue)
-    metrics = Metrics()
+    metrics = Metrics(worker=args.worker_index or 0)
     # the store first: a bad or unreachable one is refused before minutes of model loading
     sessions = open_session_store(args.session_store, lambda name, version: registry.get(name, version),
-                                  args.max_sessions, args.session_timeout, args.session_key_prefix)
+                                  args.max_sessions, args.session_timeout, args.session_key_prefix, args.workers)
     registry = Registry.open(Path(args.repository), providers, args.threads, limits, metrics=metrics)
     if not registry.models:
         log.warning("no models loaded from %s", args.repository)
-    options = ServerOptions(address=args.address, workers=args.workers, max_streams=args.max_streams,
+    sequence = sorted(name for name, versions in registry.models.items() if any(m.is_sequence for m in versions.values()))
+    if sequence and not sessions.shared and args.workers > 1:
+        raise UserError(f"{memory_refusal(args.workers)} (sequence policies here: {', '.join(sequence)})")
+    options = ServerOptions(address=args.address, grpc_threads=args.grpc_threads, max_streams=args.max_streams,
                             stream_idle_timeout=args.stream_idle_timeout,
                             admin_token=read_admin_token(args.admin_token_file),
                             data_token=read_token(args.data_token_file, DATA_TOKEN_ENV),
@@ -106,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     served = build_server(registry, options, sessions, metrics)
     if args.metrics_port is not None:
         metrics.watch(registry, sessions)
-        log.info("metrics on http://%s:%d/metrics", args.metrics_address,
-                 metrics.serve(args.metrics_port, args.metrics_address))
+        if args.worker_index is None:  # a worker's figures are served by its supervisor
+            log.info("metrics on http://%s:%d/metrics", args.metrics_address,
+                     metrics.serve(args.metrics_port, args.metrics_address))
     served.start()  # models were loaded and warmed up above: ready when the port opens
     stop = threading.Event()
     start_sweeper(sessions, stop)
@@ -116,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     in_use = sorted({p for versions in registry.models.values() for m in versions.values() for p in m.providers})
     log.info("serving %d models (%d versions) on %s (port %d); onnxruntime providers in use: %s", len(registry.models),
              sum(len(v) for v in registry.models.values()), args.address, served.port, ", ".join(in_use) or "none")
+    if args.ready_fd is not None:  # tell the supervisor
+        os.write(args.ready_fd, b"1")
+        os.close(args.ready_fd)
     received = signals.wait()
     stop.set()
     log.info("%s: draining: health NOT_SERVING, no new requests, up to %.1f s for those in flight",

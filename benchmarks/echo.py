@@ -10,7 +10,7 @@ that payload like the policy server's real response, so both servers put the
 same bytes on the wire and the difference between them is the policy work
 (decode, checks, batcher, onnxruntime, encode, metrics).
 
-    python -m benchmarks.echo --address 127.0.0.1:0 --workers 64 --response-bytes 37
+    python -m benchmarks.echo --address 127.0.0.1:0 --grpc-threads 64 --response-bytes 37
 
 prints its bound port on stdout (one line) and serves until SIGTERM or SIGINT.
 No protobuf: identity (bytes) serializers on both methods.
@@ -33,11 +33,11 @@ ECHO_METHOD = f"/{SERVICE}/Echo"
 STREAM_METHOD = f"/{SERVICE}/EchoStream"
 
 
-def build_echo_server(address: str, workers: int, response_bytes: int, stream_response_bytes: int | None = None,
+def build_echo_server(address: str, grpc_threads: int, response_bytes: int, stream_response_bytes: int | None = None,
                       max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
     """A configured, not yet started, echo server and its bound port."""
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    if grpc_threads < 1:
+        raise ValueError(f"grpc_threads must be >= 1, got {grpc_threads}")
     stream_response_bytes = response_bytes if stream_response_bytes is None else stream_response_bytes
     for what, size in (("response_bytes", response_bytes), ("stream_response_bytes", stream_response_bytes)):
         if not 0 <= size <= max_message_bytes:
@@ -58,7 +58,7 @@ def build_echo_server(address: str, workers: int, response_bytes: int, stream_re
     })
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="echo"),
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=grpc_threads, thread_name_prefix="echo"),
                          handlers=[handler], options=options)
     port = server.add_insecure_port(address)
     if port == 0:
@@ -69,7 +69,7 @@ def build_echo_server(address: str, workers: int, response_bytes: int, stream_re
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.echo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default="127.0.0.1:0", help="host:port to listen on (port 0: any free port)")
-    parser.add_argument("--workers", type=int, default=64, help="gRPC worker threads (as `batchrl serve`)")
+    parser.add_argument("--grpc-threads", type=int, default=64, help="gRPC worker threads (as `batchrl serve`)")
     parser.add_argument("--response-bytes", type=int, required=True, help="size of every Echo reply")
     parser.add_argument("--stream-response-bytes", type=int, default=None,
                         help="size of every EchoStream reply (default: --response-bytes)")
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest request or response (MiB)")
     args = parser.parse_args(argv)
     try:
-        server, port = build_echo_server(args.address, args.workers, args.response_bytes,
+        server, port = build_echo_server(args.address, args.grpc_threads, args.response_bytes,
                                          args.stream_response_bytes, int(args.max_message_mb * 1024 * 1024))
     except (ValueError, OSError) as exc:
         print(f"benchmarks.echo: error: {exc}", file=sys.stderr)

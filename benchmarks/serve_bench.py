@@ -48,6 +48,7 @@ the command that reproduces it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import multiprocessing as mp
@@ -117,7 +118,7 @@ class Settings:
     concurrency: tuple[int, ...] = (1, 8, 32, 64)
     batch_size: int = 256
     threads: int = 1
-    workers: int = 64
+    grpc_threads: int = 64
     server_cores: str = "0"
     client_cores: str = "1"
     output: Path = Path("serve-bench") / "serving"  # made fresh per run (fresh_output); the published
@@ -128,7 +129,7 @@ class Settings:
         args = ["python", "-m", "benchmarks.serve_bench", "--model", self.model, "--repository", str(self.repository),
                 "--duration", f"{self.duration:g}", "--warmup", f"{self.warmup:g}",
                 "--processes", str(self.processes), "--concurrency", ",".join(map(str, self.concurrency)),
-                "--batch-size", str(self.batch_size), "--threads", str(self.threads), "--workers", str(self.workers),
+                "--batch-size", str(self.batch_size), "--threads", str(self.threads), "--grpc-threads", str(self.grpc_threads),
                 "--server-cores", self.server_cores, "--client-cores", self.client_cores,
                 "--output", str(self.output)]
         return shlex.join(args)
@@ -154,7 +155,7 @@ def check_settings(s: Settings) -> None:
     if not s.warmup >= 0:
         raise ValueError(f"--warmup must be >= 0 seconds, got {s.warmup}")
     for name, value in (("--processes", s.processes), ("--batch-size", s.batch_size), ("--threads", s.threads),
-                        ("--workers", s.workers)):
+                        ("--grpc-threads", s.grpc_threads)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if s.batch_size > MAX_BATCH:
@@ -310,7 +311,7 @@ def policy_server(name: str, s: Settings, pinning: Pinning, extra: list[str] = (
     # CPU whatever the machine has (pinning measures CPU serving); a short drain, as nothing is in flight
     # when the benchmark stops it.
     argv = [*pinning.prefix(), sys.executable, "-m", "batchrl.cli", "serve", "-r", str(s.repository),
-            "--address", "127.0.0.1:0", "--device", "cpu", "--threads", str(s.threads), "--workers", str(s.workers),
+            "--address", "127.0.0.1:0", "--device", "cpu", "--threads", str(s.threads), "--grpc-threads", str(s.grpc_threads),
             "--metrics-port", "0", "--grace", "1", *extra]
     return ServerProcess(name, argv, r"\(port (\d+)\)")
 
@@ -318,13 +319,16 @@ def policy_server(name: str, s: Settings, pinning: Pinning, extra: list[str] = (
 def echo_server(s: Settings, pinning: Pinning, response_bytes: int) -> ServerProcess:
     """Replies (unary and stream) of ``response_bytes``: the size of the policy server's own answer."""
     argv = [*pinning.prefix(), sys.executable, "-m", "benchmarks.echo", "--address", "127.0.0.1:0",
-            "--workers", str(s.workers), "--response-bytes", str(response_bytes)]
+            "--grpc-threads", str(s.grpc_threads), "--response-bytes", str(response_bytes)]
     return ServerProcess("echo server", argv, r"^(\d+)$")
 
 
-def channel(address: str) -> grpc.Channel:
+def channel(address: str, own_connection: bool = False) -> grpc.Channel:
+    """``own_connection``: a TCP connection of its own (grpcio otherwise shares one between the channels
+    of a process with equal arguments, and a connection stays on one server process of a shared port)."""
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               *([("grpc.use_local_subchannel_pool", 1)] if own_connection else [])]
     return grpc.insecure_channel(address, options=options)
 
 
@@ -349,6 +353,7 @@ class Job:
     start_wall: float = 0.0  # time.time() at which the measured window opens
     warmup: float = 1.0
     duration: float = 10.0
+    connections: bool = False  # unary and stream kinds: a connection per slot instead of one per process
 
 
 def _load_worker(conn: Connection, cpus: tuple[int, ...] | None) -> None:
@@ -376,20 +381,25 @@ def run_job(job: Job) -> dict:
     end = start + job.duration
     if job.kind in CLIENT_LIBRARIES:
         return client_library_job(job, start, end)
-    with channel(job.address) as ch:
-        try:
-            grpc.channel_ready_future(ch).result(timeout=REQUEST_TIMEOUT)
-        except grpc.FutureTimeoutError:
-            raise RuntimeError(f"cannot connect to {job.address} within {REQUEST_TIMEOUT:.0f} s") from None
+    with contextlib.ExitStack() as stack:
+        # Every slot shares the process's channel (or has its own) and sends the pre-serialized request.
+        channels = [stack.enter_context(channel(job.address, job.connections))
+                    for _ in range(job.slots if job.connections else 1)]
+        for ch in channels:
+            try:
+                grpc.channel_ready_future(ch).result(timeout=REQUEST_TIMEOUT)
+            except grpc.FutureTimeoutError:
+                raise RuntimeError(f"cannot connect to {job.address} within {REQUEST_TIMEOUT:.0f} s") from None
+        channels = channels * (job.slots // len(channels))
         late = max(0.0, time.perf_counter() - (start - job.warmup))
         if job.kind == "open":
-            out = open_loop(ch.unary_unary(job.method), job, start, end)
+            out = open_loop(channels[0].unary_unary(job.method), job, start, end)
         elif job.kind == "unary":
-            # Every slot shares the process's channel and sends the pre-serialized request.
-            call = functools.partial(ch.unary_unary(job.method), job.payload, timeout=REQUEST_TIMEOUT)
-            out = closed_loop(unary_slot, [call] * job.slots, job, start, end)
+            calls = [functools.partial(ch.unary_unary(job.method), job.payload, timeout=REQUEST_TIMEOUT)
+                     for ch in channels]
+            out = closed_loop(unary_slot, calls, job, start, end)
         else:
-            out = closed_loop(stream_slot, [ch.stream_stream(job.method)] * job.slots, job, start, end)
+            out = closed_loop(stream_slot, [ch.stream_stream(job.method) for ch in channels], job, start, end)
     out["late_start"] = late
     return out
 
@@ -739,9 +749,11 @@ class Workloads:
 
 
 class Bench:
-    def __init__(self, s: Settings, pool: LoadGenerators, pinning: Pinning, servers: Servers, work: Workloads,
-                 model_path: Path):
+    def __init__(self, s: Settings, pool: LoadGenerators, pinning: Pinning, servers: Servers | None,
+                 work: Workloads | None, model_path: Path | None, phases: int = N_PHASES):
+        """``servers``, ``work`` and ``model_path``: what run_phases() needs (measure() needs none of them)."""
         self.s, self.pool, self.pinning, self.servers, self.work = s, pool, pinning, servers, work
+        self.phases = phases
         self.model_path = model_path
         self.rows: list[Row] = []
         self.in_process_meta: dict = {}  # onnxruntime version and model file of phase 5
@@ -750,8 +762,9 @@ class Bench:
         self.client_cpus = every if pinning.client is None else len(pinning.client)
 
     def measure(self, phase: int, name: str, server: ServerProcess, work: Workload, concurrency: int | None,
-                rate: float | None = None) -> Row:
-        """Closed loop at ``concurrency`` in flight, or (``rate`` given) open loop at ``rate`` req/s."""
+                rate: float | None = None, connections: bool = False) -> Row:
+        """Closed loop at ``concurrency`` in flight, or (``rate`` given) open loop at ``rate`` req/s;
+        ``connections``: a connection per in-flight slot."""
         s = self.s
         server.check_alive(f"the start of phase {phase} ({name})")
         shares = split(concurrency, s.processes) if rate is None else [1] * s.processes
@@ -759,7 +772,8 @@ class Bench:
         jobs = [Job(server.address, work.method, "open" if rate is not None else work.kind, work.payload,
                     work.prelude, work.model, work.shape, slots=n, rate=(rate or 0.0) / len(shares),
                     offset=(i / rate if rate else 0.0),
-                    start_wall=start_wall, warmup=s.warmup, duration=s.duration) for i, n in enumerate(shares)]
+                    start_wall=start_wall, warmup=s.warmup, duration=s.duration, connections=connections)
+                for i, n in enumerate(shares)]
         clients = [proc.pid for proc in self.pool.procs[:len(jobs)]]
         self.pool.send(jobs)
         time.sleep(max(0.0, start_wall - time.time()))
@@ -795,7 +809,7 @@ class Bench:
         load = "open loop" if row.concurrency is None else f"concurrency {row.concurrency}"
         busy = f", server CPU {pct(row.server_cpu_util)}" + (
             "" if row.client_cpu_util is None else f", client CPU {pct(row.client_cpu_util)}")
-        progress(f"[{row.phase}/{N_PHASES}] {row.name} ({row.target}), {load}, batch "
+        progress(f"[{row.phase}/{self.phases}] {row.name} ({row.target}), {load}, batch "
                  f"{row.batch_size}: {row.qps:,.0f} req/s, {row.obs_per_s:,.0f} obs/s, p99 {p99}{busy}{errors}")
 
     # -- the phases, in order ---------------------------------------------------
@@ -819,10 +833,10 @@ class Bench:
             self.measure(2, "Act unary", self.servers.on, self.work.single, c)
 
     def streams(self, sequence: bool) -> None:
-        streams = min(STREAM_CONCURRENCY, self.s.workers)
+        streams = min(STREAM_CONCURRENCY, self.s.grpc_threads)
         if streams < STREAM_CONCURRENCY:
             progress(f"note: {streams} streams instead of {STREAM_CONCURRENCY}: each open stream holds one of "
-                     f"the {self.s.workers} server workers")
+                     f"the {self.s.grpc_threads} server gRPC threads")
         self.measure(3, "echo stream", self.servers.echo, self.work.echo_stream, streams)
         if sequence:
             self.measure(3, "Episode stream", self.servers.on, self.work.episode, streams)
@@ -846,8 +860,8 @@ class Bench:
                               server_cpu_util=r["cpu"] / r["elapsed"] / self.server_cpus))
 
     def batching(self, sequence: bool) -> None:
-        # Streams hold a server worker each, so a sequence policy gets at most --workers of them.
-        clients = min(BATCHING_CONCURRENCY, self.s.workers) if sequence else BATCHING_CONCURRENCY
+        # Streams hold a server worker each, so a sequence policy gets at most --grpc-threads of them.
+        clients = min(BATCHING_CONCURRENCY, self.s.grpc_threads) if sequence else BATCHING_CONCURRENCY
         work = self.work.episode if sequence else self.work.single
         self.measure(6, "batching on", self.servers.on, work, clients)
         self.measure(6, "batching off", self.servers.off, work, clients)
@@ -1110,8 +1124,8 @@ def markdown(data: dict) -> str:
               f"- Pinning: {pin['note']}; observed server affinity {pin['observed_server_affinity']}.",
               f"- Load: {s['processes']} generator process(es), concurrency "
               f"{','.join(map(str, s['concurrency']))} (phases 1-2; phase 8 at {CLIENT_LIBRARY_CONCURRENCY}), "
-              f"{s['duration']:g} s per measurement after {s['warmup']:g} s warm-up; server: {s['workers']} gRPC "
-              f"workers, {s['threads']} onnxruntime intra-op thread(s), CPU.",
+              f"{s['duration']:g} s per measurement after {s['warmup']:g} s warm-up; server: {s['grpc_threads']} gRPC "
+              f"threads, {s['threads']} onnxruntime intra-op thread(s), CPU.",
               f"- Single-observation Act: {data['model']['single_request_bytes']} request bytes, "
               f"{data['model']['single_response_bytes']} response bytes (the echo answers as many).",
               f"- Reproduce: `{data['command']}`", "", "## Results", "",
@@ -1164,7 +1178,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="observations per request in the throughput phase")
     parser.add_argument("--threads", type=int, default=d.threads,
                         help="onnxruntime intra-op threads, server and in-process")
-    parser.add_argument("--workers", type=int, default=d.workers, help="gRPC worker threads of every server")
+    parser.add_argument("--grpc-threads", type=int, default=d.grpc_threads, help="gRPC worker threads of every server")
     parser.add_argument("--server-cores", default=d.server_cores, help="CPUs for the servers, as taskset -c")
     parser.add_argument("--client-cores", default=d.client_cores, help="CPUs for the load generators")
     parser.add_argument("--output", type=Path, default=None,
@@ -1174,7 +1188,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output = args.output or fresh_output()
     settings = Settings(model=args.model, repository=args.repository, duration=args.duration, warmup=args.warmup,
                         processes=args.processes, concurrency=parse_concurrency(args.concurrency),
-                        batch_size=args.batch_size, threads=args.threads, workers=args.workers,
+                        batch_size=args.batch_size, threads=args.threads, grpc_threads=args.grpc_threads,
                         server_cores=args.server_cores, client_cores=args.client_cores, output=args.output)
     # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the finally blocks stop every subprocess.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

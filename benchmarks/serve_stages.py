@@ -43,7 +43,7 @@ STAGES = {
 
 
 # -- one variant's server (a subprocess) ----------------------------------------
-def serve(stage: str, repository: Path, workers: int, threads: int) -> None:
+def serve(stage: str, repository: Path, grpc_threads: int, threads: int) -> None:
     from batchrl.serving import server as srv
     from batchrl.serving.batcher import BatchLimits
     from batchrl.serving.metrics import Metrics
@@ -68,7 +68,7 @@ def serve(stage: str, repository: Path, workers: int, threads: int) -> None:
         raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
     metrics = Metrics()
     registry = Registry.open(repository, ["CPUExecutionProvider"], threads, BatchLimits(), metrics=metrics)
-    served = srv.build_server(registry, srv.ServerOptions(workers=workers), metrics=metrics)
+    served = srv.build_server(registry, srv.ServerOptions(grpc_threads=grpc_threads), metrics=metrics)
     signals = StopSignals()
     served.start()
     print(f"metrics on port {metrics.serve(0, '127.0.0.1')}", flush=True)
@@ -82,7 +82,7 @@ def run(args) -> dict:
     from benchmarks import serve_bench as bench
 
     s = bench.Settings(model=args.model, repository=args.repository, duration=args.duration, warmup=args.warmup,
-                       processes=args.processes, threads=args.threads, workers=args.workers, server_cores=args.server_cores,
+                       processes=args.processes, threads=args.threads, grpc_threads=args.grpc_threads, server_cores=args.server_cores,
                        client_cores=args.client_cores)
     bench.check_settings(s)
     pinning = bench.choose_pinning(s.server_cores, s.client_cores)
@@ -92,7 +92,7 @@ def run(args) -> dict:
         servers = {}
         for stage in STAGES:
             argv = [*pinning.prefix(), sys.executable, "-m", "benchmarks.serve_stages", "--serve", stage,
-                    "--repository", str(s.repository), "--workers", str(s.workers), "--threads", str(s.threads)]
+                    "--repository", str(s.repository), "--grpc-threads", str(s.grpc_threads), "--threads", str(s.threads)]
             servers[stage] = bench.ServerProcess(stage, argv, r"\(port (\d+)\)")
             started.append(servers[stage])
         for server in servers.values():
@@ -190,14 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--processes", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=64)
+    parser.add_argument("--grpc-threads", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--server-cores", default="0")
     parser.add_argument("--client-cores", default="1")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/serving-stages"))
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve, args.repository, args.workers, args.threads)
+        serve(args.serve, args.repository, args.grpc_threads, args.threads)
         return 0
     start = time.time()
     md = write(run(args), args.output)

@@ -18,9 +18,10 @@ from batchrl.serving.tensors import decode, encode
 @dataclass(frozen=True)
 class Failover:
     """How a call that finds its server UNAVAILABLE (down, draining, a broken stream) is retried: on
-    the next address, after a back-off that doubles from ``backoff`` (capped at 1 s), at most
-    ``tries`` attempts in all and none started after ``deadline`` seconds. A session Step retried
-    this way carries the same step index, so it is answered once."""
+    the next address at once while this call has addresses left that it has not tried, then (the
+    same addresses again, or a lone address) after a back-off that doubles from ``backoff`` (capped
+    at 1 s); at most ``tries`` attempts in all and none started after ``deadline`` seconds. A session
+    Step retried this way carries the same step index, so it is answered once."""
     tries: int = 4
     backoff: float = 0.05
     deadline: float = 10.0
@@ -76,13 +77,16 @@ class PolicyClient:
 
     def _failing_over(self, attempt, reconnect=None):
         """``attempt()``, retried as Failover says while it raises UNAVAILABLE: each retry moves to the
-        next address, waits out the back-off and calls ``reconnect()`` first, if given."""
+        next address (waiting out the back-off once every address has failed this call) and calls
+        ``reconnect()`` first, if given."""
         policy, started = self.failover, time.monotonic()
         for tried in itertools.count(1):
             try:
                 return attempt()
             except grpc.RpcError as error:
-                pause = min(policy.backoff * 2 ** (tried - 1), 1.0)
+                # Another replica is tried at once; once every address failed, back-off doubles per retry.
+                cycled = tried - len(self.addresses)
+                pause = 0.0 if cycled < 0 else min(policy.backoff * 2 ** cycled, 1.0)
                 if (error.code() != grpc.StatusCode.UNAVAILABLE or tried >= policy.tries
                         or time.monotonic() + pause - started > policy.deadline):
                     raise

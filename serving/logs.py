@@ -8,24 +8,31 @@ import time
 
 
 class JsonFormatter(logging.Formatter):
-    """{"time", "level", "logger", "message"[, "exception"]} per record, UTC RFC 3339 times."""
+    """{"time", "level", "logger"[, "worker"], "message"[, "exception"]} per record, UTC RFC 3339 times."""
+
+    def __init__(self, worker: int | None = None):
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+            "level": record.levelname, "logger": record.name,
+            **({} if self.worker is None else {"worker": self.worker}), "message": record.getMessage(),
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
-def configure(fmt: str = "text", level: int = logging.INFO) -> None:
+def configure(fmt: str = "text", level: int = logging.INFO, worker: int | None = None) -> None:
+    """``worker``: this process's index among `batchrl serve --workers N`'s, shown on every line."""
     if fmt not in ("text", "json"):
         raise ValueError(f"log format must be 'text' or 'json', got {fmt!r}")
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    tag = "" if worker is None else f"[worker {worker}]"
+    handler.setFormatter(JsonFormatter(worker) if fmt == "json" else
+                         logging.Formatter(f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

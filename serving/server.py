@@ -121,7 +121,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     def Step(self, request: policy_pb2.StepRequest, context) -> policy_pb2.StepResponse:
         call = Call("Step")
         return self._guard(context, call, lambda: self._step(self._session(call, request.session_id), request,
-                                                             deadline_of(context)))
+                                                             deadline_of(context), optional(request, "index")))
 
     def CloseSession(self, request: policy_pb2.CloseSessionRequest, context) -> policy_pb2.CloseSessionResponse:
         call = Call("CloseSession")
@@ -141,20 +141,24 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         stopped, cancelled or lost its connection; the server closed it for idleness) closes an
         in-process session, except after idleness, but leaves a shared store's session open for
         another stream, here or at another server, to attach to. Every message goes through the
-        guard; the first error ends the stream with its status.
+        guard; the first error ends the stream with its status. A stream is ordered, so a step
+        without an index takes the one after the stream's previous step (0 after `open`); a stream
+        that attaches names its first step's index.
         """
         opened: list[Session] = []
+        next_index: list[int | None] = [None]  # the index a step without one takes
         try:
             for request in request_iterator:
                 kind = request.WhichOneof("kind")
                 if kind == "open":
                     call = Call("EpisodeOpen")
                     response = self._guard(context, call, lambda: self._stream_open(call, opened, request.open))
+                    next_index[0] = 0
                     yield policy_pb2.EpisodeResponse(opened=response)
                 elif kind == "step":
                     call = Call("EpisodeStep")
                     step = self._guard(context, call, lambda: self._stream_step(call, opened, request.step,
-                                                                                deadline_of(context)))
+                                                                                deadline_of(context), next_index))
                     yield policy_pb2.EpisodeResponse(step=step)
                 elif kind == "close":
                     call = Call("EpisodeClose")
@@ -192,25 +196,30 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         return opened_response(session)
 
     def _stream_step(self, call: Call, opened: list[Session], request: policy_pb2.StepRequest,
-                     deadline: float | None) -> policy_pb2.StepResponse:
+                     deadline: float | None, next_index: list[int | None]) -> policy_pb2.StepResponse:
         if not opened and not request.session_id:
             raise FailedPrecondition("the first message of an Episode stream must be `open`, or a `step` carrying "
                                      "the session_id of an open session")
         session = self._session(call, opened[0].id if opened else request.session_id)
         if not opened:
             opened.append(session)  # the stream attaches to the open session named by its first step
-        return self._step(session, request, deadline)
+        index = optional(request, "index")
+        index = next_index[0] if index is None else index
+        response = self._step(session, request, deadline, index)
+        next_index[0] = None if index is None else index + 1
+        return response
 
     def _open(self, call: Call, request: policy_pb2.OpenSessionRequest) -> Session:
         model = self._model(call, request.model, optional(request, "version"))
         return self.plane.open(model, optional(request, "target_return"))
 
-    def _step(self, session: Session, request: policy_pb2.StepRequest,
-              deadline: float | None = None) -> policy_pb2.StepResponse:
+    def _step(self, session: Session, request: policy_pb2.StepRequest, deadline: float | None = None,
+              index: int | None = None) -> policy_pb2.StepResponse:
+        """``index``: the step's index (unary Step: the request's own)."""
         if not request.HasField("observation"):
             raise InvalidArgument("observation is missing")
         result = self.plane.step(session, decode(request.observation, "observation"), optional(request, "reward"),
-                                 deadline, index=optional(request, "index"))
+                                 deadline, index=index)
         return policy_pb2.StepResponse(action=encode(result.action), timestep=result.timestep,
                                        return_to_go=result.return_to_go, version=result.version)
 
@@ -290,8 +299,8 @@ def start_poller(registry: Registry, interval: float, stop: threading.Event) -> 
 @dataclass
 class ServerOptions:
     address: str = "127.0.0.1:0"
-    workers: int = 64                    # gRPC worker threads; each open stream holds one
-    max_streams: int | None = None       # concurrent streams; None: workers - 8 (half when workers <= 8)
+    grpc_threads: int = 64               # gRPC worker threads; each open stream holds one
+    max_streams: int | None = None       # concurrent streams; None: grpc_threads - 8 (half when <= 8)
     stream_idle_timeout: float = 60.0    # seconds a stream may wait for its client's next message
     admin_token: str | None = None       # None: model management is refused
     data_token: str | None = None        # None: the data plane needs no token
@@ -305,13 +314,14 @@ class ServerOptions:
 
     def admission_limits(self) -> AdmissionLimits:
         """The stream cap stays below the worker count, so unary calls and health always find a thread."""
-        if self.workers < 2:
-            raise ValueError(f"workers must be >= 2 (streams and unary calls need threads), got {self.workers}")
+        if self.grpc_threads < 2:
+            raise ValueError(f"--grpc-threads must be >= 2 (streams and unary calls need threads), got "
+                             f"{self.grpc_threads}")
         streams = self.max_streams
         if streams is None:
-            streams = self.workers - 8 if self.workers > 8 else self.workers // 2
-        if streams >= self.workers:
-            raise ValueError(f"max streams ({streams}) must be below the worker count ({self.workers}): each open "
+            streams = self.grpc_threads - 8 if self.grpc_threads > 8 else self.grpc_threads // 2
+        if streams >= self.grpc_threads:
+            raise ValueError(f"max streams ({streams}) must be below --grpc-threads ({self.grpc_threads}): each open "
                              "stream holds a worker thread, and unary calls and health need some left")
         return AdmissionLimits(streams, self.stream_idle_timeout, self.per_client_limit)
 
@@ -388,7 +398,7 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
                     ("grpc.so_reuseport", int(options.reuse_port))]
     tokens = Tokens(options.admin_token, options.data_token)
     admission = Admission(role_of, tokens, options.admission_limits(), metrics)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="batchrl"),
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.grpc_threads, thread_name_prefix="batchrl"),
                          options=grpc_options, interceptors=[admission])
     plane = DataPlane(registry, SessionStore() if sessions is None else sessions, metrics)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyService(plane, metrics), server)

@@ -138,8 +138,12 @@ class SessionStore:
     shared = False
 
     def __init__(self, max_sessions: int = 1024, idle_timeout: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic, remember_expired: int = 65_536):
+                 clock: Callable[[], float] = time.monotonic, remember_expired: int = 65_536,
+                 refuse: str | None = None):
+        """``refuse``: why no session may open here (a process of several that share a port: a session
+        opened in one's memory could not take its next Step in another)."""
         check_limits(max_sessions, idle_timeout)
+        self.refuse = refuse
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self._clock = clock
@@ -154,6 +158,8 @@ class SessionStore:
 
     def open(self, model: LoadedModel, target_return: float, key: Hashable | None = None) -> Session:
         """A new session; one opened under ``key`` replaces the session that key named."""
+        if self.refuse:
+            raise FailedPrecondition(self.refuse)
         context = new_context(model, target_return)
         if key is not None:
             self.close(self._keys.get(key, ""))
@@ -402,11 +408,12 @@ class RedisSessionStore:
 
 
 def open_session_store(spec: str, resolve: Callable[[str, int], LoadedModel], max_sessions: int = 1024,
-                       idle_timeout: float = 300.0, prefix: str = "batchrl:") -> Sessions:
+                       idle_timeout: float = 300.0, prefix: str = "batchrl:", processes: int = 1) -> Sessions:
     """The store ``spec`` names: "memory" (this process) or a redis:// or rediss:// URL, which must answer.
-    ``resolve(name, version)``: a loaded model version (the registry's ``get``)."""
+    ``resolve(name, version)``: a loaded model version (the registry's ``get``); ``processes``: how many
+    server processes share the port (more than one: the in-process store opens no session)."""
     if spec == "memory":
-        return SessionStore(max_sessions, idle_timeout)
+        return SessionStore(max_sessions, idle_timeout, refuse=None if processes == 1 else memory_refusal(processes))
     if urlsplit(spec).scheme not in ("redis", "rediss"):
         raise UserError(f"--session-store {spec!r}: expected memory, redis://HOST:PORT/DB or rediss://HOST:PORT/DB")
     store = RedisSessionStore(spec, resolve, max_sessions, idle_timeout, prefix)
@@ -415,3 +422,8 @@ def open_session_store(spec: str, resolve: Callable[[str, int], LoadedModel], ma
     except Unavailable as exc:
         raise UserError(str(exc)) from None
     return store
+
+
+def memory_refusal(processes: int) -> str:
+    return (f"sessions need a shared store with --workers {processes}: a session in one process's memory could not "
+            f"take its next Step in another; start the server with --session-store redis://HOST:PORT/DB")

@@ -9,6 +9,7 @@ for the same lock, in the same thread, forever.
 from __future__ import annotations
 
 import os
+import select
 import signal
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -24,8 +25,11 @@ class StopSignals:
         for sig in STOP_SIGNALS:
             signal.signal(sig, lambda *_: None)
 
-    def wait(self) -> signal.Signals:
+    def wait(self, timeout: float | None = None) -> signal.Signals | None:
+        """The first stop signal, or None when ``timeout`` seconds pass without one."""
         while True:
+            if timeout is not None and not select.select([self._read], [], [], timeout)[0]:
+                return None
             number = os.read(self._read, 1)[0]
             if number in STOP_SIGNALS:
                 return signal.Signals(number)

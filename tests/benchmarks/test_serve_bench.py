@@ -72,7 +72,7 @@ def test_bench_serve_measures_every_phase_and_writes_the_report(tmp_path):
 
 
 def test_echo_answers_with_the_configured_sizes():
-    server, port = build_echo_server("127.0.0.1:0", workers=4, response_bytes=37, stream_response_bytes=5)
+    server, port = build_echo_server("127.0.0.1:0", grpc_threads=4, response_bytes=37, stream_response_bytes=5)
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -84,7 +84,7 @@ def test_echo_answers_with_the_configured_sizes():
 
 
 def test_echo_cli_prints_its_port_and_stops_on_sigterm():
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.echo", "--response-bytes", "3", "--workers", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.echo", "--response-bytes", "3", "--grpc-threads", "2"],
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         port = int(proc.stdout.readline())

@@ -106,10 +106,11 @@ def start(repo: Path | str, *args: str, metrics: bool = False, ready: bool = Tru
         return server
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if m := re.search(r"\(port (\d+)\)", server.log):
-            server.port = int(m.group(1))
-            if m := re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", server.log):
-                server.metrics_port = int(m.group(1))
+        port = re.search(r"\(port (\d+)\)", server.log)
+        endpoint = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", server.log)
+        if port and (endpoint or not metrics):  # (with --workers N, the supervisor says last)
+            server.port = int(port.group(1))
+            server.metrics_port = int(endpoint.group(1)) if endpoint else None
             wait_serving(server)
             return server
         if proc.poll() is not None:

@@ -2,9 +2,13 @@
 mid-run, and 30 Decision Transformer episodes that all finish as if nothing had happened."""
 import contextlib
 import signal
+import socket
 import threading
+import time
 
+import grpc
 import numpy as np
+import pytest
 
 from batchrl.protos.sequence import RollingContext
 from batchrl.serving.client import Failover, PolicyClient
@@ -14,10 +18,11 @@ from tests.serving import blackbox
 EPISODES, STEPS = 30, 100
 
 
-def scripts():
+def scripts(episodes=EPISODES, steps=STEPS):
+    """(observations, rewards, target return) of each episode, the same every time."""
     rng = np.random.default_rng(0)
-    return [(rng.normal(size=(STEPS, 3)).astype(np.float32), rng.normal(size=STEPS), float(rng.uniform(-800, -100)))
-            for _ in range(EPISODES)]
+    return [(rng.normal(size=(steps, 3)).astype(np.float32), rng.normal(size=steps), float(rng.uniform(-800, -100)))
+            for _ in range(episodes)]
 
 
 def reference(repo, script):
@@ -25,7 +30,7 @@ def reference(repo, script):
     model = load_model("dt-a", 1, repo / "dt-a" / "1" / "model.onnx", ["CPUExecutionProvider"])
     observations, rewards, target = script
     context, actions = RollingContext(model.context_spec, target), []
-    for t in range(STEPS):
+    for t in range(len(observations)):
         reward = None if t == 0 else float(rewards[t - 1])
         action = model.run(context.inputs(observations[t], reward))[0]
         context.advance(observations[t], reward, action)
@@ -107,3 +112,19 @@ def test_unary_sessions_survive_a_replica_killed_mid_run(dt_repository, redis_ur
 
 def test_episode_streams_reattach_after_a_replica_is_killed(dt_repository, redis_url, redis_prefix):
     check(dt_repository, *run_with_a_kill(dt_repository, redis_url, redis_prefix, streamed))
+
+
+def test_another_replica_is_tried_at_once_and_the_back_off_starts_after_every_address_failed():
+    closed = []
+    for _ in range(3):  # three loopback ports nobody listens on: each call is UNAVAILABLE at once
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed.append(f"127.0.0.1:{s.getsockname()[1]}")
+    # A back-off (1 s) longer than the deadline: only retries that do not wait can happen.
+    with PolicyClient(closed, failover=Failover(tries=5, backoff=1.0, deadline=0.5)) as client:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            client.list_models()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert client.retries == 2  # the two other addresses, at once; the next retry would wait 1 s
+    assert time.monotonic() - started < 0.5

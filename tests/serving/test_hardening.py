@@ -64,20 +64,20 @@ def rss_kib(pid: int) -> int:
 
 # -- 1. idle streams cannot starve the server ----------------------------------------------------
 def test_idle_streams_cannot_starve_unary_calls_or_health_and_idle_streams_close(dt_repository):
-    workers, cap = 16, 8  # the default cap: workers - 8
-    with serving(dt_repository, "--workers", str(workers), "--stream-idle-timeout", "2", metrics=True) as srv:
+    threads, cap = 16, 8  # the default cap: grpc threads - 8
+    with serving(dt_repository, "--grpc-threads", str(threads), "--stream-idle-timeout", "2", metrics=True) as srv:
         flood = srv.channel()
         stub = srv.policy(flood)
         # one episode opens its session, then its client goes quiet
         quiet = HeldStream(stub, [policy_pb2.EpisodeRequest(open=policy_pb2.OpenSessionRequest(model="dt-a"))])
         session_id = next(quiet.call).opened.session_id
-        streams = [quiet] + [HeldStream(stub) for _ in range(2 * workers - 1)]  # 2 x workers, no credentials
+        streams = [quiet] + [HeldStream(stub) for _ in range(2 * threads - 1)]  # 2 x threads, no credentials
         try:
             deadline = time.monotonic() + 10
-            while sum(s.call.done() for s in streams) < 2 * workers - cap and time.monotonic() < deadline:
+            while sum(s.call.done() for s in streams) < 2 * threads - cap and time.monotonic() < deadline:
                 time.sleep(0.05)
             refused = [s for s in streams if s.call.done()]
-            assert len(refused) == 2 * workers - cap
+            assert len(refused) == 2 * threads - cap
             assert {s.call.code() for s in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
             assert "--max-streams" in refused[0].call.details()
             # a second client is answered at once, health included

@@ -69,10 +69,10 @@ def test_metrics_endpoint_reflects_traffic(dt_repository, tmp_path):
     finally:
         served.stop()
         metrics.close()
-    assert value(samples, "batchrl_requests_total", model="pendulum", rpc="Act", code="OK") == 5
-    assert value(samples, "batchrl_requests_total", model="pendulum", rpc="Act", code="INVALID_ARGUMENT") == 1
-    assert value(samples, "batchrl_requests_total", model="", rpc="Act", code="NOT_FOUND") == 1  # no label per bad name
-    assert value(samples, "batchrl_requests_total", model="dt-a", rpc="Step", code="OK") == 1
+    assert value(samples, "batchrl_requests_total", model="pendulum", rpc="Act", code="OK", worker="0") == 5
+    assert value(samples, "batchrl_requests_total", model="pendulum", rpc="Act", code="INVALID_ARGUMENT", worker="0") == 1
+    assert value(samples, "batchrl_requests_total", model="", rpc="Act", code="NOT_FOUND", worker="0") == 1  # no label per bad name
+    assert value(samples, "batchrl_requests_total", model="dt-a", rpc="Step", code="OK", worker="0") == 1
     assert value(samples, "batchrl_request_duration_seconds_count", model="pendulum", rpc="Act") == 6
     assert value(samples, "batchrl_batch_rows_sum", model="pendulum") >= 15  # 5 runs of 3 rows (+ none bad)
     assert value(samples, "batchrl_batch_requests_count", model="dt-a") == 1
@@ -144,7 +144,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(tmp_path):
             while True:
                 samples = scrape(metrics_port)
                 in_flight = value(samples, "batchrl_requests_in_flight", rpc="Act") or 0
-                done = value(samples, "batchrl_requests_total", model="hopper-iql", rpc="Act", code="OK") or 0
+                done = value(samples, "batchrl_requests_total", model="hopper-iql", rpc="Act", code="OK", worker="0") or 0
                 if in_flight + done == 16:
                     break
                 time.sleep(0.005)

@@ -13,6 +13,7 @@ from batchrl.protos.batchrl.v1 import policy_pb2
 from batchrl.protos.sequence import SEQUENCE_INPUTS
 from batchrl.rollout import rollout
 from batchrl.serving.client import step_request
+from batchrl.serving.tensors import decode
 from batchrl.serving.runtime import load_model
 from tests.serving.running import running
 from batchrl.training.evaluation import run_episodes, sequence_agent
@@ -169,6 +170,24 @@ def test_episode_stream_equals_unary_session_and_a_cancelled_stream_frees_its_se
         assert next(attached).step.timestep == 2
         assert next(attached).closed.steps == 3  # `close` ends the episode
         assert len(store) == 0
+
+
+def test_a_stream_orders_its_steps_without_indices(dt_repository, session_store):
+    """A stream is ordered: steps that carry no index take the next one, on either store (the Redis store
+    refuses an unindexed unary Step), and a retry-free episode is the same as with explicit indices."""
+    model, observations, rewards, target = script = client_script(7)
+    with running(dt_repository, sessions=session_store) as srv:
+        unary = play(srv.client, script)
+        messages = [policy_pb2.EpisodeRequest(open=policy_pb2.OpenSessionRequest(model=model, target_return=target)),
+                    policy_pb2.EpisodeRequest(step=step_request(observations[0], None))]
+        messages += [policy_pb2.EpisodeRequest(step=step_request(observations[t], float(rewards[t - 1])))
+                     for t in range(1, len(observations))]
+        messages.append(policy_pb2.EpisodeRequest(close=policy_pb2.CloseSessionRequest()))
+        answers = list(srv.client.stub.Episode(iter(messages)))
+    steps = [a.step for a in answers if a.HasField("step")]
+    assert [s.timestep for s in steps] == list(range(len(observations)))
+    assert answers[-1].closed.steps == len(observations)
+    np.testing.assert_array_equal(np.stack([decode(s.action, "action") for s in steps]), unary)
 
 
 def expect(code, call, match):

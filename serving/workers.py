@@ -1,0 +1,235 @@
+"""`batchrl serve --workers N`: N server processes on one port, supervised by this one.
+
+gRPC's own recipe for several processes on one host (grpc/examples/python/multiprocessing): each
+worker is a fresh interpreter started by exec, so no thread, gRPC object, onnxruntime session or
+CUDA context is ever forked; every worker loads the repository itself and binds the same port with
+SO_REUSEPORT, and the kernel spreads connections (not RPCs: one channel stays on one worker) over
+them. This process holds no model. It probes the port with a plain socket first (so a second group
+cannot silently join a port that is in use) and keeps it reserved, starts the workers and restarts
+one that dies (with back-off), serves the one metrics endpoint for all of them (Prometheus
+multiprocess mode, in a folder of its own, made empty at start), and on SIGTERM or SIGINT drains
+every worker (each drains as a lone server does) before it exits.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from batchrl.errors import UserError
+from batchrl.serving.server import DRAIN_BOUND
+from batchrl.serving.signals import StopSignals
+
+log = logging.getLogger("batchrl.serve")
+
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0  # seconds before restarting a worker that died; doubled per quick death
+STABLE = 30.0          # a worker that served this long before dying is restarted after BACKOFF_FIRST again
+START_TIMEOUT = 300.0  # seconds a worker may take to load the repository and listen
+POLL = 0.1             # seconds between checks of the workers while serving
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        raise UserError(f"--address {address!r}: expected HOST:PORT (e.g. 0.0.0.0:50051 or [::]:50051)")
+    return host.strip("[]"), int(port)
+
+
+def reserve_port(address: str) -> tuple[socket.socket, int]:
+    """Check that ``address`` is free with a plain bind (no SO_REUSEPORT: a port another server holds
+    is refused), then hold it with an SO_REUSEPORT socket that never listens, so the workers can bind
+    it too (port 0 picks one for all of them). Returns that socket and the port."""
+    host, port = split_address(address)
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"cannot listen on {address}: {exc.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is not "in use"
+        try:
+            probe.bind(where)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {address}: {exc.strerror} (another server?)") from None
+        port = probe.getsockname()[1]
+    reserved = socket.socket(family, kind, proto)
+    reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserved.bind((where[0], port, *where[2:]))
+    return reserved, port
+
+
+@dataclass
+class Worker:
+    index: int
+    proc: subprocess.Popen
+    ready: int | None  # read end of the pipe the worker writes one byte to once it serves; None once read
+    started: float
+    served_since: float | None = None
+
+
+class WorkerGroup:
+    def __init__(self, argv: list[str], processes: int, address: str, env: dict[str, str], grace: float,
+                 metrics_dir: str | None):
+        self.argv, self.processes, self.address, self.env = argv, processes, address, env
+        self.grace, self.metrics_dir = grace, metrics_dir
+        self.workers: dict[int, Worker] = {}
+        self.quick_deaths = [0] * processes  # deaths in a row without serving STABLE seconds
+        self.restart_at: dict[int, float] = {}
+        self.restarts = 0
+
+    def start(self, index: int) -> Worker:
+        read, write = os.pipe()
+        command = [sys.executable, "-m", "batchrl.cli", "serve", *self.argv, "--address", self.address,
+                   "--reuse-port", "--worker-index", str(index), "--ready-fd", str(write)]
+        try:
+            proc = subprocess.Popen(command, env=self.env, pass_fds=(write,))
+        finally:
+            os.close(write)
+        worker = self.workers[index] = Worker(index, proc, read, time.monotonic())
+        log.info("worker %d started (pid %d)", index, proc.pid)
+        return worker
+
+    def wait_ready(self, workers: list[Worker], signals: StopSignals) -> signal.Signals | None:
+        """Until every one of ``workers`` serves; a stop signal meanwhile is returned. A worker that exits
+        first is an error: at start that is a mistake in the command line or the repository, not bad luck."""
+        deadline = time.monotonic() + START_TIMEOUT
+        waiting = {w.ready: w for w in workers}
+        while waiting:
+            if (received := signals.wait(0)) is not None:
+                return received
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UserError(f"worker(s) {sorted(w.index for w in waiting.values())} did not start serving "
+                                f"within {START_TIMEOUT:g} s")
+            for fd in select.select(list(waiting), [], [], min(POLL, left))[0]:
+                worker = waiting.pop(fd)
+                if not self.read_ready(worker):
+                    code = worker.proc.wait()
+                    error = UserError(f"worker {worker.index} exited with status {code} before serving (its "
+                                      f"log is above)")
+                    error.exit_code = code if code > 0 else 1
+                    raise error
+        return None
+
+    @staticmethod
+    def read_ready(worker: Worker) -> bool:
+        """Whether the worker said it serves (one byte); False when its pipe closed without one (it exited)."""
+        answered = os.read(worker.ready, 1)
+        os.close(worker.ready)
+        worker.ready = None
+        if answered:
+            worker.served_since = time.monotonic()
+        return bool(answered)
+
+    def serve(self, signals: StopSignals) -> signal.Signals:
+        """Keep every worker up until a stop signal; returns that signal."""
+        while True:
+            if (received := signals.wait(POLL)) is not None:
+                return received
+            now = time.monotonic()
+            for index, worker in list(self.workers.items()):
+                if worker.ready is not None and select.select([worker.ready], [], [], 0)[0] \
+                        and self.read_ready(worker):  # a restarted worker
+                    log.info("worker %d (pid %d) serving again", index, worker.proc.pid)
+                code = worker.proc.poll()
+                if code is None or index in self.restart_at:
+                    continue
+                self.forget(worker)
+                served = worker.served_since is not None and now - worker.served_since >= STABLE
+                self.quick_deaths[index] = 0 if served else self.quick_deaths[index] + 1
+                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, self.quick_deaths[index] - 1))
+                self.restart_at[index] = now + delay
+                log.warning("worker %d (pid %d) exited with status %d; restarting it in %.1f s", index,
+                            worker.proc.pid, code, delay)
+            for index, when in list(self.restart_at.items()):
+                if now >= when:
+                    del self.restart_at[index]
+                    self.restarts += 1
+                    self.start(index)
+
+    def forget(self, worker: Worker) -> None:
+        if worker.ready is not None:
+            os.close(worker.ready)
+            worker.ready = None
+        if self.metrics_dir:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.proc.pid, self.metrics_dir)  # its live gauges drop out
+
+    def drain(self, received: signal.Signals) -> int:
+        """Pass the stop signal on to every worker and wait for them to drain; 0 when all stopped cleanly."""
+        live = [w for w in self.workers.values() if w.proc.poll() is None]
+        for worker in live:
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.send_signal(received)
+        deadline = time.monotonic() + self.grace + DRAIN_BOUND + 5
+        code = 0
+        for worker in self.workers.values():
+            try:
+                status = worker.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker %d (pid %d) had not stopped %.0f s after %s; killing it", worker.index,
+                          worker.proc.pid, self.grace + DRAIN_BOUND + 5, received.name)
+                worker.proc.kill()
+                status = worker.proc.wait()
+            if worker in live and status != 0:
+                code = 1
+        return code
+
+    def kill(self) -> None:
+        for worker in self.workers.values():
+            if worker.proc.poll() is None:
+                worker.proc.kill()
+                worker.proc.wait()
+
+
+def supervise(args, argv: list[str]) -> int:
+    """Run ``args.workers`` copies of `batchrl serve argv` on one port until SIGTERM or SIGINT."""
+    signals = StopSignals()
+    reserved, port = reserve_port(args.address)
+    host, _ = split_address(args.address)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    env, metrics_dir, endpoint = dict(os.environ), None, None
+    if args.metrics_port is not None:
+        metrics_dir = tempfile.mkdtemp(prefix="batchrl-metrics-")  # empty: no figures of an earlier group
+        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    group = WorkerGroup(argv, args.workers, address, env, args.grace, metrics_dir)
+    try:
+        received = group.wait_ready([group.start(i) for i in range(args.workers)], signals)
+        if received is None:
+            if metrics_dir:
+                endpoint = serve_metrics(metrics_dir, args.metrics_port, args.metrics_address)
+            log.info("%d workers serving on %s (port %d), each with its own copy of the repository's models",
+                     args.workers, args.address, port)
+            received = group.serve(signals)
+        log.info("%s: draining %d workers", received.name, args.workers)
+        code = group.drain(received)
+        log.info("stopped (%d worker restart(s) while serving)", group.restarts)
+        return code
+    finally:
+        group.kill()
+        if endpoint is not None:
+            endpoint.shutdown()
+            endpoint.server_close()
+        reserved.close()
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def serve_metrics(metrics_dir: str, port: int, address: str):
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+    http, _ = start_http_server(port, address, registry=registry)
+    log.info("metrics on http://%s:%d/metrics (all workers)", address, http.server_port)
+    return http
