@@ -200,7 +200,13 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         if not opened and not request.session_id:
             raise FailedPrecondition("the first message of an Episode stream must be `open`, or a `step` carrying "
                                      "the session_id of an open session")
-        session = self._session(call, opened[0].id if opened else request.session_id)
+        if opened and self.plane.sessions.shared:
+            # The stream's own copy of a shared session is current after its last step: no read of the
+            # store, and the store's conditional write refuses it if another process stepped meanwhile.
+            session = opened[0]
+            call.model = session.model.name
+        else:
+            session = self._session(call, opened[0].id if opened else request.session_id)
         if not opened:
             opened.append(session)  # the stream attaches to the open session named by its first step
         index = optional(request, "index")

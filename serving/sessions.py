@@ -383,6 +383,7 @@ class RedisSessionStore:
         now_at, last = self._call(self._step_script, keys=[self._key(session.id), self._open_set],
                                   args=[t, session.context.pack(), result.pack(), self._idle_ms, session.id])
         if now_at == t + 1 and last is None:
+            session.last = result  # a retry on this same session object gets it back
             return result  # this write appended the step
         if now_at == -1:
             raise SessionNotFound(f"session {session.id!r} was closed or expired while its step ran")

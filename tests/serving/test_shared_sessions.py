@@ -99,19 +99,32 @@ def test_a_step_reaches_redis_at_most_twice(dt_repository, redis_url, redis_pref
     def calls():
         return {k: v["calls"] for k, v in stats.info("commandstats").items() if k != "cmdstat_info"}
 
+    def used_by(step):
+        before = calls()
+        step()
+        after = calls()
+        return {k.removeprefix("cmdstat_"): after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
     with running(dt_repository, sessions=redis_store(redis_url, redis_prefix)) as srv:
         sid = srv.client.open_session("dt-a").session_id
         srv.client.step(sid, np.zeros(3, np.float32), index=0)  # the scripts are loaded by now
-        before = calls()
-        srv.client.step(sid, np.ones(3, np.float32), 0.5, index=1)
-        after = calls()
+        unary = used_by(lambda: srv.client.step(sid, np.ones(3, np.float32), 0.5, index=1))
+        episode = srv.client.episode("dt-a")
+        episode.step(np.zeros(3, np.float32))
+        streamed = used_by(lambda: episode.step(np.ones(3, np.float32), 0.5))
+        # Another caller steps the stream's session: the stream's copy is stale, and its write says so.
+        srv.client.step(episode.opened.session_id, np.ones(3, np.float32), 0.5, index=2)
+        srv.client.step(episode.opened.session_id, np.ones(3, np.float32), 0.5, index=3)
+        code, details = status_of(lambda: episode.step(np.ones(3, np.float32), 0.5))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "step 2" in details and "step 4" in details
     stats.close()
-    used = {k.removeprefix("cmdstat_"): after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
-    # Two round trips: one read of the session (HGETALL) and one conditional write (EVALSHA of the step
-    # script). Redis also counts the commands that the script runs inside Redis, which cost no trip.
+    # A unary Step: two round trips, one read of the session (HGETALL) and one conditional write (EVALSHA
+    # of the step script). A stream's step: the write only (the stream keeps the session it stepped last).
+    # Redis also counts the commands that the script runs inside Redis, which cost no trip.
     inside_the_script = {"time", "hget", "hset", "pexpire", "zadd"}
-    assert used.get("hgetall") == 1 and used.get("evalsha") == 1, used
-    assert set(used) - {"hgetall", "evalsha"} <= inside_the_script, used
+    assert unary.get("hgetall") == 1 and unary.get("evalsha") == 1, unary
+    assert set(unary) - {"hgetall", "evalsha"} <= inside_the_script, unary
+    assert streamed.get("evalsha") == 1 and set(streamed) - {"evalsha"} <= inside_the_script, streamed
 
 
 def test_redis_stopped_gives_unavailable_and_act_keeps_working(dt_repository):

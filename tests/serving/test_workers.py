@@ -143,3 +143,14 @@ def test_workers_below_one_is_refused(repository, workers):
     assert server.proc.wait(timeout=60) != 0
     time.sleep(0.1)
     assert f"--workers {workers}: expected 1 or more" in server.log
+
+
+def test_a_session_opened_later_on_the_in_process_store_of_a_worker_group_is_refused():
+    """(A sequence policy loaded after start, by LoadModel or a poll, finds the same refusal.)"""
+    from batchrl.serving.errors import FailedPrecondition
+    from batchrl.serving.sessions import open_session_store
+
+    store = open_session_store("memory", lambda name, version: None, processes=3)
+    with pytest.raises(FailedPrecondition, match="--workers 3.*--session-store redis://"):
+        store.open(None, 0.0)
+    assert open_session_store("memory", lambda name, version: None).refuse is None
