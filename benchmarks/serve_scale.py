@@ -52,7 +52,7 @@ class Scale:
     in_flight: int = 32
     rounds: int = 3                  # phases 1 and 2 alternate their two measurements this many times
     redis: str = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    failover_sessions: int = 48
+    failover_sessions: tuple[int, ...] = (12, 48)  # one kill per count: light load, then busy replicas
     backoff: float = 0.05
     workers: tuple[int, ...] = (1, 2, 4, 8)
     worker_connections: int = 64
@@ -62,7 +62,8 @@ class Scale:
         return " ".join(["python -m benchmarks.serve_scale", "--repository", str(b.repository), "--model", b.model,
                          "--sequence-model", self.sequence_model, "--duration", f"{b.duration:g}", "--warmup",
                          f"{b.warmup:g}", "--processes", str(b.processes), "--sessions", str(self.sessions),
-                         "--in-flight", str(self.in_flight), "--rounds", str(self.rounds), "--failover-sessions", str(self.failover_sessions),
+                         "--in-flight", str(self.in_flight), "--rounds", str(self.rounds),
+                         "--failover-sessions", ",".join(map(str, self.failover_sessions)),
                          "--backoff", f"{self.backoff:g}", "--workers", ",".join(map(str, self.workers)),
                          "--worker-connections", str(self.worker_connections), "--server-cores", b.server_cores,
                          "--client-cores", b.client_cores, "--output", str(b.output)])
@@ -159,7 +160,7 @@ def act_stream_phase(bench: sb.Bench, scale: Scale, pinning: sb.Pinning) -> dict
                     qps["stream"], qps["unary"], TARGET_STREAM_VS_UNARY)
 
 
-def failover_phase(scale: Scale, pinning: sb.Pinning, prefix: str) -> dict:
+def failover_phase(scale: Scale, pinning: sb.Pinning, prefix: str, sessions: int) -> dict:
     from batchrl.serving.client import Failover, PolicyClient
 
     replicas = [server(f"replica {i}", scale, pinning, *redis_store(scale, prefix)) for i in range(3)]
@@ -172,8 +173,8 @@ def failover_phase(scale: Scale, pinning: sb.Pinning, prefix: str) -> dict:
         if pinning.client is not None:  # the stepping threads, started below, inherit it
             os.sched_setaffinity(0, pinning.client)
         stop, killed_at, gaps, errors = threading.Event(), [None], {}, []
-        steps, latencies = [0] * scale.failover_sessions, []  # (latencies: of the steps before the kill)
-        ready = threading.Barrier(scale.failover_sessions + 1)
+        steps, latencies = [0] * sessions, []  # (latencies: of the steps before the kill)
+        ready = threading.Barrier(sessions + 1)
 
         def play(i: int) -> None:
             rotated = addresses[i % 3:] + addresses[:i % 3]
@@ -195,7 +196,7 @@ def failover_phase(scale: Scale, pinning: sb.Pinning, prefix: str) -> dict:
             except Exception as exc:  # noqa: BLE001 - reported in the results
                 errors.append(f"session {i}: {exc!r}")
 
-        threads = [threading.Thread(target=play, args=(i,)) for i in range(scale.failover_sessions)]
+        threads = [threading.Thread(target=play, args=(i,)) for i in range(sessions)]
         for thread in threads:
             thread.start()
         ready.wait()
@@ -210,9 +211,9 @@ def failover_phase(scale: Scale, pinning: sb.Pinning, prefix: str) -> dict:
         sb.stop_all(replicas)
         os.sched_setaffinity(0, everywhere)
     moved = sorted(gaps.values())
-    on_killed = len(range(0, scale.failover_sessions, 3))
+    on_killed = len(range(0, sessions, 3))
     ms = (lambda q: float(np.percentile(moved, q)) * 1e3) if moved else (lambda q: None)
-    result = {"sessions": scale.failover_sessions, "on_killed_replica": on_killed, "moved": len(moved),
+    result = {"sessions": sessions, "on_killed_replica": on_killed, "moved": len(moved),
               "backoff_ms": scale.backoff * 1e3, "p50_ms": ms(50), "p99_ms": ms(99),
               "max_ms": moved[-1] * 1e3 if moved else None, "steps": sum(steps), "errors": errors,
               "step_p50_ms_before": float(np.median(latencies)) * 1e3 if latencies else None,
@@ -252,12 +253,13 @@ def run(scale: Scale) -> dict:
         bench = sb.Bench(b, pool, pinning, None, None, None, phases=PHASES)
         sessions = sessions_phase(bench, scale, pinning, prefix)
         stream = act_stream_phase(bench, scale, pinning)
-        failover = failover_phase(scale, pinning, prefix)
+        failover = [failover_phase(scale, pinning, prefix, n) for n in scale.failover_sessions]
         workers = workers_phase(bench, scale, pinning, prefix)
     finally:
         pool.close()
         clear_prefix(scale.redis, prefix)
-    return {"command": scale.command(), "machine": sb.machine(), "pinning": pinning.note,
+    server_cpus = len(pinning.server) if pinning.server is not None else len(os.sched_getaffinity(0))
+    return {"command": scale.command(), "machine": sb.machine(), "pinning": pinning.note, "server_cpus": server_cpus,
             "load_before": load_before, "load_after": os.getloadavg(), "redis": scale.redis,
             "settings": {**asdict(scale), "bench": {k: str(v) for k, v in asdict(b).items()}},
             "headline": {"sessions": sessions, "act_stream": stream}, "failover": failover, "workers": workers,
@@ -265,22 +267,29 @@ def run(scale: Scale) -> dict:
 
 
 def markdown(data: dict) -> str:
-    h, f = data["headline"], data["failover"]
+    h = data["headline"]
     lines = ["# Serving beyond one process", "", f"`{data['command']}`", "",
              f"Machine: {data['machine']['cpu_model']}, {data['machine']['nproc']} CPUs; {data['pinning']}; "
              f"Redis: {data['redis']} (not pinned); load average before {data['load_before'][0]:.2f}, after "
-             f"{data['load_after'][0]:.2f}.", "", "| figure | value | target |", "|---|---|---|"]
+             f"{data['load_after'][0]:.2f}.{' ' + data['note'] if data.get('note') else ''}", "",
+             "| figure | value | target |", "|---|---|---|"]
     for r in h.values():
         lines.append(f"| {r['label']} ({sb.fmt(r['numerator'], 0)} / {sb.fmt(r['denominator'], 0)}) | "
                      f"{sb.fmt(r['value'])} | >= {r['target']} ({'met' if r['met'] else 'not met'}) |")
-    lines.append(f"| failover gap, SIGKILL to the first step answered elsewhere, p99 over {f['moved']} moved "
-                 f"sessions (of {f['on_killed_replica']} on the killed replica) | {sb.fmt(f['p99_ms'], 1)} ms "
-                 f"(p50 {sb.fmt(f['p50_ms'], 1)}, max {sb.fmt(f['max_ms'], 1)}; a step took "
-                 f"{sb.fmt(f['step_p50_ms_before'], 1)} ms at p50, {sb.fmt(f['step_p99_ms_before'], 1)} at p99, before "
-                 f"the kill) | < 100 ms (the client moves to "
-                 f"another replica at once; its {f['backoff_ms']:g} ms back-off starts after every address failed); "
-                 f"{len(f['errors'])} error(s) reached a caller |")
-    lines += ["", "Workers (`--workers N`, one connection per in-flight call):", "",
+    for f in data["failover"]:
+        lines.append(f"| failover gap, {f['sessions']} sessions on 3 replicas: SIGKILL to the first step answered "
+                     f"elsewhere, p99 over {f['moved']} moved sessions (of {f['on_killed_replica']} on the killed "
+                     f"replica) | {sb.fmt(f['p99_ms'], 1)} ms (p50 {sb.fmt(f['p50_ms'], 1)}, max "
+                     f"{sb.fmt(f['max_ms'], 1)}; before the kill a step took {sb.fmt(f['step_p50_ms_before'], 1)} ms "
+                     f"at p50, {sb.fmt(f['step_p99_ms_before'], 1)} at p99) | < 100 ms (the client moves to another "
+                     f"replica at once; its {f['backoff_ms']:g} ms back-off starts after every address failed); "
+                     f"{len(f['errors'])} error(s) reached a caller |")
+    lines += ["", "Workers (`--workers N`, one connection per in-flight call):", ""]
+    if max(w["workers"] for w in data["workers"]) > data["server_cpus"]:
+        lines += [f"All workers share the {data['server_cpus']} server CPU(s) given: these rows show what more "
+                  "processes cost on the same cores, not scaling. Scaling needs at least N server cores and load "
+                  "generators on cores of their own (`--server-cores 0-7 --client-cores 8-15`).", ""]
+    lines += [
               "| N | Act req/s | p99 ms | errors | server CPU busy | RSS per worker (MiB) |", "|---|---|---|---|---|---|"]
     for w in data["workers"]:
         lines.append(f"| {w['workers']} | {w['qps']:,.0f} | {sb.fmt(w['p99_ms'], 3)} | {w['errors'] or ''} | "
@@ -307,12 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=d.in_flight)
     parser.add_argument("--rounds", type=int, default=d.rounds, help="alternations of phases 1 and 2 (medians)")
     parser.add_argument("--redis", default=d.redis, help="Redis URL for the shared store")
-    parser.add_argument("--failover-sessions", type=int, default=d.failover_sessions)
+    parser.add_argument("--failover-sessions", default=",".join(map(str, d.failover_sessions)),
+                        help="sessions stepping in phase 3, one kill per count")
     parser.add_argument("--backoff", type=float, default=d.backoff, help="the failover client's first back-off")
     parser.add_argument("--workers", default=",".join(map(str, d.workers)), help="worker counts of phase 4")
     parser.add_argument("--worker-connections", type=int, default=d.worker_connections)
     parser.add_argument("--server-cores", default=ds.server_cores, help="CPUs for the servers, as taskset -c")
     parser.add_argument("--client-cores", default=ds.client_cores, help="CPUs for the load generators")
+    parser.add_argument("--note", default="", help="a sentence for the report (e.g. what else the machine ran)")
     parser.add_argument("--output", type=Path, default=None,
                         help="results as OUTPUT.md and OUTPUT.json (default: serve-bench-<time>/serving-scale, "
                              "a new folder; published: benchmarks/results/serving-scale)")
@@ -323,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                     processes=args.processes, server_cores=args.server_cores, client_cores=args.client_cores,
                     output=args.output)
     scale = Scale(bench, args.sequence_model, args.sessions, args.in_flight, args.rounds, args.redis,
-                  args.failover_sessions, args.backoff, sb.parse_concurrency(args.workers), args.worker_connections)
+                  sb.parse_concurrency(args.failover_sessions), args.backoff, sb.parse_concurrency(args.workers),
+                  args.worker_connections)
     data = run(scale)
+    data["note"] = args.note
     args.output.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.output}.md").write_text(markdown(data))
     Path(f"{args.output}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
