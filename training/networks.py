@@ -58,15 +58,111 @@ class GaussianActor(nn.Module):
         return per_dim.sum(-1)
 
 
+class EnsembleLinear(nn.Module):
+    """``members`` independent linear layers applied as one batched matmul: [n, M, in] -> [n, M, out].
+
+    Plain matmul and add, so the ONNX exporter traces it; computes in its input's float dtype.
+    EnsembleMLP initialises it.
+    """
+
+    def __init__(self, members: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(members, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(members, 1, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias.to(x.dtype), x, self.weight.to(x.dtype))
+
+
+class EnsembleMLP(nn.Module):
+    """``members`` MLPs of the same shape run as one: x [..., in] -> [members, ..., out]."""
+
+    def __init__(self, members: int, in_dim: int, out_dim: int, hidden: tuple[int, ...]):
+        super().__init__()
+        dims = (in_dim, *hidden, out_dim)
+        self.members = members
+        self.layers = nn.ModuleList(EnsembleLinear(members, a, b) for a, b in zip(dims[:-1], dims[1:]))
+        # Each member drawn as separate nn.Linear MLPs would be, in the same order (member by member):
+        # the same random stream gives the same initial networks as before the ensemble.
+        with torch.no_grad():
+            for m in range(members):
+                for layer, (a, b) in zip(self.layers, zip(dims[:-1], dims[1:])):
+                    linear = nn.Linear(a, b)
+                    layer.weight[m] = linear.weight.t()
+                    layer.bias[m, 0] = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        h = x.reshape(1, -1, x.shape[-1]).expand(self.members, -1, -1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < len(self.layers) - 1:
+                h = torch.relu(h)
+        return h.reshape(self.members, *lead, h.shape[-1])
+
+    def member(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """One member alone (half the work of both when only one is needed, as when acting)."""
+        for i, layer in enumerate(self.layers):
+            x = x @ layer.weight[index].to(x.dtype) + layer.bias[index].to(x.dtype)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+
 class TwinQ(nn.Module):
+    """Two Q-networks (clipped double Q) computed as one ensemble: ``forward`` -> (q1, q2), each [...].
+
+    Checkpoints from before the ensemble (two separate MLPs, ``q1.*`` and ``q2.*``) load unchanged:
+    their tensors are stacked into the ensemble's on load.
+    """
+
     def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...]):
         super().__init__()
-        self.q1 = mlp(obs_dim + act_dim, 1, hidden)
-        self.q2 = mlp(obs_dim + act_dim, 1, hidden)
+        self.net = EnsembleMLP(2, obs_dim + act_dim, 1, hidden)
+        self._register_load_state_dict_pre_hook(_stack_separate_critics)
+
+    def all(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Both Q-values, [2, ...]."""
+        return self.net(torch.cat([obs, actions], dim=-1)).squeeze(-1)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([obs, actions], dim=-1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+        q = self.all(obs, actions)
+        return q[0], q[1]
+
+    def q1(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.net.member(0, torch.cat([obs, actions], dim=-1)).squeeze(-1)
+
+    def legacy_optimizer_state(self, saved: dict) -> dict:
+        """An optimizer state of the pre-ensemble TwinQ (one entry per tensor of q1, then of q2) as this
+        module's (one per stacked tensor); any other state is returned as it is."""
+        params = saved["param_groups"][0]["params"]
+        new = len(list(self.parameters()))
+        if len(saved["param_groups"]) != 1 or len(params) != 2 * new:
+            return saved
+        state = {}
+        for j, param in enumerate(self.parameters()):  # layer l's weight, then its bias
+            old = [saved["state"].get(params[m * new + j]) for m in (0, 1)]
+            if old[0] is None:
+                continue
+            entry = dict(old[0])
+            for key, value in old[0].items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    parts = [o[key] for o in old]
+                    entry[key] = torch.stack([p.t() for p in parts]) if value.dim() == 2 else \
+                        torch.stack(parts).unsqueeze(1)
+            state[j] = entry
+        group = dict(saved["param_groups"][0], params=list(range(new)))
+        return {"state": state, "param_groups": [group]}
+
+
+def _stack_separate_critics(state: dict, prefix: str, *_) -> None:
+    """Rewrite a pre-ensemble TwinQ state ({prefix}q1.<i>.weight [out, in], ...) in place as the ensemble's."""
+    linear = sorted({int(k[len(prefix) + 3:].split(".")[0]) for k in state if k.startswith(prefix + "q1.")})
+    for layer, i in enumerate(linear):
+        weights = [state.pop(f"{prefix}q{m}.{i}.weight") for m in (1, 2)]
+        biases = [state.pop(f"{prefix}q{m}.{i}.bias") for m in (1, 2)]
+        state[f"{prefix}net.layers.{layer}.weight"] = torch.stack([w.t() for w in weights])
+        state[f"{prefix}net.layers.{layer}.bias"] = torch.stack(biases).unsqueeze(1)
 
 
 class ValueNet(nn.Module):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm
+from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm, adam
 from batchrl.training.networks import DeterministicActor, GaussianActor
 
 POLICIES = ("gaussian", "deterministic")
@@ -40,7 +40,7 @@ class BC(OfflineAlgorithm):
         actor = GaussianActor if config.policy == "gaussian" else DeterministicActor
         self.actor = actor(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
         self.modules = {"actor": self.actor}
-        self.optimizers = {"actor": torch.optim.Adam(self.actor.parameters(), lr=config.lr)}
+        self.optimizers = {"actor": adam(self.actor.parameters(), lr=config.lr)}
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.config.policy == "gaussian":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm
+from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm, adam
 from batchrl.training.networks import TwinQ, mlp, soft_update
 
 
@@ -98,7 +98,7 @@ class CandidateArgmax(nn.Module):
         obs_rep = obs.unsqueeze(1).expand(b, n, obs.shape[-1])
         z = self.latents.to(obs.dtype).unsqueeze(0).expand(b, n, self.latents.shape[-1])
         candidates = self.actor(obs_rep, self.vae.decode(obs_rep, z))
-        q1 = self.critic.q1(torch.cat([obs_rep, candidates], -1)).squeeze(-1)  # [b, n]
+        q1 = self.critic.q1(obs_rep, candidates)  # [b, n]
         index = q1.argmax(dim=1).view(b, 1, 1).expand(b, 1, candidates.shape[-1])
         return candidates.gather(1, index).squeeze(1)
 
@@ -144,9 +144,9 @@ class BCQ(OfflineAlgorithm):
                                 latents.clamp(-config.latent_clip, config.latent_clip).to(ctx.device))
         self.modules = {"vae": self.vae, "actor": self.actor, "critic": self.critic,
                         "actor_target": self.actor_target, "critic_target": self.critic_target}
-        self.optimizers = {"vae": torch.optim.Adam(self.vae.parameters(), lr=config.lr),
-                           "actor": torch.optim.Adam(self.actor.parameters(), lr=config.lr),
-                           "critic": torch.optim.Adam(self.critic.parameters(), lr=config.lr)}
+        self.optimizers = {"vae": adam(self.vae.parameters(), lr=config.lr),
+                           "actor": adam(self.actor.parameters(), lr=config.lr),
+                           "critic": adam(self.critic.parameters(), lr=config.lr)}
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.config

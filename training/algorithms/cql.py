@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm
+from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm, adam
 from batchrl.training.networks import TanhGaussianActor, TwinQ, soft_update
 
 
@@ -59,10 +59,10 @@ class CQL(OfflineAlgorithm):
         self.modules = {"actor": self.actor, "critic": self.critic, "critic_target": self.critic_target,
                         "temperatures": self.temperatures}
         self.optimizers = {
-            "actor": torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr),
-            "critic": torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr),
-            "alpha": torch.optim.Adam([self.log_alpha], lr=config.alpha_lr),
-            "alpha_prime": torch.optim.Adam([self.log_alpha_prime], lr=config.lagrange_lr),
+            "actor": adam(self.actor.parameters(), lr=config.actor_lr),
+            "critic": adam(self.critic.parameters(), lr=config.critic_lr),
+            "alpha": adam([self.log_alpha], lr=config.alpha_lr),
+            "alpha_prime": adam([self.log_alpha_prime], lr=config.lagrange_lr),
         }
         self.target_entropy = -float(ctx.act_dim)
 
@@ -85,15 +85,19 @@ class CQL(OfflineAlgorithm):
             target = batch.rewards + cfg.discount * (1.0 - batch.terminals) * next_q
             # 3N candidate actions per state, all scored at s, with their log-densities.
             uniform = torch.empty(b, n, self.act_dim, device=obs.device).uniform_(-1.0, 1.0)
-            obs_rep = obs.unsqueeze(1).expand(b, n, obs.shape[-1])
-            pi_s, logp_s = self.actor.sample(obs_rep)
-            pi_next, logp_next = self.actor.sample(batch.next_observations.unsqueeze(1).expand(b, n, obs.shape[-1]))
-            candidates = torch.cat([uniform, pi_s, pi_next], dim=1)
-            log_density = torch.cat([torch.full_like(logp_s, self.act_dim * math.log(0.5)), logp_s, logp_next], dim=1)
-        q1, q2 = self.critic(obs, batch.actions)
+            # The policy's samples at s and at s' in one pass (stacked on the batch axis, so the noise is
+            # drawn in the order of two separate passes).
+            states = torch.cat([obs, batch.next_observations]).unsqueeze(1).expand(2 * b, n, obs.shape[-1])
+            sampled, logp_sampled = self.actor.sample(states)
+            candidates = torch.cat([uniform, sampled[:b], sampled[b:]], dim=1)
+            log_density = torch.cat([torch.full_like(logp_sampled[:b], self.act_dim * math.log(0.5)),
+                                     logp_sampled[:b], logp_sampled[b:]], dim=1)
+        # Both critics on the data action and the 3N candidates in one pass: [2, B, 1 + 3N].
+        q = self.critic.all(obs.unsqueeze(1).expand(b, 1 + 3 * n, obs.shape[-1]),
+                            torch.cat([batch.actions.unsqueeze(1), candidates], dim=1))
+        q1, q2 = q[0, :, 0], q[1, :, 0]
         bellman = (q1 - target).pow(2).mean() + (q2 - target).pow(2).mean()
-        qc1, qc2 = self.critic(obs.unsqueeze(1).expand(b, 3 * n, obs.shape[-1]), candidates)
-        gaps = [conservative_gap(qc1, log_density, q1).mean(), conservative_gap(qc2, log_density, q2).mean()]
+        gaps = [conservative_gap(q[m, :, 1:], log_density, q[m, :, 0]).mean() for m in (0, 1)]
         if cfg.lagrange:
             alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
             conservative = sum(alpha_prime.detach() * cfg.min_q_weight * (g - cfg.target_action_gap) for g in gaps)

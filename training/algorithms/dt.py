@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchrl.training.algorithms.base import Context, OfflineAlgorithm, SegmentBatch
+from batchrl.training.algorithms.base import Context, OfflineAlgorithm, SegmentBatch, adam
 
 MASKED_SCORE = -1e9  # finite on purpose (see the module docstring)
 
@@ -138,8 +138,7 @@ class DT(OfflineAlgorithm):
         super().__init__(config)
         self.model = DecisionTransformer(ctx.obs_dim, ctx.act_dim, config).to(ctx.device)
         self.modules = {"model": self.model}
-        self.optimizers = {"model": torch.optim.AdamW(self.model.parameters(), lr=config.lr,
-                                                      weight_decay=config.weight_decay)}
+        self.optimizers = {"model": adam(self.model.parameters(), config.lr, config.weight_decay, decoupled=True)}
         warmup = max(1, config.warmup_steps)
         self.schedulers = {"model": torch.optim.lr_scheduler.LambdaLR(
             self.optimizers["model"], lambda step: min(1.0, (step + 1) / warmup))}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm
+from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm, adam
 from batchrl.training.networks import DeterministicActor, GaussianActor, TwinQ, ValueNet, soft_update
 
 
@@ -64,9 +64,9 @@ class IQL(OfflineAlgorithm):
         self.modules = {"actor": self.actor, "critic": self.critic, "value": self.value,
                         "critic_target": self.critic_target}
         self.optimizers = {
-            "actor": torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr),
-            "critic": torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr),
-            "value": torch.optim.Adam(self.value.parameters(), lr=config.value_lr),
+            "actor": adam(self.actor.parameters(), lr=config.actor_lr),
+            "critic": adam(self.critic.parameters(), lr=config.critic_lr),
+            "value": adam(self.value.parameters(), lr=config.value_lr),
         }
         horizon = ctx.total_steps if config.actor_lr_horizon is None else config.actor_lr_horizon
         self.schedulers = {

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm
+from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm, adam
 from batchrl.training.networks import DeterministicActor, TwinQ, soft_update
 
 
@@ -46,8 +46,8 @@ class TD3BC(OfflineAlgorithm):
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.modules = {"actor": self.actor, "critic": self.critic, "actor_target": self.actor_target,
                         "critic_target": self.critic_target}
-        self.optimizers = {"actor": torch.optim.Adam(self.actor.parameters(), lr=config.actor_lr),
-                           "critic": torch.optim.Adam(self.critic.parameters(), lr=config.critic_lr)}
+        self.optimizers = {"actor": adam(self.actor.parameters(), lr=config.actor_lr),
+                           "critic": adam(self.critic.parameters(), lr=config.critic_lr)}
         self.counters = {"updates": 0}
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
