@@ -12,7 +12,8 @@ translated from batchrl's defaults, and every ``--eval-every`` steps writes
   progress.json      {"step": ..., "train_seconds": ...}: where a resume starts.
 
 Usage (by benchmarks/peer.py): python peer_d3rlpy.py RUN_DIR
-with RUN_DIR/peer.json {algorithm, settings, steps, eval_every, seed} and RUN_DIR/dataset.npz.
+with RUN_DIR/peer.json {algorithm, settings, steps, eval_every, seed} and RUN_DIR/dataset.npz;
+(by benchmarks/update_speed.py): python peer_d3rlpy.py --speed ALGORITHM SETTINGS_JSON UPDATES.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def build(algorithm: str, s: dict, data: dict, steps: int):
     from d3rlpy.optimizers.lr_schedulers import CosineAnnealingLRFactory
     from d3rlpy.preprocessing import MinMaxActionScaler, ReturnBasedRewardScaler, StandardObservationScaler
 
-    encoder = VectorEncoderFactory(hidden_units=list(s["hidden"]))
+    encoder = VectorEncoderFactory(hidden_units=list(s["hidden"])) if "hidden" in s else None
     common = dict(
         batch_size=s["batch_size"],
         # batchrl floors the std at 1e-3 and divides by it; d3rlpy divides by std + eps.
@@ -67,7 +68,56 @@ def build(algorithm: str, s: dict, data: dict, steps: int):
             alpha_threshold=s["target_action_gap"], conservative_weight=s["min_q_weight"],
             n_action_samples=s["num_actions"], actor_encoder_factory=encoder, critic_encoder_factory=encoder,
             gamma=s["discount"], tau=s["tau"], n_critics=2, **common).create(device="cpu:0")
+    if algorithm == "bcq":
+        return d3rlpy.algos.BCQConfig(
+            actor_learning_rate=s["lr"], critic_learning_rate=s["lr"], imitator_learning_rate=s["lr"],
+            actor_encoder_factory=VectorEncoderFactory(hidden_units=list(s["actor_hidden"])),
+            critic_encoder_factory=VectorEncoderFactory(hidden_units=list(s["critic_hidden"])),
+            imitator_encoder_factory=VectorEncoderFactory(hidden_units=list(s["vae_hidden"])),
+            gamma=s["discount"], tau=s["tau"], n_critics=2, update_actor_interval=1, lam=s["lmbda"],
+            n_action_samples=s["target_candidates"], action_flexibility=s["phi"], beta=s["kl_weight"],
+            rl_start_step=0, **common).create(device="cpu:0")
+    if algorithm == "dt":
+        common.pop("action_scaler")  # (d3rlpy's DT takes actions as they are)
+        return d3rlpy.algos.DecisionTransformerConfig(
+            learning_rate=s["lr"], context_size=s["context_length"], max_timestep=s["max_timestep"],
+            num_heads=s["heads"], num_layers=s["layers"], attn_dropout=s["dropout"], resid_dropout=s["dropout"],
+            embed_dropout=s["dropout"], activation_type="relu",
+            encoder_factory=VectorEncoderFactory(hidden_units=[s["embed"]], exclude_last_activation=True),
+            **common).create(device="cpu:0")
     raise SystemExit(f"peer_d3rlpy: no d3rlpy counterpart for algorithm {algorithm!r}")
+
+
+def speed(algorithm: str, settings: dict, updates: int, warmup: int = 20) -> float:
+    """Updates per second at ``settings`` on one thread, on synthetic Hopper-sized data (11-dim observations,
+    3-dim actions, 100 episodes of 1,000 steps), batches drawn by d3rlpy's own sampler: the same shapes as
+    batchrl's benchmarks/update_speed.py."""
+    import d3rlpy
+
+    torch.set_num_threads(1)
+    d3rlpy.seed(0)
+    rng = np.random.default_rng(0)
+    size, length = 100_000, 1000
+    observations = rng.normal(size=(size, 11)).astype(np.float32)
+    timeouts = np.zeros(size, np.float32)
+    timeouts[length - 1::length] = 1.0
+    dataset = d3rlpy.dataset.MDPDataset(observations, rng.uniform(-1, 1, size=(size, 3)).astype(np.float32),
+                                        rng.random(size).astype(np.float32), np.zeros(size, np.float32), timeouts)
+    data = {"obs_mean": observations.mean(0), "obs_std": observations.std(0) + 1e-3,
+            "action_low": -np.ones(3, np.float32), "action_high": np.ones(3, np.float32),
+            "return_max": 600.0, "return_min": 400.0}
+    algo = build(algorithm, settings, data, updates + warmup)
+    algo.build_with_dataset(dataset)
+    if algorithm == "dt":
+        draw = lambda: dataset.sample_trajectory_batch(settings["batch_size"], settings["context_length"])  # noqa: E731
+    else:
+        draw = lambda: dataset.sample_transition_batch(settings["batch_size"])  # noqa: E731
+    for _ in range(warmup):
+        algo.update(draw())
+    start = time.perf_counter()
+    for _ in range(updates):
+        algo.update(draw())
+    return updates / (time.perf_counter() - start)
 
 
 def main(run_dir: Path) -> int:
@@ -102,4 +152,7 @@ def main(run_dir: Path) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--speed":  # --speed ALGORITHM SETTINGS_JSON UPDATES: prints {"updates_per_s": ...}
+        print(json.dumps({"updates_per_s": speed(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]))}))
+        sys.exit(0)
     sys.exit(main(Path(sys.argv[1])))
