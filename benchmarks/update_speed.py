@@ -7,8 +7,9 @@ sizes) drawn by each library's own sampler (transitions, or the Decision Transfo
 batchrl's default networks and batch size; d3rlpy is configured to the same sizes (benchmarks/
 peer_d3rlpy.py; the differences that remain are in the table) and runs in its own virtual
 environment (benchmarks/.peer-venv, made on first use: it pins an older gymnasium) as a subprocess.
-Per algorithm and round: batchrl, then d3rlpy, 20 warm-up updates each, then timed updates (sampling
-included); ``--rounds`` rounds (3), medians reported, with the load average before and after.
+Per algorithm and round: batchrl, then d3rlpy, each in a fresh process, 20 warm-up updates each, then
+timed updates (sampling included); ``--rounds`` rounds (3), medians reported, with the load average
+before and after.
 
 Beside each row: the FLOPs of one batchrl update (torch.utils.flop_counter), the machine's measured
 matmul rate at that algorithm's own layer shapes (each of its trained linear layers as one
@@ -27,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,7 +86,7 @@ def updates_per_second(name: str, updates: int, data: OfflineDataset | None = No
 
 
 def update_flops(name: str, data: OfflineDataset) -> tuple[float, list[tuple[int, int]]]:
-    """FLOPs of one update at the defaults, and the (in, out) shape of every trained linear layer."""
+    """FLOPs of one update at the defaults (mean of 4), and the (in, out) shape of every trained linear layer."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
@@ -94,8 +96,9 @@ def update_flops(name: str, data: OfflineDataset) -> tuple[float, list[tuple[int
     sampler = algo.sampler(data, mean, std, torch.device("cpu"), seed=0)
     batch = sampler.sample(algo.batch_size)
     algo.update(batch)  # (a first update may take other paths: lazy state)
-    with FlopCounterMode(display=False) as counter:
-        algo.update(batch)
+    with FlopCounterMode(display=False) as counter:  # the mean of 4 (TD3+BC steps its actor every other one)
+        for _ in range(4):
+            algo.update(batch)
     shapes = []
     for key, module in algo.modules.items():
         if key.endswith("_target"):
@@ -105,7 +108,7 @@ def update_flops(name: str, data: OfflineDataset) -> tuple[float, list[tuple[int
                 shapes.append((layer.in_features, layer.out_features))
             elif isinstance(layer, EnsembleLinear):
                 shapes += [tuple(layer.weight.shape[1:])] * layer.weight.shape[0]
-    return float(counter.get_total_flops()), shapes
+    return counter.get_total_flops() / 4.0, shapes
 
 
 def matmul_rate(shapes: list[tuple[int, int]], repeats: int = 5) -> float:
@@ -122,6 +125,16 @@ def matmul_rate(shapes: list[tuple[int, int]], repeats: int = 5) -> float:
         total_flops += 2.0 * MATMUL_ROWS * d_in * d_out * count
         total_seconds += best * count
     return total_flops / total_seconds
+
+
+def batchrl_rate(name: str, updates: int) -> float:
+    """``updates_per_second`` in a fresh process, as the peer's: an algorithm measured after others in one
+    process runs slower (measured: CQL 9.4 updates/s right after BC, IQL and TD3+BC, 10.7 on its second go)."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.update_speed", "--one", name, str(updates)],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if out.returncode != 0:
+        raise RuntimeError(f"batchrl {name} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["updates_per_s"]
 
 
 def peer_rate(name: str, updates: int) -> float:
@@ -143,7 +156,7 @@ def measure(names: list[str], rounds: int, peer: bool) -> dict:
         rate = matmul_rate(shapes)
         ours, theirs = [], []
         for r in range(rounds):
-            ours.append(updates_per_second(name, UPDATES[name], data))
+            ours.append(batchrl_rate(name, UPDATES[name]))
             if peer:
                 theirs.append(peer_rate(name, UPDATES[name]))
             print(f"{name}, round {r + 1}: batchrl {ours[-1]:.1f}"
@@ -185,8 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated (default: all)")
     parser.add_argument("--no-peer", action="store_true", help="batchrl only (no d3rlpy environment needed)")
     parser.add_argument("--note", default="", help="a sentence for the report (e.g. what else the machine ran)")
+    parser.add_argument("--one", nargs=2, metavar=("ALGORITHM", "UPDATES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.one:  # one measurement, for the driver
+        print(json.dumps({"updates_per_s": updates_per_second(args.one[0], int(args.one[1]))}))
+        return 0
     before = os.getloadavg()
     rows = measure(args.algorithms.split(","), args.rounds, not args.no_peer)
     data = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,

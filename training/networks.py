@@ -212,7 +212,16 @@ class TanhGaussianActor(nn.Module):
 
     def sample(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A reparameterised sample and its log-probability (with the tanh change of variables)."""
+        return self._sample(*self.trunk(obs).split(self.act_dim, dim=-1))
+
+    def sample_n(self, obs: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` samples per observation, [..., n, act] and [..., n], from one pass of the network (the
+        same draws as ``sample`` on the observations repeated n times along a new axis -2)."""
         mean, log_std = self.trunk(obs).split(self.act_dim, dim=-1)
+        shape = (*mean.shape[:-1], n, self.act_dim)
+        return self._sample(mean.unsqueeze(-2).expand(shape), log_std.unsqueeze(-2).expand(shape))
+
+    def _sample(self, mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_std = log_std.clamp(self.LOG_STD_MIN, self.LOG_STD_MAX)
         u = mean + torch.randn_like(mean) * log_std.exp()
         log_prob = (-0.5 * ((u - mean) * torch.exp(-log_std)).pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)

@@ -149,3 +149,31 @@ def test_an_algorithm_checkpoint_from_before_the_ensemble_resumes():
         model.update(batch)
     for a, b in zip(algo.critic.parameters(), resumed.critic.parameters()):
         assert torch.equal(a, b)
+
+
+def test_n_samples_from_one_pass_are_the_draws_of_the_repeated_observations():
+    from batchrl.training.networks import TanhGaussianActor
+
+    torch.manual_seed(0)
+    actor = TanhGaussianActor(OBS, ACT, HIDDEN)
+    obs = inputs((6,))[0]
+    torch.manual_seed(1)
+    repeated = actor.sample(obs.unsqueeze(1).expand(6, 10, OBS))
+    torch.manual_seed(1)
+    once = actor.sample_n(obs, 10)
+    for a, b in zip(repeated, once):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_a_frozen_module_takes_no_gradient_and_thaws_as_it_was():
+    from batchrl.training.algorithms.base import frozen
+
+    critic = TwinQ(OBS, ACT, HIDDEN)
+    critic.net.layers[0].bias.requires_grad_(False)  # a flag of the caller's own, kept
+    obs, act = inputs()
+    act.requires_grad_(True)
+    with frozen(critic):
+        critic.q1(obs, act).sum().backward()
+    assert act.grad is not None and act.grad.abs().sum() > 0  # the gradient still flows through it
+    assert all(p.grad is None for p in critic.parameters())
+    assert [p.requires_grad for p in critic.parameters()] == [True, False, True, True, True, True]

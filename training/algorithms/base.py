@@ -1,6 +1,8 @@
 """What every offline algorithm provides to the trainer."""
 from __future__ import annotations
 
+import contextlib
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -46,6 +48,19 @@ class Context:
     total_steps: int
     return_range: float  # max episode return - min episode return
     device: torch.device
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """``module``'s parameters take no gradient inside the block: for a loss that only passes through it
+    (an actor's loss through its critic), whose gradients for it would be computed and thrown away."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in zip(module.parameters(), flags):
+            param.requires_grad_(flag)
 
 
 def adam(params, lr: float, weight_decay: float = 0.0, decoupled: bool = False) -> torch.optim.Optimizer:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm, adam
+from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm, adam, frozen
 from batchrl.training.networks import TwinQ, mlp, soft_update
 
 
@@ -168,8 +168,9 @@ class BCQ(OfflineAlgorithm):
 
         with torch.no_grad():
             sampled = self.vae.decode(obs)
-        actor_loss = -self.critic(obs, self.actor(obs, sampled))[0].mean()
-        self.step_optimizer("actor", actor_loss)
+        with frozen(self.critic):
+            actor_loss = -self.critic.q1(obs, self.actor(obs, sampled)).mean()
+            self.step_optimizer("actor", actor_loss)
         soft_update(self.critic_target, self.critic, cfg.tau)
         soft_update(self.actor_target, self.actor, cfg.tau)
         return {"vae_loss": loss_vae.detach(), "recon_loss": recon_loss.detach(), "kl": kl.detach(),

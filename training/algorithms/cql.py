@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm, adam
+from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm, adam, frozen
 from batchrl.training.networks import TanhGaussianActor, TwinQ, soft_update
 
 
@@ -75,8 +75,9 @@ class CQL(OfflineAlgorithm):
         alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
         self.step_optimizer("alpha", alpha_loss)
         alpha = self.log_alpha.exp().detach()
-        actor_loss = (alpha * logp - torch.min(*self.critic(obs, pi))).mean()
-        self.step_optimizer("actor", actor_loss)
+        with frozen(self.critic):
+            actor_loss = (alpha * logp - torch.min(*self.critic(obs, pi))).mean()
+            self.step_optimizer("actor", actor_loss)
 
         # Bellman backup without an entropy term.
         with torch.no_grad():
@@ -85,10 +86,9 @@ class CQL(OfflineAlgorithm):
             target = batch.rewards + cfg.discount * (1.0 - batch.terminals) * next_q
             # 3N candidate actions per state, all scored at s, with their log-densities.
             uniform = torch.empty(b, n, self.act_dim, device=obs.device).uniform_(-1.0, 1.0)
-            # The policy's samples at s and at s' in one pass (stacked on the batch axis, so the noise is
-            # drawn in the order of two separate passes).
-            states = torch.cat([obs, batch.next_observations]).unsqueeze(1).expand(2 * b, n, obs.shape[-1])
-            sampled, logp_sampled = self.actor.sample(states)
+            # N policy samples at s and at s' from one pass of the actor over the 2B states (stacked on the
+            # batch axis, so the noise is drawn in the order of two separate passes).
+            sampled, logp_sampled = self.actor.sample_n(torch.cat([obs, batch.next_observations]), n)
             candidates = torch.cat([uniform, sampled[:b], sampled[b:]], dim=1)
             log_density = torch.cat([torch.full_like(logp_sampled[:b], self.act_dim * math.log(0.5)),
                                      logp_sampled[:b], logp_sampled[b:]], dim=1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm, adam
+from batchrl.training.algorithms.base import Batch, Context, OfflineAlgorithm, adam, frozen
 from batchrl.training.networks import DeterministicActor, TwinQ, soft_update
 
 
@@ -65,9 +65,10 @@ class TD3BC(OfflineAlgorithm):
         self.counters["updates"] += 1
         if self.counters["updates"] % cfg.policy_delay == 0:
             pi = self.actor(batch.observations)
-            q = self.critic(batch.observations, pi)[0]
-            actor_loss, bc_loss, lmbda = td3bc_actor_loss(q, pi, batch.actions, cfg.alpha)
-            self.step_optimizer("actor", actor_loss)
+            with frozen(self.critic):
+                q = self.critic.q1(batch.observations, pi)
+                actor_loss, bc_loss, lmbda = td3bc_actor_loss(q, pi, batch.actions, cfg.alpha)
+                self.step_optimizer("actor", actor_loss)
             soft_update(self.critic_target, self.critic, cfg.tau)
             soft_update(self.actor_target, self.actor, cfg.tau)
             metrics.update(actor_loss=actor_loss.detach(), bc_loss=bc_loss.detach(), lmbda=lmbda)
