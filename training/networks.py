@@ -27,7 +27,7 @@ def mlp(in_dim: int, out_dim: int, hidden: tuple[int, ...]) -> MLP:
     layers: list[nn.Module] = []
     dim = in_dim
     for width in hidden:
-        layers += [nn.Linear(dim, width), nn.ReLU()]
+        layers += [nn.Linear(dim, width), nn.ReLU(inplace=True)]  # (in place: the Linear output is not kept)
         dim = width
     layers.append(nn.Linear(dim, out_dim))
     return MLP(*layers)
@@ -109,7 +109,7 @@ class EnsembleMLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = torch.addmm(layer.bias[index, 0].to(x.dtype), x, layer.weight[index].to(x.dtype))
             if i < len(self.layers) - 1:
-                x = torch.relu(x)
+                x = torch.relu_(x)  # (in place: the matmul output is not needed again)
         return x
 
 
