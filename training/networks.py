@@ -94,15 +94,19 @@ class EnsembleMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
-        if flat.is_cuda:  # one batched matmul per layer for every member: one kernel, not one per member
-            h = flat.unsqueeze(0).expand(self.members, -1, -1)
-            for i, layer in enumerate(self.layers):
-                h = layer(h)
-                if i < len(self.layers) - 1:
-                    h = torch.relu(h)
-        else:  # on the CPU, a matmul per member is faster than the batched one (measured: 8% on CQL's critic)
-            h = torch.stack([self.member(m, flat) for m in range(self.members)])
+        # On CUDA one batched matmul per layer serves every member (one kernel, not one per member); on the
+        # CPU a matmul per member runs faster than the batched one (CQL: 10.7 against 8.4-8.9 updates/s).
+        h = self.batched(flat) if flat.is_cuda else torch.stack([self.member(m, flat) for m in range(self.members)])
         return h.reshape(self.members, *lead, h.shape[-1])
+
+    def batched(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member at once, [M, in] -> [members, M, out], one baddbmm per layer."""
+        h = x.unsqueeze(0).expand(self.members, -1, -1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < len(self.layers) - 1:
+                h = torch.relu_(h)
+        return h
 
     def member(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """One member alone, [M, in] -> [M, out] (also half the work of both when only one is needed)."""
@@ -145,7 +149,7 @@ class TwinQ(nn.Module):
         if len(saved["param_groups"]) != 1 or len(params) != 2 * new:
             return saved
         state = {}
-        for j, param in enumerate(self.parameters()):  # layer l's weight, then its bias
+        for j in range(new):  # layer l's weight (2l), then its bias (2l + 1)
             old = [saved["state"].get(params[m * new + j]) for m in (0, 1)]
             if old[0] is None:
                 continue

@@ -177,3 +177,11 @@ def test_a_frozen_module_takes_no_gradient_and_thaws_as_it_was():
     assert act.grad is not None and act.grad.abs().sum() > 0  # the gradient still flows through it
     assert all(p.grad is None for p in critic.parameters())
     assert [p.requires_grad for p in critic.parameters()] == [True, False, True, True, True, True]
+
+
+def test_the_batched_path_of_cuda_equals_the_per_member_path_of_the_cpu():
+    twin = TwinQ(OBS, ACT, HIDDEN)
+    obs, act = inputs((4, 6))
+    x = torch.cat([obs, act], -1).reshape(-1, OBS + ACT)
+    per_member = torch.stack([twin.net.member(m, x) for m in range(2)])
+    assert torch.allclose(twin.net.batched(x), per_member, atol=1e-6, rtol=0)
