@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from batchrl.errors import UserError
+from batchrl.serving.metrics import MULTIPROCESS_ENV
 from batchrl.serving.server import DRAIN_BOUND
 from batchrl.serving.signals import StopSignals
 
@@ -201,7 +202,7 @@ def supervise(args, argv: list[str]) -> int:
     env, metrics_dir, endpoint = dict(os.environ), None, None
     if args.metrics_port is not None:
         metrics_dir = tempfile.mkdtemp(prefix="batchrl-metrics-")  # empty: no figures of an earlier group
-        env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        env[MULTIPROCESS_ENV] = metrics_dir
     group = WorkerGroup(argv, args.workers, address, env, args.grace, metrics_dir)
     try:
         received = group.wait_ready([group.start(i) for i in range(args.workers)], signals)
