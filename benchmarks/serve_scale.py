@@ -336,7 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     scale = Scale(bench, args.sequence_model, args.sessions, args.in_flight, args.rounds, args.redis,
                   sb.parse_concurrency(args.failover_sessions), args.backoff, sb.parse_concurrency(args.workers),
                   args.worker_connections)
-    data = run(scale)
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so the finally blocks stop every server it started.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        data = run(scale)
+    except KeyboardInterrupt:
+        sb.progress("interrupted; servers and load generators stopped")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     data["note"] = args.note
     args.output.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.output}.md").write_text(markdown(data))
