@@ -45,10 +45,10 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def reserve_port(address: str) -> tuple[socket.socket, int]:
+def reserve_port(address: str) -> tuple[socket.socket, str, int]:
     """Check that ``address`` is free with a plain bind (no SO_REUSEPORT: a port another server holds
     is refused), then hold it with an SO_REUSEPORT socket that never listens, so the workers can bind
-    it too (port 0 picks one for all of them). Returns that socket and the port."""
+    it too (port 0 picks one for all of them). Returns that socket, the address with its port, and the port."""
     host, port = split_address(address)
     try:
         family, kind, proto, _, where = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
@@ -65,7 +65,7 @@ def reserve_port(address: str) -> tuple[socket.socket, int]:
     reserved = socket.socket(family, kind, proto)
     reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     reserved.bind((where[0], port, *where[2:]))
-    return reserved, port
+    return reserved, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), port
 
 
 @dataclass
@@ -73,14 +73,13 @@ class Worker:
     index: int
     proc: subprocess.Popen
     ready: int | None  # read end of the pipe the worker writes one byte to once it serves; None once read
-    started: float
     served_since: float | None = None
 
 
 class WorkerGroup:
     def __init__(self, argv: list[str], processes: int, address: str, env: dict[str, str], grace: float,
                  metrics_dir: str | None):
-        self.argv, self.processes, self.address, self.env = argv, processes, address, env
+        self.argv, self.address, self.env = argv, address, env
         self.grace, self.metrics_dir = grace, metrics_dir
         self.workers: dict[int, Worker] = {}
         self.quick_deaths = [0] * processes  # deaths in a row without serving STABLE seconds
@@ -95,7 +94,7 @@ class WorkerGroup:
             proc = subprocess.Popen(command, env=self.env, pass_fds=(write,))
         finally:
             os.close(write)
-        worker = self.workers[index] = Worker(index, proc, read, time.monotonic())
+        worker = self.workers[index] = Worker(index, proc, read)
         log.info("worker %d started (pid %d)", index, proc.pid)
         return worker
 
@@ -196,9 +195,7 @@ class WorkerGroup:
 def supervise(args, argv: list[str]) -> int:
     """Run ``args.workers`` copies of `batchrl serve argv` on one port until SIGTERM or SIGINT."""
     signals = StopSignals()
-    reserved, port = reserve_port(args.address)
-    host, _ = split_address(args.address)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    reserved, address, port = reserve_port(args.address)
     env, metrics_dir, endpoint = dict(os.environ), None, None
     if args.metrics_port is not None:
         metrics_dir = tempfile.mkdtemp(prefix="batchrl-metrics-")  # empty: no figures of an earlier group

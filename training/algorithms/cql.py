@@ -95,9 +95,10 @@ class CQL(OfflineAlgorithm):
         # Both critics on the data action and the 3N candidates in one pass: [2, B, 1 + 3N].
         q = self.critic.all(obs.unsqueeze(1).expand(b, 1 + 3 * n, obs.shape[-1]),
                             torch.cat([batch.actions.unsqueeze(1), candidates], dim=1))
-        q1, q2 = q[0, :, 0], q[1, :, 0]
+        q_data = q[:, :, 0]
+        q1, q2 = q_data
         bellman = (q1 - target).pow(2).mean() + (q2 - target).pow(2).mean()
-        gaps = [conservative_gap(q[m, :, 1:], log_density, q[m, :, 0]).mean() for m in (0, 1)]
+        gaps = [conservative_gap(q[m, :, 1:], log_density, q_data[m]).mean() for m in (0, 1)]
         if cfg.lagrange:
             alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)
             conservative = sum(alpha_prime.detach() * cfg.min_q_weight * (g - cfg.target_action_gap) for g in gaps)
