@@ -121,6 +121,10 @@ SUITES: dict[str, list[Job]] = {
         + variants("iql", 100_000, HOPPER_MEDIUM, [seed], {"actor_lr_horizon": "1000000"}))],
     # Issue 12's acceptance table (run it from a worktree pinned at one commit).
     "peer": peer_suite(),
+    # Issue 16: the value-based suite's hopper/medium-replay TD3+BC row rerun on 3 seeds after the batched
+    # critics and fused optimiser steps (its mean must stay within max(5, 2 pooled std) of the committed one).
+    "rerun-16": [dataclasses.replace(job, folder="rerun-16")
+                 for job in grid({"td3bc": 100_000}, ["bench/hopper/medium-replay-v0"], [0, 1, 2])],
 }
 
 

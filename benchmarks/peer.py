@@ -49,17 +49,30 @@ def difference(algorithm: str, settings: dict) -> str:
 
 
 def python() -> Path:
-    """The peer environment's interpreter, made on first use (the torch build is this environment's)."""
-    exe = VENV / "bin" / "python"
-    if exe.exists():
-        return exe
-    import torch
+    """The peer environment's interpreter, made on first use (the torch build is this environment's).
 
-    print(f"making the peer environment {VENV} (d3rlpy, torch {torch.__version__.split('+')[0]})", flush=True)
-    venv.EnvBuilder(with_pip=True).create(VENV)
-    pip = [str(exe), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True)
-    subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True)
+    Made under a lock and marked complete last, so parallel runs wait for one maker instead of using a
+    half-installed environment (an interrupted make is redone)."""
+    import fcntl
+    import shutil
+
+    exe, done = VENV / "bin" / "python", VENV / ".complete"
+    if done.exists():
+        return exe
+    with open(ROOT / ".peer-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return exe
+        import torch
+
+        version = torch.__version__.split("+")[0]
+        print(f"making the peer environment {VENV} (d3rlpy, torch {version})", flush=True)
+        shutil.rmtree(VENV, ignore_errors=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+        pip = [str(exe), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, f"torch=={version}"], check=True)
+        subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True)
+        done.touch()
     return exe
 
 
