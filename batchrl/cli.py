@@ -60,6 +60,10 @@ def train(argv: list[str]) -> int:
                         help="steps between checkpoints (Ctrl-C or SIGTERM also writes one)")
     parser.add_argument("--log-every", type=int, default=1_000, help="steps between train rows in metrics.jsonl")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the networks with torch.compile (inductor): a first-step delay of tens of "
+                             "seconds, then the measured gain or loss per algorithm in benchmarks/results/"
+                             "update_speed.md; resume stays exact")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="algorithm setting, e.g. --set beta=3.0 --set hidden=256,256 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
@@ -83,7 +87,7 @@ def train(argv: list[str]) -> int:
         config = TrainConfig(algorithm=args.algo, dataset=args.dataset, steps=args.steps, seed=args.seed,
                              eval_every=args.eval_every, eval_episodes=args.eval_episodes,
                              log_every=args.log_every, checkpoint_every=args.checkpoint_every, device=args.device,
-                             algo=overrides)
+                             compile=args.compile, algo=overrides)
         run_dir = args.run_dir or f"runs/{args.dataset.replace('/', '_')}/{args.algo}-s{args.seed}"
         trainer = Trainer(run_dir, config)
     result = trainer.run()

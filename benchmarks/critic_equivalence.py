@@ -25,7 +25,7 @@ from batchrl.training.algorithms import ALGORITHMS, Context
 from batchrl.training.networks import mlp
 from batchrl.training.trainer import algorithm_config
 from benchmarks.offline import RESULTS
-from benchmarks.update_speed import synthetic_dataset
+from batchrl.training.data import synthetic_dataset
 
 TWIN_CRITICS = ("td3bc", "iql", "cql", "bcq")
 TOLERANCE = 1e-5

@@ -59,6 +59,24 @@ class OfflineDataset:
         return normalized_score(mean_return, self.ref_min_score, self.ref_max_score)
 
 
+def synthetic_dataset(obs_dim: int = 11, act_dim: int = 3, episodes: int = 100, length: int = 1000,
+                      seed: int = 0) -> OfflineDataset:
+    """Random transitions in episodes of ``length`` steps (default: Hopper's sizes), for measuring updates and
+    checking devices where no Minari dataset is at hand (it teaches nothing)."""
+    rng = np.random.default_rng(seed)
+    size = episodes * length
+    obs = rng.normal(size=(size, obs_dim)).astype(np.float32)
+    ends = np.zeros(size, np.float32)
+    ends[length - 1::length] = 1.0
+    return OfflineDataset(
+        dataset_id="synthetic", env_id="", observations=obs, next_observations=np.roll(obs, -1, axis=0),
+        actions=rng.uniform(-1, 1, size=(size, act_dim)).astype(np.float32),
+        rewards=rng.random(size).astype(np.float32), terminations=np.zeros(size, np.float32), truncations=ends,
+        episode_starts=np.arange(0, size, length, dtype=np.int64),
+        episode_lengths=np.full(episodes, length, dtype=np.int64), action_low=-np.ones(act_dim, np.float32),
+        action_high=np.ones(act_dim, np.float32), ref_min_score=None, ref_max_score=None)
+
+
 def normalized_score(mean_return, ref_min: float, ref_max: float):
     """D4RL-style score: 0 is the random policy, 100 the expert reference."""
     return 100.0 * (mean_return - ref_min) / (ref_max - ref_min)

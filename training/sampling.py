@@ -1,8 +1,9 @@
 """Minibatch samplers: uniform transitions, and episode segments for sequence models.
 
 Each holds its data on the training device and draws from its own torch
-Generator, whose state the trainer checkpoints so a resumed run replays the
-same batches.
+Generator on that device (an index is never made on the host and copied per
+step), whose state the trainer checkpoints so a resumed run replays the same
+batches. On the CPU the streams are those of a plain CPU generator.
 """
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ class ReplaySampler:
         self.terminals = _put(data.terminations, device)
         self.size = data.size
         self.device = device
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def sample(self, batch_size: int) -> Batch:
-        idx = torch.randint(self.size, (batch_size,), generator=self.generator).to(self.device)
+        idx = torch.randint(self.size, (batch_size,), generator=self.generator, device=self.device)
         return Batch(self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminals[idx])
 
 
@@ -67,22 +68,23 @@ class SegmentSampler:
         self.rtg = _put(rtg[:, None], device)
         steps = np.minimum(episode_timesteps(data.episode_starts, data.episode_lengths), max_timestep - 1)
         self.timesteps = _put(steps, device, np.int64)
-        self.starts = torch.as_tensor(data.episode_starts, dtype=torch.int64)
-        self.lengths = torch.as_tensor(data.episode_lengths, dtype=torch.int64)
+        self.starts = torch.as_tensor(data.episode_starts, dtype=torch.int64, device=device)
+        self.lengths = torch.as_tensor(data.episode_lengths, dtype=torch.int64, device=device)
         self.weights = self.lengths.double() / self.lengths.sum()
+        self.steps = torch.arange(self.k, device=device).unsqueeze(0)
         self.device = device
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def sample(self, batch_size: int) -> SegmentBatch:
         g = self.generator
         episode = torch.multinomial(self.weights, batch_size, replacement=True, generator=g)
         length = self.lengths[episode]
-        offset = (torch.rand(batch_size, generator=g, dtype=torch.float64) * length).long().clamp(max=length - 1)
-        real = torch.minimum(length - offset, torch.tensor(self.k))            # real steps in the segment
-        j = torch.arange(self.k).unsqueeze(0) - (self.k - real).unsqueeze(1)  # step within the segment
+        offset = (torch.rand(batch_size, generator=g, dtype=torch.float64, device=self.device) * length).long()
+        offset = torch.minimum(offset, length - 1)
+        real = (length - offset).clamp(max=self.k)                 # real steps in the segment
+        j = self.steps - (self.k - real).unsqueeze(1)                # step within the segment
         mask = j >= 0
         idx = (self.starts[episode] + offset).unsqueeze(1) + j.clamp(min=0)
-        idx, mask = idx.to(self.device), mask.to(self.device)
         keep = mask.unsqueeze(-1)
         return SegmentBatch(
             states=self.obs[idx] * keep, actions=self.actions[idx] * keep, returns_to_go=self.rtg[idx] * keep,

@@ -37,6 +37,7 @@ from batchrl.protos.sequence import ContextSpec
 from batchrl.training.algorithms import ALGORITHMS, Context, OfflineAlgorithm
 from batchrl.training.data import load_dataset
 from batchrl.training.evaluation import Act, evaluate, make_eval_env, sequence_agent, stateless
+from batchrl.training.memory import keep_freed_memory
 from batchrl.training.policy import DeployedPolicy, DeployedSequencePolicy
 
 CHECKPOINT = "checkpoint.pt"
@@ -57,6 +58,7 @@ class TrainConfig:
     log_every: int = 1_000
     checkpoint_every: int = 10_000
     device: str = "auto"
+    compile: bool = False      # torch.compile the algorithm's networks (compile_networks)
     algo: dict = field(default_factory=dict)  # algorithm config, resolved from its dataclass
 
     def __post_init__(self) -> None:
@@ -127,6 +129,26 @@ def training_code(run_dir: Path) -> str:
     return "+".join(dict.fromkeys(s["code"] for s in read_provenance(run_dir))) or "unknown"
 
 
+def compile_networks(algo: OfflineAlgorithm) -> None:
+    """torch.compile (inductor) the forward of each of the algorithm's compile units, in place (parameter names
+    unchanged), for the passes that train: a pass without gradients (target networks, evaluation) runs eagerly,
+    so an evaluation's growing contexts and batch of one compile nothing.
+
+    fallback_random makes random draws inside compiled code (the Decision Transformer's dropout) come from
+    torch's generators as in eager mode, so a checkpoint's RNG state replays them and resume stays exact.
+    """
+    import torch._inductor.config as inductor
+
+    inductor.fallback_random = True
+    for unit in algo.compile_units():
+        eager, compiled = unit.forward, torch.compile(unit.forward)
+
+        def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
+            return (_compiled if torch.is_grad_enabled() else _eager)(*args, **kwargs)
+
+        unit.forward = forward
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -148,6 +170,28 @@ def policy_act(policy: DeployedPolicy) -> Act:
                            policy.max_timestep)
         return sequence_agent(policy.run, spec, policy.target_return)
     return stateless(policy.act)
+
+
+def rng_state(sampler, device: torch.device) -> dict:
+    """Every random stream an update draws from: the sampler's generator (on the training device), torch's
+    CPU generator and, on CUDA, the device's generator (noise, dropout and sampled actions draw there)."""
+    state = {"rng_device": device.type, "sampler_rng": sampler.generator.get_state(), "torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, sampler, device: torch.device) -> None:
+    """Restore ``rng_state``'s streams (the states are read on the CPU, wherever the checkpoint was mapped)."""
+    saved = state.get("rng_device", "cpu")  # checkpoints older than the field were written on the CPU
+    if saved != device.type:
+        raise UserError(f"the checkpoint's random streams were drawn on {saved}, not {device.type}: a run resumes "
+                        f"exactly only on the device type it trained on (resume with --device {saved}, or start a "
+                        "new run)")
+    sampler.generator.set_state(state["sampler_rng"].cpu())
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -270,6 +314,7 @@ class Trainer:
                                   "folder to start again")
         self.config = config
         self.device = resolve_device(config.device)
+        keep_freed_memory()  # (the update's large buffers are reused, not faulted in again each step)
         torch.manual_seed(config.seed)
         self.data = load_dataset(config.dataset)
         self.obs_mean, self.obs_std = self.data.observation_stats()
@@ -277,6 +322,8 @@ class Trainer:
         self.return_range = float(returns.max() - returns.min())
         self.best_return = float(returns.max())
         self.algo = build_algorithm(config, self.data.obs_dim, self.data.act_dim, self.return_range, self.device)
+        if config.compile:
+            compile_networks(self.algo)
         self.sampler = self.algo.sampler(self.data, self.obs_mean, self.obs_std, self.device, config.seed)
         self.policy = self.algo.deployed(self.obs_mean, self.obs_std, self.data.action_low,
                                       self.data.action_high, self.best_return).to(self.device)
@@ -303,8 +350,7 @@ class Trainer:
             "best_return": self.best_return,  # a sequence policy's default target return
             "algorithm": self.algo.state_dict(),
             "log_window": self.window.state_dict(),
-            "sampler_rng": self.sampler.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            **rng_state(self.sampler, self.device),
             "normalization": {
                 "obs_mean": torch.as_tensor(self.obs_mean), "obs_std": torch.as_tensor(self.obs_std),
                 "action_low": torch.as_tensor(self.data.action_low),
@@ -314,8 +360,7 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         self.algo.load_state_dict(ckpt["algorithm"])
-        self.sampler.generator.set_state(ckpt["sampler_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        set_rng_state(ckpt, self.sampler, self.device)
         self.step = int(ckpt["step"])
         self.train_seconds = float(ckpt["train_seconds"])
         self.window.load_state_dict(ckpt.get("log_window"))  # absent from checkpoints older than it

@@ -98,3 +98,31 @@ def test_one_trainer_per_run_folder(minari_root, tmp_path):
     with pytest.raises(RuntimeError, match="in use by another training process"):
         Trainer(tmp_path / "run", config(), progress=False)
     del first
+
+
+def test_a_compiled_run_resumes_exactly(minari_root, tmp_path, monkeypatch):
+    """`--compile` (the one compile smoke test of CI): the Decision Transformer, whose dropout draws inside the
+    compiled code, stopped after its checkpoint and resumed, ends where the uninterrupted compiled run ends."""
+    import tqdm
+
+    monkeypatch.setattr(tqdm.std.tqdm, "monitor_interval", 0)  # (inductor's progress bars start no monitor thread)
+    dt = dict(algorithm="dt", steps=6, eval_every=6, eval_episodes=1, log_every=3, checkpoint_every=3, compile=True,
+              algo={"embed": 16, "layers": 1, "context_length": 4, "batch_size": 8})
+    Trainer(tmp_path / "straight", config(**dt), progress=False).run()
+    interrupted = Trainer(tmp_path / "resumed", config(**dt), progress=False)
+    update = interrupted.algo.update
+
+    def crash_at_5(batch):
+        if interrupted.step == 5:
+            raise RuntimeError("power cut")
+        return update(batch)
+
+    interrupted.algo.update = crash_at_5
+    with pytest.raises(RuntimeError, match="power cut"):
+        interrupted.run()
+    resumed = Trainer(tmp_path / "resumed", progress=False)
+    assert resumed.config.compile and resumed.step == 3
+    resumed.run()
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
+    for key, tensor in a["algorithm"]["modules"]["model"].items():
+        torch.testing.assert_close(tensor, b["algorithm"]["modules"]["model"][key], rtol=0, atol=0)

@@ -112,6 +112,14 @@ class OfflineAlgorithm(ABC):
 
         return DeployedPolicy(self.policy(), obs_mean, obs_std, action_low, action_high)
 
+    def compile_units(self) -> list[nn.Module]:
+        """What ``--compile`` compiles: by default every MLP and critic ensemble inside the modules (the
+        networks' other methods run through them)."""
+        from batchrl.training.networks import MLP, EnsembleMLP  # networks has no algorithm imports
+
+        return [sub for module in self.modules.values() for sub in module.modules()
+                if isinstance(sub, (MLP, EnsembleMLP))]
+
     def step_optimizer(self, name: str, loss: torch.Tensor) -> None:
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)

@@ -155,6 +155,9 @@ class DT(OfflineAlgorithm):
         self.schedulers["model"].step()
         return {"action_loss": loss.detach()}
 
+    def compile_units(self) -> list[nn.Module]:
+        return [self.model]
+
     def policy(self) -> nn.Module:
         return LastAction(self.model)
 
