@@ -179,12 +179,20 @@ def measure(names: list[str], rounds: int, peer: bool, compile_too: bool, device
     return rows
 
 
+def measured(rows: dict) -> str:
+    kinds = ["batchrl"] + ["batchrl with `--compile`"] * any(r.get("compiled") for r in rows.values()) \
+        + ["d3rlpy"] * any(r["d3rlpy"] for r in rows.values())
+    return ", then ".join(kinds)
+
+
 def markdown(data: dict) -> str:
-    title = "one CPU thread, beside d3rlpy" if data.get("device", "cpu") == "cpu" else data["device"]
-    lines = [f"# Updates per second, {title}", "",
-             f"Machine: {data['machine']}, torch {data['torch']}, d3rlpy 2.8.1 in its own environment. "
-             f"Medians of {data['rounds']} rounds (per algorithm and round: batchrl, batchrl with `--compile`, "
-             f"then d3rlpy, each in a fresh process); load average {data['load_before'][0]:.2f} before, "
+    cpu = data.get("device", "cpu") == "cpu"
+    peer = " beside d3rlpy" if any(r["d3rlpy"] for r in data["rows"].values()) else ""
+    lines = [f"# Updates per second, {'one CPU thread' if cpu else data['device']}{peer}", "",
+             f"Machine: {data['machine']}, torch {data['torch']}"
+             + (", d3rlpy 2.8.1 in its own environment. " if any(r["d3rlpy"] for r in data["rows"].values()) else ". ")
+             + f"Medians of {data['rounds']} rounds (per algorithm and round: {measured(data['rows'])}, each in a "
+             f"fresh process); load average {data['load_before'][0]:.2f} before, "
              f"{data['load_after'][0]:.2f} after. {data['note']}".rstrip(),
              f"Reproduce: `{data['command']}`.", "",
              "| algorithm | batch | batchrl updates/s | d3rlpy updates/s | batchrl / d3rlpy | --compile updates/s | "
@@ -216,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)  # with --one
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda: synthetic batches on the GPU, no peer, results in update_speed_cuda.*")
+    parser.add_argument("--out", default=None, help="results file stem under benchmarks/results/ (default: "
+                                                     "update_speed, or update_speed_cuda on CUDA)")
     parser.add_argument("--note", default="", help="a sentence for the report (e.g. what else the machine ran)")
     parser.add_argument("--one", nargs=2, metavar=("ALGORITHM", "UPDATES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -236,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_before": before, "load_after": os.getloadavg(), "note": args.note, "command": command.strip(),
             "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "update_speed" if not cuda else "update_speed_cuda"
+    stem = args.out or ("update_speed" if not cuda else "update_speed_cuda")
     (RESULTS / f"{stem}.md").write_text(markdown(data))
     (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
     print(markdown(data))
