@@ -208,3 +208,20 @@ def test_export_parity_on_every_context_length_and_raw_returns_in(dt_runs, tmp_p
     # ... and the return-to-go is an input that matters
     lowered = dict(contexts, returns_to_go=contexts["returns_to_go"] - 500.0)
     assert np.abs(session.run(None, lowered)[0] - got).max() > 1e-4
+
+
+def test_dropout_zeroes_a_fraction_p_and_scales_the_rest_and_is_the_identity_in_eval():
+    from batchrl.training.algorithms.dt import Dropout
+
+    drop = Dropout(0.25)
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert abs(1.0 - kept.float().mean().item() - 0.25) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)  # the gradient passes through the same mask
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # drawn from torch's generator: a restored RNG state replays it
+    assert drop.eval()(x) is x
