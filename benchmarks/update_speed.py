@@ -241,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
     if cuda:
         machine += f", {torch.cuda.get_device_name(torch.device(args.device))}"
-    command = " ".join(["python -m benchmarks.update_speed", *(argv if argv is not None else sys.argv[1:])])
+    shown = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if "--note" in shown:  # (the note is the report's, not the command's)
+        del shown[shown.index("--note"):shown.index("--note") + 2]
+    command = " ".join(["python -m benchmarks.update_speed", *shown])
     data = {"machine": machine, "device": args.device, "torch": torch.__version__, "rounds": args.rounds,
             "load_before": before, "load_after": os.getloadavg(), "note": args.note, "command": command.strip(),
             "rows": rows}
