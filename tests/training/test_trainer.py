@@ -13,6 +13,20 @@ def config(**kw):
     return TrainConfig(**{**base, **kw})
 
 
+def crash_at(trainer: Trainer, step: int) -> None:
+    """Run ``trainer`` until its update at ``step`` fails as a power cut would stop it."""
+    update = trainer.algo.update
+
+    def crashing(batch):
+        if trainer.step == step:
+            raise RuntimeError("power cut")
+        return update(batch)
+
+    trainer.algo.update = crashing
+    with pytest.raises(RuntimeError, match="power cut"):
+        trainer.run()
+
+
 def test_run_folder_holds_config_version_metrics_curve_checkpoint_and_result(trained_run):
     for name in ("config.json", "version.json", "metrics.jsonl", "curve.png", CHECKPOINT, "result.json"):
         assert (trained_run / name).is_file(), name
@@ -39,17 +53,7 @@ def test_resume_continues_exactly(minari_root, tmp_path):
     straight.run()
 
     # A crash at step 110: after the checkpoint at 60, and after train rows at 80 and 100 were logged.
-    interrupted = Trainer(tmp_path / "resumed", config(), progress=False)
-    update = interrupted.algo.update
-
-    def crash_at_110(batch):
-        if interrupted.step == 110:
-            raise RuntimeError("power cut")
-        return update(batch)
-
-    interrupted.algo.update = crash_at_110
-    with pytest.raises(RuntimeError, match="power cut"):
-        interrupted.run()
+    crash_at(Trainer(tmp_path / "resumed", config(), progress=False), 110)
     logged = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [20, 40, 60, 60, 80, 100] and not (tmp_path / "resumed" / "result.json").exists()
     # A fresh Trainer resumes from the checkpoint at 60 and replays 61..120; the rows at 80 and 100
@@ -109,17 +113,7 @@ def test_a_compiled_run_resumes_exactly(minari_root, tmp_path, monkeypatch):
     dt = dict(algorithm="dt", steps=6, eval_every=6, eval_episodes=1, log_every=3, checkpoint_every=3, compile=True,
               algo={"embed": 16, "layers": 1, "context_length": 4, "batch_size": 8})
     Trainer(tmp_path / "straight", config(**dt), progress=False).run()
-    interrupted = Trainer(tmp_path / "resumed", config(**dt), progress=False)
-    update = interrupted.algo.update
-
-    def crash_at_5(batch):
-        if interrupted.step == 5:
-            raise RuntimeError("power cut")
-        return update(batch)
-
-    interrupted.algo.update = crash_at_5
-    with pytest.raises(RuntimeError, match="power cut"):
-        interrupted.run()
+    crash_at(Trainer(tmp_path / "resumed", config(**dt), progress=False), 5)
     resumed = Trainer(tmp_path / "resumed", progress=False)
     assert resumed.config.compile and resumed.step == 3
     resumed.run()
