@@ -5,7 +5,7 @@ float tensors per critic member). glibc's malloc hands such blocks back to the k
 freed (mmap above its threshold, heap trimming below it), so the next update faults every page in
 again: measured on one thread, about 6,000 minor page faults and 10.6 ms of system time per CQL
 update (of about 85 ms), 2,000 faults per Decision Transformer update. Raising the mmap and trim
-thresholds keeps freed memory in the process for the next update (0-100 faults per update); the
+thresholds keeps freed memory in the process for the next update (a median update: 0-2 faults); the
 peak resident size stays what it was (it is set by one update's working set).
 """
 from __future__ import annotations
