@@ -187,10 +187,10 @@ def measured(rows: dict) -> str:
 
 def markdown(data: dict) -> str:
     cpu = data.get("device", "cpu") == "cpu"
-    peer = " beside d3rlpy" if any(r["d3rlpy"] for r in data["rows"].values()) else ""
-    lines = [f"# Updates per second, {'one CPU thread' if cpu else data['device']}{peer}", "",
+    peer = any(r["d3rlpy"] for r in data["rows"].values())
+    lines = [f"# Updates per second, {'one CPU thread' if cpu else data['device']}{' beside d3rlpy' * peer}", "",
              f"Machine: {data['machine']}, torch {data['torch']}"
-             + (", d3rlpy 2.8.1 in its own environment. " if any(r["d3rlpy"] for r in data["rows"].values()) else ". ")
+             + (", d3rlpy 2.8.1 in its own environment. " if peer else ". ")
              + f"Medians of {data['rounds']} rounds (per algorithm and round: {measured(data['rows'])}, each in a "
              f"fresh process); load average {data['load_before'][0]:.2f} before, "
              f"{data['load_after'][0]:.2f} after. {data['note']}".rstrip(),
@@ -204,12 +204,12 @@ def markdown(data: dict) -> str:
         return "" if value is None else f"{value:.1f}"
 
     for name, r in data["rows"].items():
-        peer, compiled = r["d3rlpy_median"], r.get("compiled_median")
-        versus = "" if peer is None else f"{r['batchrl_median'] / peer:.2f}"
+        theirs, compiled = r["d3rlpy_median"], r.get("compiled_median")
+        versus = "" if theirs is None else f"{r['batchrl_median'] / theirs:.2f}"
         gain = "" if compiled is None else f"{compiled / r['batchrl_median']:.2f}"
         rounds = "; ".join(", ".join(f"{v:.1f}" for v in r[key]) for key in ("batchrl", "compiled", "d3rlpy"))
         lines.append(
-            f"| {name} | {r['batch']} | {r['batchrl_median']:.1f} | {cell(peer)} | {versus} | {cell(compiled)} | "
+            f"| {name} | {r['batch']} | {r['batchrl_median']:.1f} | {cell(theirs)} | {versus} | {cell(compiled)} | "
             f"{gain} | {r['gflop_per_update']:.3f} | {r['matmul_gflops']:.0f} | {r['ceiling']:.1f} | "
             f"{r['fraction_of_ceiling']:.2f} | {r['overhead_ms']:.2f} | {rounds} | {r['difference']} |")
     return "\n".join(lines) + "\n"
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
     if cuda:
         machine += f", {torch.cuda.get_device_name(torch.device(args.device))}"
-    shown = [a for a in (argv if argv is not None else sys.argv[1:])]
+    shown = list(argv if argv is not None else sys.argv[1:])
     if "--note" in shown:  # (the note is the report's, not the command's)
         del shown[shown.index("--note"):shown.index("--note") + 2]
     command = " ".join(["python -m benchmarks.update_speed", *shown])
