@@ -61,22 +61,27 @@ def updates_per_second(name: str, updates: int, data: OfflineDataset | None = No
     """Updates per second of ``name`` at its defaults, batches drawn by its own sampler (and the host memory
     setting the trainer makes); ``compiled``: as ``batchrl train --compile`` (compiled during the warm-up)."""
     keep_freed_memory()
-    torch.manual_seed(0)
     data = synthetic_dataset() if data is None else data
-    device = torch.device(device)
-    algo = ALGORITHMS[name][1](algorithm_config(name, {}), Context(data.obs_dim, data.act_dim, 100_000, 3000.0, device))
+    algo, sampler = build(name, data, device)
     if compiled:
         compile_networks(algo)
-    mean, std = data.observation_stats()
-    sampler = algo.sampler(data, mean, std, device, seed=0)
     for _ in range(warmup):
         algo.update(sampler.sample(algo.batch_size))
-    synchronize(device)
+    synchronize(sampler.device)
     start = time.perf_counter()
     for _ in range(updates):
         algo.update(sampler.sample(algo.batch_size))
-    synchronize(device)
+    synchronize(sampler.device)
     return updates / (time.perf_counter() - start)
+
+
+def build(name: str, data: OfflineDataset, device: str):
+    """``name`` at its defaults (seed 0) and its own sampler over ``data`` on ``device``."""
+    torch.manual_seed(0)
+    device = torch.device(device)
+    algo = ALGORITHMS[name][1](algorithm_config(name, {}), Context(data.obs_dim, data.act_dim, 100_000, 3000.0, device))
+    mean, std = data.observation_stats()
+    return algo, algo.sampler(data, mean, std, device, seed=0)
 
 
 def synchronize(device: torch.device) -> None:
@@ -89,11 +94,7 @@ def update_flops(name: str, data: OfflineDataset, device: str = "cpu") -> tuple[
     """FLOPs of one update at the defaults (mean of 4), and the (in, out) shape of every trained linear layer."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    torch.manual_seed(0)
-    algo = ALGORITHMS[name][1](algorithm_config(name, {}), Context(data.obs_dim, data.act_dim, 100_000, 3000.0,
-                                                                     torch.device(device)))
-    mean, std = data.observation_stats()
-    sampler = algo.sampler(data, mean, std, torch.device(device), seed=0)
+    algo, sampler = build(name, data, device)
     batch = sampler.sample(algo.batch_size)
     algo.update(batch)  # (a first update may take other paths: lazy state)
     with FlopCounterMode(display=False) as counter:  # the mean of 4 (TD3+BC steps its actor every other one)

@@ -175,7 +175,8 @@ def policy_act(policy: DeployedPolicy) -> Act:
 def rng_state(sampler, device: torch.device) -> dict:
     """Every random stream an update draws from: the sampler's generator (on the training device), torch's
     CPU generator and, on CUDA, the device's generator (noise, dropout and sampled actions draw there)."""
-    state = {"rng_device": device.type, "sampler_rng": sampler.generator.get_state(), "torch_rng": torch.get_rng_state()}
+    state = {"rng_device": device.type, "sampler_rng": sampler.generator.get_state(),
+             "torch_rng": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     return state

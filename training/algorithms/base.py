@@ -92,7 +92,8 @@ class OfflineAlgorithm(ABC):
 
     @abstractmethod
     def update(self, batch) -> dict[str, torch.Tensor]:
-        """One gradient step on a Batch (or a SegmentBatch); returns detached scalar metrics (read on the host only when logged)."""
+        """One gradient step on a Batch (or a SegmentBatch); returns detached scalar metrics (read on the host
+        only when logged)."""
 
     @abstractmethod
     def policy(self) -> nn.Module:
