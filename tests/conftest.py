@@ -67,6 +67,19 @@ def pendulum_episodes(n_episodes: int, length: int, seed: int = 0) -> list[dict]
     return episodes
 
 
+@pytest.fixture(scope="session", autouse=True)
+def dataset_cache(tmp_path_factory) -> Path:
+    """The tests' own dataset cache (BATCHRL_CACHE), never the user's; subprocesses inherit it."""
+    root = tmp_path_factory.mktemp("batchrl-cache")
+    old = os.environ.get("BATCHRL_CACHE")
+    os.environ["BATCHRL_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("BATCHRL_CACHE", None)
+    else:
+        os.environ["BATCHRL_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def minari_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("minari")

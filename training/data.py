@@ -1,4 +1,4 @@
-"""Minari datasets as flat float32 transition arrays plus episode ranges.
+"""Minari datasets as flat float32 transition arrays plus episode ranges, mapped from the dataset cache.
 
 A Minari episode of N steps holds N+1 observations and N actions, rewards,
 terminations and truncations. Each episode is cut separately into
@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from batchrl.training import dataset_cache
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class OfflineDataset:
     action_high: np.ndarray         # [act_dim] float32
     ref_min_score: float | None
     ref_max_score: float | None
+    # float64 mean and std of the observations, when computed ahead (the dataset cache stores them):
+    # observation_stats then reads no observation, which for a mapped dataset would fault every page in
+    observation_moments: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def obs_dim(self) -> int:
@@ -49,8 +55,11 @@ class OfflineDataset:
 
     def observation_stats(self, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation (floored at ``eps``) of the observations."""
-        mean = self.observations.mean(axis=0, dtype=np.float64)
-        std = self.observations.std(axis=0, dtype=np.float64)
+        if self.observation_moments is not None:
+            mean, std = self.observation_moments
+        else:
+            mean = self.observations.mean(axis=0, dtype=np.float64)
+            std = self.observations.std(axis=0, dtype=np.float64)
         return mean.astype(np.float32), np.maximum(std, eps).astype(np.float32)
 
     def normalized_score(self, mean_return: float) -> float | None:
@@ -82,77 +91,104 @@ def normalized_score(mean_return, ref_min: float, ref_max: float):
     return 100.0 * (mean_return - ref_min) / (ref_max - ref_min)
 
 
-def load_dataset(dataset_id: str) -> OfflineDataset:
-    """Load a Minari dataset (root from MINARI_DATASETS_PATH) into flat arrays."""
+def open_minari(dataset: str):
+    """A Minari dataset by id (under MINARI_DATASETS_PATH) or by path: a dataset's folder or its data/ folder."""
     import minari
+    from minari.dataset.minari_dataset import MinariDataset
 
+    path = Path(dataset).expanduser()
+    if os.sep in dataset and path.is_dir():
+        data = path / "data" if (path / "data").is_dir() else path
+        if not (data / "metadata.json").is_file():
+            raise FileNotFoundError(f"{dataset} is not a Minari dataset folder: no metadata.json in {data}")
+        return MinariDataset(data)
     try:
-        ds = minari.load_dataset(dataset_id)
+        return minari.load_dataset(dataset)
     except FileNotFoundError:  # Minari's own hint (download=True) is for its Python API
         root = os.environ.get("MINARI_DATASETS_PATH")
         where = f"under MINARI_DATASETS_PATH={root}" if root else "(MINARI_DATASETS_PATH is not set)"
         local = sorted(minari.list_local_datasets())
         shown = ", ".join(local[:8]) + (f" and {len(local) - 8} more" if len(local) > 8 else "") or "none"
-        raise FileNotFoundError(f"Minari dataset {dataset_id!r} not found {where}; datasets there: {shown}; "
-                                "get one with `minari download DATASET_ID`") from None
-    return from_minari(ds)
+        raise FileNotFoundError(f"Minari dataset {dataset!r} not found {where} (nor is it a folder); datasets "
+                                f"there: {shown}; get one with `minari download DATASET_ID`") from None
 
 
-def from_minari(ds) -> OfflineDataset:
+def load_dataset(dataset: str) -> OfflineDataset:
+    """A Minari dataset (by id or path, see ``open_minari``) as flat arrays mapped read-only from the machine's
+    dataset cache (``dataset_cache``), converted there on first use."""
+    source = open_minari(dataset)
+    folder = dataset_cache.entry(source.spec.dataset_id, Path(source.storage.data_path),
+                                 lambda out: convert(source, dataset_cache.Writer(out)))
+    arrays, meta = dataset_cache.read(folder)
+    return OfflineDataset(
+        dataset_id=meta["dataset_id"], env_id=meta["env_id"], ref_min_score=meta["ref_min_score"],
+        ref_max_score=meta["ref_max_score"], observation_moments=(arrays.pop("observation_mean"),
+                                                                  arrays.pop("observation_std")), **arrays)
+
+
+def convert(ds, out: dataset_cache.Writer) -> None:
+    """Write a Minari dataset's transitions episode by episode into ``out`` (never all in memory)."""
     import gymnasium as gym
 
+    name = ds.spec.dataset_id
     if not isinstance(ds.action_space, gym.spaces.Box):
-        raise ValueError(f"dataset {ds.spec.dataset_id!r}: action space {ds.action_space} is not a continuous Box")
+        raise ValueError(f"dataset {name!r}: action space {ds.action_space} is not a continuous Box")
     if not isinstance(ds.observation_space, gym.spaces.Box):
-        raise ValueError(f"dataset {ds.spec.dataset_id!r}: observation space {ds.observation_space} is not a Box")
-    obs, next_obs, acts, rews, terms, truncs, lengths = [], [], [], [], [], [], []
+        raise ValueError(f"dataset {name!r}: observation space {ds.observation_space} is not a Box")
+    low = np.asarray(ds.action_space.low, dtype=np.float32).reshape(-1)
+    high = np.asarray(ds.action_space.high, dtype=np.float32).reshape(-1)
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+        raise ValueError(f"dataset {name!r}: action bounds must be finite, got {low} .. {high}")
+    total, episodes = int(ds.total_steps), int(ds.total_episodes)
+    if total == 0 or episodes == 0:
+        raise ValueError(f"dataset {name!r} holds no episodes")
+    obs_dim = int(np.prod(ds.observation_space.shape))
+    arrays = {"observations": out.array("observations", (total, obs_dim), np.float32),
+              "next_observations": out.array("next_observations", (total, obs_dim), np.float32),
+              "actions": out.array("actions", (total, low.size), np.float32)}
+    for key in ("rewards", "terminations", "truncations"):
+        arrays[key] = out.array(key, (total,), np.float32)
+    lengths = []
+    at = 0
     for ep in ds.iterate_episodes():
         n = len(ep.actions)
         if len(ep.observations) != n + 1:
             raise ValueError(
                 f"episode {ep.id}: {len(ep.observations)} observations for {n} actions (expected {n + 1})"
             )
-        o = np.asarray(ep.observations, dtype=np.float32).reshape(n + 1, -1)
-        for name, arr in (("rewards", ep.rewards), ("terminations", ep.terminations), ("truncations", ep.truncations)):
+        for key, arr in (("rewards", ep.rewards), ("terminations", ep.terminations), ("truncations", ep.truncations)):
             if len(arr) != n:
-                raise ValueError(f"episode {ep.id}: {len(arr)} {name} for {n} actions")
+                raise ValueError(f"episode {ep.id}: {len(arr)} {key} for {n} actions")
+        if at + n > total:
+            raise ValueError(f"dataset {name!r}: its episodes hold more than the {total} steps its metadata states")
+        o = np.asarray(ep.observations, dtype=np.float32).reshape(n + 1, -1)
         term = np.asarray(ep.terminations, dtype=bool)
-        trunc = np.asarray(ep.truncations, dtype=bool)
         # A step flagged both terminated and truncated ended by termination: never bootstrap it.
-        trunc = trunc & ~term
-        obs.append(o[:-1])
-        next_obs.append(o[1:])
-        acts.append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
-        rews.append(np.asarray(ep.rewards, dtype=np.float32))
-        terms.append(term.astype(np.float32))
-        truncs.append(trunc.astype(np.float32))
+        trunc = np.asarray(ep.truncations, dtype=bool) & ~term
+        step = slice(at, at + n)
+        arrays["observations"][step] = o[:-1]
+        arrays["next_observations"][step] = o[1:]
+        arrays["actions"][step] = np.asarray(ep.actions, dtype=np.float32).reshape(n, -1)
+        arrays["rewards"][step] = np.asarray(ep.rewards, dtype=np.float32)
+        arrays["terminations"][step] = term
+        arrays["truncations"][step] = trunc
         lengths.append(n)
-    if not lengths:
-        raise ValueError(f"dataset {ds.spec.dataset_id!r} holds no episodes")
+        at += n
+    if at != total:
+        raise ValueError(f"dataset {name!r}: its episodes hold {at} steps, its metadata states {total}")
     lengths_arr = np.asarray(lengths, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths_arr)[:-1]]).astype(np.int64)
+    out.save("episode_lengths", lengths_arr)
+    out.save("episode_starts", np.concatenate([[0], np.cumsum(lengths_arr)[:-1]]).astype(np.int64))
+    out.save("action_low", low)
+    out.save("action_high", high)
+    obs = arrays["observations"]
+    out.save("observation_mean", obs.mean(axis=0, dtype=np.float64))
+    out.save("observation_std", obs.std(axis=0, dtype=np.float64))
     meta = ds.storage.metadata
     env_id = _env_id(meta.get("eval_env_spec")) or (ds.spec.env_spec.id if ds.spec.env_spec is not None else "")
-    low = np.asarray(ds.action_space.low, dtype=np.float32).reshape(-1)
-    high = np.asarray(ds.action_space.high, dtype=np.float32).reshape(-1)
-    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
-        raise ValueError(f"dataset {ds.spec.dataset_id!r}: action bounds must be finite, got {low} .. {high}")
-    return OfflineDataset(
-        dataset_id=ds.spec.dataset_id,
-        env_id=env_id,
-        observations=np.concatenate(obs),
-        actions=np.concatenate(acts),
-        rewards=np.concatenate(rews),
-        next_observations=np.concatenate(next_obs),
-        terminations=np.concatenate(terms),
-        truncations=np.concatenate(truncs),
-        episode_starts=starts,
-        episode_lengths=lengths_arr,
-        action_low=low,
-        action_high=high,
-        ref_min_score=_optional_float(meta.get("ref_min_score")),
-        ref_max_score=_optional_float(meta.get("ref_max_score")),
-    )
+    out.finish({"dataset_id": name, "env_id": env_id, "ref_min_score": _optional_float(meta.get("ref_min_score")),
+                "ref_max_score": _optional_float(meta.get("ref_max_score")), "source": str(ds.storage.data_path),
+                "format": dataset_cache.FORMAT})
 
 
 def _env_id(spec_json) -> str:

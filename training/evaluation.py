@@ -98,10 +98,10 @@ def evaluate(env, act: Act, episodes: int, seed: int, ref_min: float | None, ref
 
 
 def make_eval_env(dataset_id: str):
-    """The dataset's evaluation environment (Minari's recover_environment(eval_env=True))."""
-    import minari
+    """The dataset's (id or path) evaluation environment (Minari's recover_environment(eval_env=True))."""
+    from batchrl.training.data import open_minari
 
-    dataset = minari.load_dataset(dataset_id)
+    dataset = open_minari(dataset_id)
     return _making(f"the evaluation environment of {dataset_id!r}", lambda: dataset.recover_environment(eval_env=True))
 
 

@@ -67,7 +67,3 @@ class DeployedSequencePolicy(DeployedPolicy):
         device = self.obs_mean.device
         return self(**{k: torch.as_tensor(v, device=device) for k, v in inputs.items()}).cpu().numpy()
 
-
-def scale_actions(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Raw actions -> [-1, 1], the inverse of DeployedPolicy's output scaling."""
-    return np.clip(2.0 * (actions - low) / (high - low) - 1.0, -1.0, 1.0).astype(np.float32)
