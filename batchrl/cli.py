@@ -15,6 +15,7 @@ DEBUG_ENV = "BATCHRL_DEBUG"  # set (or pass --debug) to see the traceback of a r
 
 COMMANDS = {
     "train": "train a policy on a Minari dataset (progress bar, metrics, checkpoints, --resume)",
+    "sweep": "train a grid of runs (algorithms x datasets x seeds x settings from a YAML file) as Ray tasks",
     "eval": "evaluate a run folder or an exported model in its evaluation environment",
     "export": "export a run as models/NAME/<version>/model.onnx (checked against torch first)",
     "serve": "serve the model repository over gRPC (CUDA when usable, else CPU)",
@@ -94,6 +95,34 @@ def train(argv: list[str]) -> int:
     print(json.dumps(result, indent=2))
     print(f"run folder: {trainer.run_dir}")
     return 0
+
+
+def sweep(argv: list[str]) -> int:
+    parser = command_parser("batchrl sweep", COMMANDS["sweep"])
+    parser.add_argument("config", metavar="CONFIG", help="sweep file (YAML: name, runs, output, grids; see "
+                                                         "docs/design.md or benchmarks/sweeps/)")
+    parser.add_argument("--cpus", type=int, default=None,
+                        help="CPUs of the local Ray this command starts: trials at once, one thread each "
+                             "(default: every core)")
+    parser.add_argument("--address", default=None,
+                        help="an existing Ray cluster (e.g. ray://head:10001 or auto) instead of a local one; its "
+                             "nodes need batchrl installed and the runs folder on storage they share")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite the table and plot from the finished trials")
+    args = parser.parse_args(argv)
+    if args.cpus is not None and args.cpus < 1:
+        parser.error(f"--cpus must be >= 1, got {args.cpus}")
+    if args.cpus is not None and args.address:
+        parser.error("--cpus sizes a local Ray; an existing cluster (--address) has its own")
+    try:  # the optional dependencies, named before any work starts
+        import yaml  # noqa: F401
+        if not args.report_only:
+            import ray  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"batchrl sweep needs {exc.name}, which is not installed: pip install 'batchrl[sweep]'")
+    from batchrl.training.sweep import main as run
+
+    return run(args.config, args.cpus, args.address, args.report_only)
 
 
 def evaluate(argv: list[str]) -> int:
@@ -243,7 +272,7 @@ def models(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"train": train, "eval": evaluate, "export": export, "serve": serve, "rollout": rollout,
+HANDLERS = {"train": train, "sweep": sweep, "eval": evaluate, "export": export, "serve": serve, "rollout": rollout,
             "models": models}
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from batchrl.training.algorithms import ALGORITHMS, Context
 from batchrl.training.networks import mlp
 from batchrl.training.trainer import algorithm_config
-from benchmarks.offline import RESULTS
+from benchmarks import RESULTS
 from batchrl.training.data import synthetic_dataset
 
 TWIN_CRITICS = ("td3bc", "iql", "cql", "bcq")

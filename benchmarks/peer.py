@@ -1,4 +1,4 @@
-"""The peer trial kind of the offline benchmark: d3rlpy's same algorithm on the same data.
+"""The peer trial kind of the benchmark sweeps: d3rlpy's same algorithm on the same data.
 
 A peer run is a folder like a batchrl run (metrics.jsonl eval rows, result.json), made in three steps:
 1. Data: batchrl's own loader gives the transitions; they are written for d3rlpy as its episodes
@@ -124,13 +124,17 @@ def evaluate_policies(run_dir: Path, dataset_id: str, episodes: int, seed: int =
     return sorted(rows, key=lambda r: r["step"])
 
 
-def run(run_dir: Path, algorithm: str, dataset_id: str, seed: int, steps: int, eval_every: int, episodes: int,
-        overrides: dict) -> dict:
-    """Train (or resume) and evaluate one peer run; writes and returns result.json's content."""
+def run(trial, run_dir: Path) -> dict:
+    """The peer trial kind of `batchrl sweep` (a grid's ``trainer: benchmarks.peer:run``): train (or resume) and
+    evaluate one peer run of a sweep ``Trial``; writes and returns result.json's content."""
     import dataclasses
 
     from batchrl.training.trainer import algorithm_config, lock_run
 
+    algorithm, dataset_id, seed, steps = trial.algorithm, trial.dataset, trial.seed, trial.steps
+    eval_every, episodes, overrides = trial.eval_every, trial.eval_episodes, dict(trial.settings)
+    if (run_dir / "result.json").exists():
+        return json.loads((run_dir / "result.json").read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_run(run_dir)  # RuntimeError when another runner trains this one
     settings = dataclasses.asdict(algorithm_config(algorithm, overrides))  # batchrl's resolved defaults

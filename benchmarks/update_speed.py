@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.offline import RESULTS
+from benchmarks import RESULTS
 from batchrl.training.algorithms import ALGORITHMS, Context
 from batchrl.training.data import OfflineDataset, synthetic_dataset
 from batchrl.training.memory import keep_freed_memory

@@ -151,8 +151,9 @@ def dt_repository(dt_runs, repository, tmp_path_factory) -> Path:
 
 
 # Threads that belong to a server a fixture owns: a gRPC server's worker pool grows on demand while
-# a test calls it, and its threads end when the fixture stops the server.
-POOL_THREAD = re.compile(r"(batchrl|ThreadPoolExecutor-\d+)_\d+$")
+# a test calls it, and its threads end when the fixture stops the server. tqdm_monitor is tqdm's one
+# process-wide helper, started by the first progress bar made (a disabled one too) and kept.
+POOL_THREAD = re.compile(r"(batchrl|ThreadPoolExecutor-\d+)_\d+$|tqdm_monitor$")
 
 
 @pytest.hookimpl(hookwrapper=True)
