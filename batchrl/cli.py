@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from batchrl.errors import UserError
+from batchrl.errors import Interrupted, UserError
 
 CONNECT_TIMEOUT = 5.0  # seconds the client commands wait for a server before saying there is none
 DEBUG_ENV = "BATCHRL_DEBUG"  # set (or pass --debug) to see the traceback of a reported error
@@ -68,14 +68,32 @@ def train(argv: list[str]) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="algorithm setting, e.g. --set beta=3.0 --set hidden=256,256 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="data-parallel processes on this machine (torchrun --standalone; gloo on the CPU, NCCL "
+                             "on CUDA): each draws batch_size/N of every batch, so the effective batch and learning "
+                             "rates stay the single-process ones; rank 0 writes the run folder. Several machines: "
+                             "torchrun ... -m batchrl.cli train")
     args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error(f"--nproc must be >= 1, got {args.nproc}")
+    from batchrl.training import distributed
+
+    if args.nproc > 1 and not distributed.launched():
+        if not args.resume and (not args.algo or not args.dataset):
+            parser.error("--algo and --dataset are required (or --resume --run-dir RUN)")
+        rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+                   "-m", "batchrl.cli", "train", *rest]
+        sys.stdout.flush(), sys.stderr.flush()
+        os.execv(sys.executable, command)  # torchrun in this process: signals reach it, and it passes them on
     from batchrl.training.trainer import TrainConfig, Trainer
 
     if args.resume:
         if not args.run_dir:
             parser.error("--resume needs --run-dir")
         trainer = Trainer(args.run_dir)
-        print(f"resuming {trainer.run_dir} from step {trainer.step} of {trainer.config.steps}", file=sys.stderr)
+        if trainer.world.main:
+            print(f"resuming {trainer.run_dir} from step {trainer.step} of {trainer.config.steps}", file=sys.stderr)
     else:
         if not args.algo or not args.dataset:
             parser.error("--algo and --dataset are required (or --resume --run-dir RUN)")
@@ -91,9 +109,13 @@ def train(argv: list[str]) -> int:
                              compile=args.compile, algo=overrides)
         run_dir = args.run_dir or f"runs/{args.dataset.replace('/', '_')}/{args.algo}-s{args.seed}"
         trainer = Trainer(run_dir, config)
-    result = trainer.run()
-    print(json.dumps(result, indent=2))
-    print(f"run folder: {trainer.run_dir}")
+    try:
+        result = trainer.run()
+    finally:
+        distributed.leave()
+    if trainer.world.main:
+        print(json.dumps(result, indent=2))
+        print(f"run folder: {trainer.run_dir}")
     return 0
 
 
@@ -314,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         problem = user_error(exc)
         if problem is None or debug:
             raise
-        print(f"batchrl {command}: error: {problem}", file=sys.stderr)
+        if not (isinstance(exc, Interrupted) and int(os.environ.get("RANK", "0"))):  # rank 0 says it for all
+            print(f"batchrl {command}: error: {problem}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)
 
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from batchrl.errors import Interrupted, UserError
 from batchrl.version import package_version
 from batchrl.protos.sequence import ContextSpec
+from batchrl.training import distributed
 from batchrl.training.algorithms import ALGORITHMS, Context, OfflineAlgorithm
 from batchrl.training.data import load_dataset
 from batchrl.training.evaluation import Act, evaluate, make_eval_env, sequence_agent, stateless
@@ -229,6 +230,12 @@ def load_policy(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, Deploy
     return config, policy.eval(), ckpt
 
 
+def _saved_device(run_dir: Path) -> str:
+    """The device a run to resume trained on ("cpu" where there is no such run: the resume fails later)."""
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()).get("device", "cpu") if path.is_file() else "cpu"
+
+
 def lock_run(run_dir: Path):
     """An exclusive lock on the run folder for this process's lifetime: two trainers
     writing one run would interleave checkpoints and metrics."""
@@ -285,6 +292,23 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         resume = config is None
+        self._lock = None
+        self._stop_signal: int | None = None
+        # One of several processes when torchrun launched this one (batchrl train --nproc N): rank 0 owns the run
+        # folder (lock, files); every rank trains.
+        self.world = distributed.join(resolve_device(config.device if config else _saved_device(self.run_dir)))
+        failure = None
+        try:
+            self._start(config, resume) if self.world.main else self._open(config, resume)
+        except BaseException as exc:  # noqa: BLE001 - raised below, once every rank knows
+            failure = exc
+        failed = [rank for rank, bad in enumerate(distributed.gather(failure is not None, self.world)) if bad]
+        if failure is None and failed:
+            failure = UserError(f"rank {failed[0]} of {self.world.size} could not start (its error is above)")
+        if failure is not None:
+            raise failure
+
+    def _start(self, config: TrainConfig | None, resume: bool) -> None:
         if resume and not (self.run_dir / "config.json").is_file():
             raise FileNotFoundError(f"{self.run_dir} holds no run to resume (no config.json)")
         created = self.run_dir  # the top-most folder this trainer creates: removed if it cannot start
@@ -293,7 +317,6 @@ class Trainer:
         created = None if self.run_dir.exists() else created
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock_run(self.run_dir)
-        self._stop_signal: int | None = None
         try:
             self._open(config, resume)
         except BaseException:
@@ -310,22 +333,31 @@ class Trainer:
                 raise UserError(f"{self.run_dir} has no checkpoint to resume from (one is written every "
                                 f"{config.checkpoint_every} steps, and when training is stopped by Ctrl-C or "
                                 "SIGTERM); delete the folder and train again")
-        elif (self.run_dir / "config.json").exists():
+        elif self.world.main and (self.run_dir / "config.json").exists():  # (rank 0 writes it: the others don't check)
             raise FileExistsError(f"{self.run_dir} already holds a run; resume it with --resume, or delete the "
                                   "folder to start again")
         self.config = config
         self.device = resolve_device(config.device)
         keep_freed_memory()  # (the update's large buffers are reused, not faulted in again each step)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the same initial networks on every rank
         self.data = load_dataset(config.dataset)
         self.obs_mean, self.obs_std = self.data.observation_stats()
         returns = self.data.episode_returns
         self.return_range = float(returns.max() - returns.min())
         self.best_return = float(returns.max())
         self.algo = build_algorithm(config, self.data.obs_dim, self.data.act_dim, self.return_range, self.device)
+        world = self.world
+        if self.algo.batch_size % world.size:
+            raise UserError(f"batch_size {self.algo.batch_size} does not split evenly over {world.size} processes: "
+                            f"choose --nproc dividing it, or --set batch_size=... (a multiple of {world.size})")
+        self.batch_size = self.algo.batch_size // world.size  # each rank's share: the effective batch is batch_size
+        distributed.synchronise(self.algo, world)
+        if world.rank:
+            torch.manual_seed(world.seed(config.seed))  # this rank's own noise, dropout and sampled actions
         if config.compile:
             compile_networks(self.algo)
-        self.sampler = self.algo.sampler(self.data, self.obs_mean, self.obs_std, self.device, config.seed)
+        self.sampler = self.algo.sampler(self.data, self.obs_mean, self.obs_std, self.device,
+                                         world.seed(config.seed))
         self.policy = self.algo.deployed(self.obs_mean, self.obs_std, self.data.action_low,
                                       self.data.action_high, self.best_return).to(self.device)
         self.step = 0
@@ -335,23 +367,30 @@ class Trainer:
         self.window = LogWindow()
         if resume:
             self._restore(load_checkpoint(self.run_dir, map_location=self.device))
+        self._env = None
+        if not world.main:
+            return
         self._write_json("config.json", dataclasses.asdict(config))
         sessions = read_provenance(self.run_dir) if resume else []
         sessions.append({"batchrl": package_version(), "code": code_version(), "torch": torch.__version__,
-                         "from_step": self.step, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                         "from_step": self.step, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         **({"processes": world.size} if world.distributed else {})})
         self._write_json(VERSION, {"sessions": sessions})
-        self._env = None
 
     # -- checkpoints -------------------------------------------------------
     def _payload(self) -> dict:
+        streams = rng_state(self.sampler, self.device)
+        # Every rank's streams and metric sums, so a multi-process run resumes exactly.
+        ranks = distributed.gather({**streams, "log_window": self.window.state_dict()}, self.world)
         return {
+            **({"world_size": self.world.size, "ranks": ranks} if self.world.distributed else {}),
             "step": self.step,
             "train_seconds": self.train_seconds,
             "return_range": self.return_range,
             "best_return": self.best_return,  # a sequence policy's default target return
             "algorithm": self.algo.state_dict(),
             "log_window": self.window.state_dict(),
-            **rng_state(self.sampler, self.device),
+            **streams,
             "normalization": {
                 "obs_mean": torch.as_tensor(self.obs_mean), "obs_std": torch.as_tensor(self.obs_std),
                 "action_low": torch.as_tensor(self.data.action_low),
@@ -360,19 +399,29 @@ class Trainer:
         }
 
     def _restore(self, ckpt: dict) -> None:
+        saved = int(ckpt.get("world_size", 1))
+        if saved != self.world.size:
+            raise UserError(f"{self.run_dir} was trained by {saved} process(es), not {self.world.size}: its batches "
+                            f"resume exactly only with --nproc {saved}")
         self.algo.load_state_dict(ckpt["algorithm"])
-        set_rng_state(ckpt, self.sampler, self.device)
+        own = ckpt["ranks"][self.world.rank] if "ranks" in ckpt else ckpt
+        set_rng_state(own, self.sampler, self.device)
         self.step = int(ckpt["step"])
         self.train_seconds = float(ckpt["train_seconds"])
-        self.window.load_state_dict(ckpt.get("log_window"))  # absent from checkpoints older than it
+        self.window.load_state_dict(own.get("log_window"))  # absent from checkpoints older than it
         # Rows logged after the checkpoint are replayed by the resumed run: drop them.
         path = self.run_dir / METRICS
-        if path.exists():
+        if self.world.main and path.exists():
             rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
             path.write_text("".join(r + "\n" for r in rows))
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.run_dir / CHECKPOINT, self._payload())
+        """Every rank calls it (it gathers their random streams, and checks that they hold one model); rank 0
+        writes."""
+        distributed.check_synchronised(self.algo, self.world)
+        payload = self._payload()
+        if self.world.main:
+            save_checkpoint(self.run_dir / CHECKPOINT, payload)
 
     # -- evaluation --------------------------------------------------------
     def evaluate(self):
@@ -398,7 +447,7 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run folder (run() does this when it returns)."""
-        if not self._lock.closed:
+        if self._lock is not None and not self._lock.closed:
             self._lock.close()
 
     @contextlib.contextmanager
@@ -424,19 +473,23 @@ class Trainer:
     def _train(self) -> dict:
         cfg = self.config
         window = self.window
+        world = self.world
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.algorithm} {cfg.dataset}", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not (self.progress and world.main), dynamic_ncols=True)
         tick = time.perf_counter()
         while self.step < cfg.steps:
-            if self._stop_signal is not None:
+            stop = self._stop_signal is not None
+            if world.distributed:  # every rank stops at the same step, whichever the signal reached
+                stop = distributed.any_rank(stop, self.device)
+            if stop:
                 self._count_training_time(tick)
                 self.checkpoint()
                 bar.close()
-                name = signal.Signals(self._stop_signal).name
-                raise Interrupted(f"{name}: stopped at step {self.step} of {cfg.steps} and wrote a checkpoint; "
-                                  f"continue with: batchrl train --resume --run-dir {self.run_dir}",
-                                  self._stop_signal)
-            window.add(self.algo.update(self.sampler.sample(self.algo.batch_size)))
+                number = self._stop_signal or signal.SIGTERM
+                resume = f"batchrl train{f' --nproc {world.size}' if world.distributed else ''} --resume"
+                raise Interrupted(f"{signal.Signals(number).name}: stopped at step {self.step} of {cfg.steps} and "
+                                  f"wrote a checkpoint; continue with: {resume} --run-dir {self.run_dir}", number)
+            window.add(self.algo.update(self.sampler.sample(self.batch_size)))
             self.step += 1
             bar.update(1)
             log, evaluate, checkpoint = (self.step % cfg.log_every == 0, self.step % cfg.eval_every == 0,
@@ -446,21 +499,24 @@ class Trainer:
                 continue
             self._count_training_time(tick)  # training time only: evaluation and I/O are excluded
             if log or last:
+                if world.distributed:  # the metrics of the whole batch: the mean over ranks
+                    window.sums = {k: distributed.average(v) for k, v in sorted(window.sums.items())}
                 row = window.row()
                 row.update(kind="train", step=self.step)
                 self._log(row)
                 losses = [k for k in row if k not in ("kind", "step", "updates_per_s")]
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in losses[:3]})
-            if evaluate or last:
+            if (evaluate or last) and world.main:  # the other ranks go on and wait for it at their next collective
                 result = self.evaluate()
                 score = result.normalized_score if result.normalized_score is not None else result.mean_return
                 bar.set_postfix_str(f"eval {score:.1f}")
             if checkpoint or last:
                 self.checkpoint()
-                self.plot()
+                if world.main:
+                    self.plot()
             tick = time.perf_counter()
         bar.close()
-        return self._finish()
+        return self._finish() if world.main else {}
 
     def _count_training_time(self, since: float) -> None:
         elapsed = time.perf_counter() - since
@@ -487,6 +543,8 @@ class Trainer:
 
     # -- files -------------------------------------------------------------
     def _log(self, row: dict) -> None:
+        if not self.world.main:
+            return
         with open(self.run_dir / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from batchrl.training import distributed
 from batchrl.training.algorithms.base import Context, OfflineAlgorithm, SegmentBatch, adam
 
 MASKED_SCORE = -1e9  # finite on purpose (see the module docstring)
@@ -137,9 +138,11 @@ class LastAction(nn.Module):
 
 
 def masked_action_loss(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the unpadded steps only (and every action dimension)."""
+    """Mean squared error over the unpadded steps only (and every action dimension). In data-parallel training
+    the count is the mean over the ranks' counts, so the ranks' averaged gradient is the whole batch's."""
     weights = mask.to(predicted.dtype).unsqueeze(-1)
-    return ((predicted - target) ** 2 * weights).sum() / (weights.sum() * predicted.shape[-1]).clamp(min=1.0)
+    count = distributed.average(weights.sum() * predicted.shape[-1])
+    return ((predicted - target) ** 2 * weights).sum() / count.clamp(min=1.0)
 
 
 class DT(OfflineAlgorithm):

@@ -1,0 +1,167 @@
+"""Data-parallel training with torch.distributed (launched by torchrun: `batchrl train --nproc N`).
+
+Every rank holds the same networks and optimisers and draws its own share of each batch (the algorithm's
+``batch_size`` split evenly: the effective batch and the learning rates are the single-process ones). The
+gradients are averaged across ranks as autograd accumulates them: a hook on every parameter that an
+optimiser steps (``synchronise``) all-reduces its ``.grad``, so each optimiser steps on the gradient of the
+whole batch, and anything done between backward and step (the Decision Transformer's gradient-norm clip)
+sees the averaged gradient, as in one process.
+
+Why hooks rather than DistributedDataParallel: DDP reduces the gradients of one wrapped module's forward and
+backward per step. These updates run several losses through the same networks (IQL steps three optimisers
+per update; CQL's, TD3+BC's and BCQ's actor losses run through a frozen critic; CQL's temperature and
+Lagrange multiplier are bare parameters), so one DDP wrapper per network would reduce at the wrong times or
+not at all. A post-accumulate hook is exact for any of them: averaging is linear, so a gradient that two
+backward passes accumulate before a step is still the mean of the ranks' sums (the already averaged part is
+the same on every rank). The cost is one all-reduce per parameter tensor per backward.
+
+A loss that is not a mean over equally many samples per rank (the Decision Transformer's error over the
+unpadded steps) divides by ``average`` of its count, the mean over ranks, which makes the averaged gradient
+that of the whole batch's loss.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+RANK_SEED_STRIDE = 2 ** 32  # rank r's streams start from seed + r * stride: distinct for every seed < 2**32
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def seed(self, seed: int) -> int:
+        """This rank's seed for its own random streams (rank 0's is ``seed``: a one-process run's)."""
+        return seed + self.rank * RANK_SEED_STRIDE
+
+
+SINGLE = World()
+
+
+def launched() -> bool:
+    """Whether this process is one of several that torchrun started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join(device: torch.device) -> World:
+    """Join torchrun's process group (gloo on the CPU, NCCL on CUDA) when launched by it, else one process."""
+    if not launched():
+        return SINGLE
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # Rank 0 evaluates while the others wait at the next collective: allow a long evaluation.
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def synchronise(algo, world: World) -> None:
+    """Make ``algo``'s ranks one model: rank 0's parameters and buffers everywhere, and every parameter an
+    optimiser steps averaged across ranks as its gradient accumulates."""
+    if not world.distributed:
+        return
+    for module in algo.modules.values():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+    seen = {id(p) for m in algo.modules.values() for p in m.parameters()}
+    hooked = set()
+    for optimizer in algo.optimizers.values():
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if id(param) not in seen:  # a bare parameter (a temperature, a multiplier)
+                    seen.add(id(param))
+                    dist.broadcast(param.data, src=0)
+                if id(param) not in hooked:
+                    hooked.add(id(param))
+                    param.register_post_accumulate_grad_hook(_average_grad(world.size))
+
+
+def _average_grad(size: int):
+    def hook(param: torch.Tensor) -> None:
+        dist.all_reduce(param.grad)
+        param.grad.div_(size)
+
+    return hook
+
+
+def average(value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over the ranks (no gradient flows through it); ``value`` itself in one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on one (a stop signal that reached only some)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather(obj, world: World) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def digest(algo) -> dict[str, str]:
+    """A hash of each module's and optimiser's state (to find a rank that left the others)."""
+    out = {}
+    state = algo.state_dict()
+    for group in ("modules", "optimizers"):
+        for name, part in state[group].items():
+            h = hashlib.sha256()
+            _feed(h, part)
+            out[f"{group}.{name}"] = h.hexdigest()[:16]
+    return out
+
+
+def _feed(h, value) -> None:
+    if isinstance(value, torch.Tensor):
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            h.update(str(key).encode())
+            _feed(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _feed(h, item)
+    else:
+        h.update(repr(value).encode())
+
+
+def check_synchronised(algo, world: World) -> None:
+    """RuntimeError naming the modules or optimisers whose state differs between ranks."""
+    if not world.distributed:
+        return
+    digests = gather(digest(algo), world)
+    apart = sorted(k for k in digests[0] if len({d[k] for d in digests}) > 1)
+    if apart:
+        raise RuntimeError(f"ranks hold different states of {', '.join(apart)}: data-parallel training left them "
+                           "unsynchronised")
