@@ -2,18 +2,18 @@
 
 Every rank holds the same networks and optimisers and draws its own share of each batch (the algorithm's
 ``batch_size`` split evenly: the effective batch and the learning rates are the single-process ones). The
-gradients are averaged across ranks as autograd accumulates them: a hook on every parameter that an
-optimiser steps (``synchronise``) all-reduces its ``.grad``, so each optimiser steps on the gradient of the
-whole batch, and anything done between backward and step (the Decision Transformer's gradient-norm clip)
-sees the averaged gradient, as in one process.
+gradients are averaged across ranks before each optimiser step (``synchronise``): a hook on every parameter
+an optimiser steps marks it when autograd accumulates its gradient, and a step pre-hook on the optimiser
+all-reduces the marked gradients as one flat buffer and divides by the number of ranks. Code that reads
+gradients between backward and step (the Decision Transformer's gradient-norm clip) calls
+``reduce_gradients`` first, so it sees the averaged gradient, as in one process.
 
-Why hooks rather than DistributedDataParallel: DDP reduces the gradients of one wrapped module's forward and
-backward per step. These updates run several losses through the same networks (IQL steps three optimisers
-per update; CQL's, TD3+BC's and BCQ's actor losses run through a frozen critic; CQL's temperature and
-Lagrange multiplier are bare parameters), so one DDP wrapper per network would reduce at the wrong times or
-not at all. A post-accumulate hook is exact for any of them: averaging is linear, so a gradient that two
-backward passes accumulate before a step is still the mean of the ranks' sums (the already averaged part is
-the same on every rank). The cost is one all-reduce per parameter tensor per backward.
+Why not DistributedDataParallel: DDP reduces the gradients of one wrapped module's forward and backward per
+step. These updates run several losses through the same networks (IQL steps three optimisers per update;
+CQL's, TD3+BC's and BCQ's actor losses run through a frozen critic; CQL's temperature and Lagrange
+multiplier are bare parameters), so one DDP wrapper per network would reduce at the wrong times or not at
+all. Reducing what each optimiser is about to apply is exact for all of them: averaging is linear, so a
+gradient that two backward passes accumulate before a step is still the mean of the ranks' sums.
 
 A loss that is not a mean over equally many samples per rank (the Decision Transformer's error over the
 unpadded steps) divides by ``average`` of its count, the mean over ranks, which makes the averaged gradient
@@ -77,32 +77,49 @@ def leave() -> None:
 
 
 def synchronise(algo, world: World) -> None:
-    """Make ``algo``'s ranks one model: rank 0's parameters and buffers everywhere, and every parameter an
-    optimiser steps averaged across ranks as its gradient accumulates."""
+    """Make ``algo``'s ranks one model: rank 0's parameters and buffers everywhere, and every optimiser
+    stepping on the gradients averaged across ranks."""
     if not world.distributed:
         return
     for module in algo.modules.values():
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor.data, src=0)
-    seen = {id(p) for m in algo.modules.values() for p in m.parameters()}
-    hooked = set()
+    in_modules = {id(p) for m in algo.modules.values() for p in m.parameters()}
     for optimizer in algo.optimizers.values():
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if id(param) not in seen:  # a bare parameter (a temperature, a multiplier)
-                    seen.add(id(param))
-                    dist.broadcast(param.data, src=0)
-                if id(param) not in hooked:
-                    hooked.add(id(param))
-                    param.register_post_accumulate_grad_hook(_average_grad(world.size))
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer._batchrl_pending = {}  # id -> parameter whose gradient accumulated since the last reduction
+        for param in params:
+            if id(param) not in in_modules:  # a bare parameter (a temperature, a multiplier)
+                dist.broadcast(param.data, src=0)
+            param.register_post_accumulate_grad_hook(_mark(optimizer._batchrl_pending))
+        optimizer._batchrl_order = params
+        optimizer._batchrl_size = world.size
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: reduce_gradients(opt))
 
 
-def _average_grad(size: int):
+def _mark(pending: dict):
     def hook(param: torch.Tensor) -> None:
-        dist.all_reduce(param.grad)
-        param.grad.div_(size)
+        pending[id(param)] = param
 
     return hook
+
+
+def reduce_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Average across ranks the gradients accumulated for ``optimizer`` since its last reduction, as one flat
+    all-reduce (in the optimizer's parameter order, the same on every rank). A no-op in one process and when
+    nothing is pending (e.g. a second call before the step)."""
+    pending = getattr(optimizer, "_batchrl_pending", None)
+    if not pending:
+        return
+    grads = [p.grad for p in optimizer._batchrl_order if id(p) in pending]
+    pending.clear()
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(optimizer._batchrl_size)
+    at = 0
+    for g in grads:
+        g.copy_(flat[at:at + g.numel()].view_as(g))
+        at += g.numel()
 
 
 def average(value: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,8 @@ def test_every_module_of_every_algorithm_stays_synchronised():
                           "-m", "tests.training.ddp_sync"], cwd=ROOT, env={**os.environ, **ENV},
                          capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stdout + out.stderr
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("{")]  # rank 0's report
+    report = json.loads(line)
     from batchrl.training.algorithms import ALGORITHMS
 
     assert sorted(report) == sorted(ALGORITHMS)

@@ -164,6 +164,7 @@ class DT(OfflineAlgorithm):
         opt = self.optimizers["model"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.reduce_gradients(opt)  # clip the whole batch's gradient when data-parallel
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         opt.step()
         self.schedulers["model"].step()
