@@ -2,6 +2,7 @@
 and a model repository holding its export."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -16,6 +17,20 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 PENDULUM_REF = (-1200.0, -150.0)
 
 
+@contextlib.contextmanager
+def environment(name: str, value: str):
+    """The environment variable ``name`` set to ``value`` inside, as it was after."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def write_dataset(root: Path, dataset_id: str, episodes: list[dict], env: str = "Pendulum-v1",
                   ref: tuple[float, float] | None = PENDULUM_REF) -> None:
     """Write a Minari dataset under ``root`` from episode dicts of numpy arrays
@@ -27,18 +42,11 @@ def write_dataset(root: Path, dataset_id: str, episodes: list[dict], env: str = 
                              rewards=list(ep["rewards"]), terminations=list(ep["terminations"]),
                              truncations=list(ep["truncations"]), infos={})
                for i, ep in enumerate(episodes)]
-    old = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(root)
-    try:
+    with environment("MINARI_DATASETS_PATH", str(root)):
         create_dataset_from_buffers(dataset_id, buffers, env=env, eval_env=env, algorithm_name="test", author="batchrl tests", author_email="tests@batchrl.invalid",
                                     description="built by the batchrl test suite", code_permalink="tests/conftest.py",
                                     ref_min_score=ref[0] if ref else None, ref_max_score=ref[1] if ref else None,
                                     num_episodes_average_score=1)
-    finally:
-        if old is None:
-            del os.environ["MINARI_DATASETS_PATH"]
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = old
 
 
 def pendulum_episodes(n_episodes: int, length: int, seed: int = 0) -> list[dict]:
@@ -71,26 +79,16 @@ def pendulum_episodes(n_episodes: int, length: int, seed: int = 0) -> list[dict]
 def dataset_cache(tmp_path_factory) -> Path:
     """The tests' own dataset cache (BATCHRL_CACHE), never the user's; subprocesses inherit it."""
     root = tmp_path_factory.mktemp("batchrl-cache")
-    old = os.environ.get("BATCHRL_CACHE")
-    os.environ["BATCHRL_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("BATCHRL_CACHE", None)
-    else:
-        os.environ["BATCHRL_CACHE"] = old
+    with environment("BATCHRL_CACHE", str(root)):
+        yield root
 
 
 @pytest.fixture(scope="session")
 def minari_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("minari")
     write_dataset(root, "test/pendulum/play-v0", pendulum_episodes(8, 100))
-    old = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("MINARI_DATASETS_PATH", None)
-    else:
-        os.environ["MINARI_DATASETS_PATH"] = old
+    with environment("MINARI_DATASETS_PATH", str(root)):
+        yield root
 
 
 @pytest.fixture(scope="session")

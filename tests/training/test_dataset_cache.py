@@ -115,6 +115,13 @@ def test_a_dataset_outside_the_minari_root_loads_by_path(tmp_path, own_cache, mo
         assert (data.dataset_id, data.size, data.env_id) == ("test/apart/play-v0", 60, "Pendulum-v1")
     with pytest.raises(FileNotFoundError, match="not a Minari dataset folder"):
         load_dataset(str(tmp_path))
+    # and trains and evaluates by path (the evaluation environment is recovered from the same folder)
+    from batchrl.training.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(algorithm="bc", dataset=str(root / "test/apart/play-v0"), steps=20, eval_every=20,
+                         eval_episodes=1, log_every=10, device="cpu", algo={"hidden": (16,)})
+    result = Trainer(tmp_path / "run", config, progress=False).run()
+    assert result["steps"] == 20 and result["normalized_score"] is not None
 
 
 def test_batches_are_normalised_as_the_whole_array_was(minari_root):
