@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "train a policy on a Minari dataset (progress bar, metrics, checkpoints, --resume)",
     "sweep": "train a grid of runs (algorithms x datasets x seeds x settings from a YAML file) as Ray tasks",
     "eval": "evaluate a run folder or an exported model in its evaluation environment",
+    "ope": "estimate an exported policy's discounted value on a dataset (fitted Q evaluation, bootstrap interval)",
     "export": "export a run as models/NAME/<version>/model.onnx (checked against torch first)",
     "serve": "serve the model repository over gRPC (CUDA when usable, else CPU)",
     "rollout": "drive a Gymnasium environment through a served policy",
@@ -232,6 +233,57 @@ def _eval_env(env_override: str | None, dataset_id: str, env_id: str | None):
     return (make_env(env_override) if env_override else make_eval_env(dataset_id)), ref
 
 
+def ope(argv: list[str]) -> int:
+    from batchrl.training.ope import FQEConfig
+
+    defaults = FQEConfig()
+    parser = command_parser("batchrl ope", COMMANDS["ope"])
+    parser.add_argument("model", metavar="MODEL", help="an exported feed-forward model: a model file, a version "
+                                                       "folder or models/NAME (highest version)")
+    parser.add_argument("--dataset", help="Minari dataset id or path (default: the one the model was trained on)")
+    parser.add_argument("--gamma", type=float, default=defaults.gamma, help="discount of the estimated value")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="gradient steps per FQE fit")
+    parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap,
+                        help="FQE refits on episode-resampled data for the interval (0: none)")
+    parser.add_argument("--confidence", type=float, default=defaults.confidence, help="the interval's level")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the fits and of the resampling (the same seed: the same replicates)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    args = parser.parse_args(argv)
+    from batchrl.serving.runtime import load_model
+    from batchrl.training.data import load_dataset
+    from batchrl.training.ope import estimate
+
+    config = FQEConfig(gamma=args.gamma, steps=args.steps, bootstrap=args.bootstrap, confidence=args.confidence,
+                       seed=args.seed)
+    path, version = _model_file(Path(args.model))
+    model = load_model(Path(args.model).name, version, path, ["CPUExecutionProvider"])
+    if model.is_sequence:
+        raise UserError(f"{path} is a sequence model ({model.manifest.algorithm}): its action depends on the "
+                        "episode's context, which FQE's Q(s, a) cannot condition on; evaluate it with batchrl eval")
+    data = load_dataset(args.dataset or model.manifest.dataset_id)
+    obs_size = math.prod(model.manifest.observation_space.shape)
+    if data.obs_dim != obs_size:
+        raise UserError(f"dataset {data.dataset_id!r} has observations of size {data.obs_dim}, but {path} expects "
+                        f"{obs_size}")
+    result = estimate(data, lambda obs: model.run({"observations": obs}), config, args.device)
+    out = {"model": str(path), "dataset": data.dataset_id, "gamma": result.gamma, "value": result.value,
+           "low": result.low, "high": result.high, "method": result.method, "replicates": result.replicates,
+           "transitions": data.size, "episodes": int(len(data.episode_starts)), "steps_per_fit": config.steps}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    interval = (f", {result.confidence:.0%} interval [{result.low:.2f}, {result.high:.2f}]"
+                if result.low is not None else "")
+    print(f"{path} ({model.manifest.algorithm}) on {data.dataset_id} ({data.size} transitions, "
+          f"{len(data.episode_starts)} episodes)")
+    print(f"FQE estimate of the discounted value (gamma {result.gamma}, reward units, not a normalised score): "
+          f"{result.value:.2f}{interval}")
+    print(f"interval: {result.method}; {config.steps} steps per fit")
+    return 0
+
+
 def export(argv: list[str]) -> int:
     parser = command_parser("batchrl export", COMMANDS["export"])
     parser.add_argument("run", metavar="RUN", help="run folder")
@@ -294,8 +346,8 @@ def models(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"train": train, "sweep": sweep, "eval": evaluate, "export": export, "serve": serve, "rollout": rollout,
-            "models": models}
+HANDLERS = {"train": train, "sweep": sweep, "eval": evaluate, "ope": ope, "export": export, "serve": serve,
+            "rollout": rollout, "models": models}
 
 
 def usage() -> str:
