@@ -163,3 +163,30 @@ def estimate(data: OfflineDataset, policy: Policy, config: FQEConfig = FQEConfig
         tail = (1.0 - config.confidence) / 2 * 100
         low, high = (float(v) for v in np.percentile(replicates, [tail, 100 - tail]))
     return Estimate(value, low, high, replicates, config.gamma, config.bootstrap, config.confidence)
+
+
+@dataclass
+class Comparison:
+    candidate: Estimate
+    deployed: Estimate
+    difference: float            # candidate − deployed, fits on the whole dataset
+    low: float | None            # percentile interval of the paired replicate differences
+    high: float | None
+
+    @property
+    def better(self) -> bool:
+        """The gate: the interval's lower bound of candidate − deployed is above 0."""
+        return self.low is not None and self.low > 0
+
+
+def compare(data: OfflineDataset, candidate: Policy, deployed: Policy, config: FQEConfig, device: str = "cpu",
+            progress: bool = True) -> Comparison:
+    """Both policies estimated with the same settings on the same data and the same bootstrap replicates (the
+    same resampled episodes and fit seeds); the interval is over the replicates' paired differences."""
+    if config.bootstrap < 2:
+        raise ValueError(f"a paired comparison needs bootstrap >= 2 replicates, got {config.bootstrap}")
+    c = estimate(data, candidate, config, device, progress)
+    d = estimate(data, deployed, config, device, progress)
+    tail = (1.0 - config.confidence) / 2 * 100
+    low, high = (float(v) for v in np.percentile(np.subtract(c.replicates, d.replicates), [tail, 100 - tail]))
+    return Comparison(c, d, c.value - d.value, low, high)

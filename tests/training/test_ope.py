@@ -90,3 +90,17 @@ def test_ope_command_estimates_an_exported_model_and_refuses_a_sequence_model(dt
     assert main(["ope", str(dt_repository / "dt-a"), "--steps", "10"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a sequence model (dt)" in err[0] and "batchrl eval" in err[0], err
+
+
+def test_the_paired_gate_passes_a_better_policy_and_refuses_a_worse_one():
+    from batchrl.training.ope import compare
+
+    data = bandit_chain(episodes=100)
+    config = FQEConfig(**{**SMALL, "steps": 1000}, bootstrap=2, confidence=0.9)  # converged to ~10%: enough to rank
+    up = compare(data, constant(0.5), constant(0.2), config, progress=False)  # values 5.0 against 2.0
+    assert up.better and up.low > 0 and up.difference == pytest.approx(3.0, rel=0.25), up
+    down = compare(data, constant(0.2), constant(0.5), config, progress=False)  # candidate − deployed < 0
+    assert not down.better and down.high < 0, down
+    assert down.difference == pytest.approx(-up.difference)
+    with pytest.raises(ValueError, match="needs bootstrap >= 2"):
+        compare(data, constant(0.5), constant(0.2), FQEConfig(**SMALL, bootstrap=1), progress=False)
