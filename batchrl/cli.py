@@ -18,6 +18,7 @@ COMMANDS = {
     "sweep": "train a grid of runs (algorithms x datasets x seeds x settings from a YAML file) as Ray tasks",
     "eval": "evaluate a run folder or an exported model in its evaluation environment",
     "ope": "estimate an exported policy's discounted value on a dataset (fitted Q evaluation, bootstrap interval)",
+    "promote": "publish a candidate as NAME's next version only when FQE says it beats the deployed one",
     "export": "export a run as models/NAME/<version>/model.onnx (checked against torch first)",
     "serve": "serve the model repository over gRPC (CUDA when usable, else CPU)",
     "rollout": "drive a Gymnasium environment through a served policy",
@@ -305,6 +306,12 @@ def serve(argv: list[str]) -> int:
     return main(argv)
 
 
+def promote(argv: list[str]) -> int:
+    from batchrl.promote import main
+
+    return main(argv)
+
+
 def rollout(argv: list[str]) -> int:
     from batchrl.rollout import main
 
@@ -346,8 +353,8 @@ def models(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"train": train, "sweep": sweep, "eval": evaluate, "ope": ope, "export": export, "serve": serve,
-            "rollout": rollout, "models": models}
+HANDLERS = {"train": train, "sweep": sweep, "eval": evaluate, "ope": ope, "promote": promote, "export": export,
+            "serve": serve, "rollout": rollout, "models": models}
 
 
 def usage() -> str:
