@@ -32,21 +32,8 @@ def register() -> None:
 
 def episodes(n: int, seed: int = 0) -> list[dict]:
     """``n`` episodes of uniformly random actions."""
+    from tests.conftest import play
+
     register()
-    env = gym.make(ENV_ID)
     rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        obs, _ = env.reset(seed=seed * 10_000 + i)
-        ep = {k: [] for k in ("observations", "actions", "rewards", "terminations", "truncations")}
-        ep["observations"].append(obs)
-        done = False
-        while not done:
-            action = rng.uniform(-1, 1, size=1).astype(np.float32)
-            obs, reward, term, trunc, _ = env.step(action)
-            for key, value in (("observations", obs), ("actions", action), ("rewards", reward),
-                               ("terminations", term), ("truncations", trunc)):
-                ep[key].append(value)
-            done = term or trunc
-        out.append({k: np.asarray(v) for k, v in ep.items()})
-    return out
+    return play(gym.make(ENV_ID), lambda obs: rng.uniform(-1, 1, size=1), n, seed)

@@ -49,12 +49,9 @@ def write_dataset(root: Path, dataset_id: str, episodes: list[dict], env: str = 
                                     num_episodes_average_score=1)
 
 
-def pendulum_episodes(n_episodes: int, length: int, seed: int = 0) -> list[dict]:
-    """Episodes of Pendulum-v1 played by a noisy energy-pumping controller, truncated at ``length``."""
-    import gymnasium as gym
-
-    env = gym.make("Pendulum-v1", max_episode_steps=length)
-    rng = np.random.default_rng(seed)
+def play(env, act, n_episodes: int, seed: int) -> list[dict]:
+    """``n_episodes`` episodes of ``env`` (episode i reset with seed seed * 1000 + i) played by ``act(obs)``,
+    as write_dataset's episode dicts."""
     episodes = []
     for i in range(n_episodes):
         obs, _ = env.reset(seed=seed * 1000 + i)
@@ -62,17 +59,27 @@ def pendulum_episodes(n_episodes: int, length: int, seed: int = 0) -> list[dict]
         ep["observations"].append(obs)
         done = False
         while not done:
-            cos, sin, vel = obs
-            action = np.clip(np.array([np.sign(vel) * 1.5 - 2.0 * sin + rng.normal(0, 0.5)]), -2, 2)
-            obs, r, term, trunc, _ = env.step(action.astype(np.float32))
-            ep["observations"].append(obs)
-            ep["actions"].append(action.astype(np.float32))
-            ep["rewards"].append(r)
-            ep["terminations"].append(term)
-            ep["truncations"].append(trunc)
+            action = np.asarray(act(obs), dtype=np.float32)
+            obs, reward, term, trunc, _ = env.step(action)
+            for key, value in (("observations", obs), ("actions", action), ("rewards", reward),
+                               ("terminations", term), ("truncations", trunc)):
+                ep[key].append(value)
             done = term or trunc
         episodes.append({k: np.asarray(v) for k, v in ep.items()})
     return episodes
+
+
+def pendulum_episodes(n_episodes: int, length: int, seed: int = 0) -> list[dict]:
+    """Episodes of Pendulum-v1 played by a noisy energy-pumping controller, truncated at ``length``."""
+    import gymnasium as gym
+
+    rng = np.random.default_rng(seed)
+
+    def controller(obs):
+        cos, sin, vel = obs
+        return np.clip(np.array([np.sign(vel) * 1.5 - 2.0 * sin + rng.normal(0, 0.5)]), -2, 2)
+
+    return play(gym.make("Pendulum-v1", max_episode_steps=length), controller, n_episodes, seed)
 
 
 @pytest.fixture(scope="session", autouse=True)
