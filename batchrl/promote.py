@@ -47,6 +47,9 @@ def main(argv: list[str]) -> int:
     config = FQEConfig(gamma=args.gamma, steps=args.steps, bootstrap=args.bootstrap, confidence=args.confidence,
                        seed=args.seed)
     repository = Path(args.repository)
+    if not (repository / args.name).is_dir():
+        raise UserError(f"nothing named {args.name!r} is deployed in {repository}: publish a first version with "
+                        f"batchrl export RUN --name {args.name} --repository {repository}")
     deployed_path, deployed_version = _model_file(repository / args.name)
     with tempfile.TemporaryDirectory() as tmp:
         candidate = Path(args.candidate)

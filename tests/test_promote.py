@@ -38,6 +38,9 @@ def test_promote_publishes_a_better_candidate_under_traffic_and_refuses_a_worse_
     from batchrl.training.export import export_run
 
     repo = tmp_path / "models"
+    assert main(["promote", "chain", "--candidate", str(chain_runs / "bc"), "--dataset", "test/chain/random-v0",
+                 "--repository", str(repo)]) == 1
+    assert "nothing named 'chain' is deployed in" in capsys.readouterr().err
     export_run(chain_runs / "bc", "chain", repo)  # deployed: version 1
     failures, versions, stop = [], [], threading.Event()
     with running(repo) as server:
