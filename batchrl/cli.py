@@ -264,10 +264,7 @@ def ope(argv: list[str]) -> int:
         raise UserError(f"{path} is a sequence model ({model.manifest.algorithm}): its action depends on the "
                         "episode's context, which FQE's Q(s, a) cannot condition on; evaluate it with batchrl eval")
     data = load_dataset(args.dataset or model.manifest.dataset_id)
-    obs_size = math.prod(model.manifest.observation_space.shape)
-    if data.obs_dim != obs_size:
-        raise UserError(f"dataset {data.dataset_id!r} has observations of size {data.obs_dim}, but {path} expects "
-                        f"{obs_size}")
+    check_fits(model, data)
     result = estimate(data, lambda obs: model.run({"observations": obs}), config, args.device)
     out = {"model": str(path), "dataset": data.dataset_id, "gamma": result.gamma, "value": result.value,
            "low": result.low, "high": result.high, "method": result.method, "replicates": result.replicates,
@@ -283,6 +280,14 @@ def ope(argv: list[str]) -> int:
           f"{result.value:.2f}{interval}")
     print(f"interval: {result.method}; {config.steps} steps per fit")
     return 0
+
+
+def check_fits(model, data) -> None:
+    """UserError naming both when the model's observations or actions are not the dataset's."""
+    for what, expected, got in (("observations", math.prod(model.manifest.observation_space.shape), data.obs_dim),
+                                ("actions", math.prod(model.manifest.action_space.shape), data.act_dim)):
+        if expected != got:
+            raise UserError(f"dataset {data.dataset_id!r} has {what} of size {got}, but {model.path} has {expected}")
 
 
 def export(argv: list[str]) -> int:

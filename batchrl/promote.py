@@ -19,7 +19,7 @@ from batchrl.errors import UserError
 
 
 def main(argv: list[str]) -> int:
-    from batchrl.cli import COMMANDS, _model_file, command_parser
+    from batchrl.cli import COMMANDS, _model_file, check_fits, command_parser
     from batchrl.training.ope import FQEConfig
 
     defaults = FQEConfig()
@@ -66,6 +66,8 @@ def main(argv: list[str]) -> int:
                                 "cannot estimate it, so promote cannot compare it")
             models[role] = model
         data = load_dataset(args.dataset)
+        for model in models.values():
+            check_fits(model, data)
         result = compare(data, _act(models["candidate"]), _act(models["deployed"]), config, args.device)
         level = f"{config.confidence:.0%}"
         figures = (f"candidate {result.candidate.value:.2f}, deployed (version {deployed_version}) "

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from batchrl.training.data import OfflineDataset
+from tests.conftest import write_dataset
 from batchrl.training.ope import FQEConfig, estimate, replicate_episodes
 
 
@@ -104,3 +105,14 @@ def test_the_paired_gate_passes_a_better_policy_and_refuses_a_worse_one():
     assert down.difference == pytest.approx(-up.difference)
     with pytest.raises(ValueError, match="needs bootstrap >= 2"):
         compare(data, constant(0.5), constant(0.2), FQEConfig(**SMALL, bootstrap=1), progress=False)
+
+
+def test_ope_refuses_a_dataset_of_other_sizes(repository, minari_root, capsys):
+    from batchrl.cli import main
+    from tests import chain_env
+
+    write_dataset(minari_root, "test/sizes/chain-v0", chain_env.episodes(3), env=chain_env.ENV_ID, ref=None)
+    assert main(["ope", str(repository / "pendulum"), "--dataset", "test/sizes/chain-v0", "--steps", "10"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("dataset 'test/sizes/chain-v0' has observations of size 1, but "
+                        f"{repository / 'pendulum' / '2' / 'model.onnx'} has 3"), err
