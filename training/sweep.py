@@ -251,7 +251,7 @@ def run_sweep(sweep: Sweep, cpus: int | None = None, address: str | None = None,
             entry["log"] = str(log_path(run_dir))
             try:
                 out = ray.get(ref)
-            except (ray.exceptions.RayError, Exception) as exc:  # noqa: BLE001 - a trial's failure is reported
+            except Exception as exc:  # noqa: BLE001 - a trial's failure (RayTaskError, a dead worker) is reported
                 counts["failed"] += 1
                 entry.update(status="failed", error=_last_line(exc))
                 bar.write(f"failed {trial.label} on {trial.dataset} seed {trial.seed}: {_last_line(exc)} "
