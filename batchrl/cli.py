@@ -234,38 +234,63 @@ def _eval_env(env_override: str | None, dataset_id: str, env_id: str | None):
     return (make_env(env_override) if env_override else make_eval_env(dataset_id)), ref
 
 
-def ope(argv: list[str]) -> int:
+def add_fqe_options(parser: argparse.ArgumentParser) -> None:
+    """The FQE settings of `batchrl ope` and `batchrl promote`."""
     from batchrl.training.ope import FQEConfig
 
     defaults = FQEConfig()
-    parser = command_parser("batchrl ope", COMMANDS["ope"])
-    parser.add_argument("model", metavar="MODEL", help="an exported feed-forward model: a model file, a version "
-                                                       "folder or models/NAME (highest version)")
-    parser.add_argument("--dataset", help="Minari dataset id or path (default: the one the model was trained on)")
-    parser.add_argument("--gamma", type=float, default=defaults.gamma, help="discount of the estimated value")
+    parser.add_argument("--gamma", type=float, default=defaults.gamma, help="discount of the estimated values")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="gradient steps per FQE fit")
     parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap,
-                        help="FQE refits on episode-resampled data for the interval (0: none)")
+                        help="FQE refits on episode-resampled data for the interval")
     parser.add_argument("--confidence", type=float, default=defaults.confidence, help="the interval's level")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="seed of the fits and of the resampling (the same seed: the same replicates)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def fqe_config(args):
+    from batchrl.training.ope import FQEConfig
+
+    return FQEConfig(gamma=args.gamma, steps=args.steps, bootstrap=args.bootstrap, confidence=args.confidence,
+                     seed=args.seed)
+
+
+def feed_forward_model(target: Path, name: str, role: str = "model"):
+    """The exported model at ``target`` (a file, a version folder or models/NAME), refused if it is a sequence
+    model: FQE's Q(s, a) cannot condition on an episode's context."""
+    from batchrl.serving.runtime import load_model
+
+    path, version = _model_file(target)
+    model = load_model(name, version, path, ["CPUExecutionProvider"])
+    if model.is_sequence:
+        raise UserError(f"the {role} {path} is a sequence model ({model.manifest.algorithm}): its action depends on "
+                        "the episode's context, which FQE's Q(s, a) cannot condition on; evaluate it with batchrl eval")
+    return model
+
+
+def model_policy(model):
+    """A feed-forward model as FQE's policy: raw observations [N, obs] -> raw actions [N, act]."""
+    return lambda obs: model.run({"observations": obs})
+
+
+def ope(argv: list[str]) -> int:
+    parser = command_parser("batchrl ope", COMMANDS["ope"])
+    parser.add_argument("model", metavar="MODEL", help="an exported feed-forward model: a model file, a version "
+                                                       "folder or models/NAME (highest version)")
+    parser.add_argument("--dataset", help="Minari dataset id or path (default: the one the model was trained on)")
+    add_fqe_options(parser)
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     args = parser.parse_args(argv)
-    from batchrl.serving.runtime import load_model
     from batchrl.training.data import load_dataset
     from batchrl.training.ope import estimate
 
-    config = FQEConfig(gamma=args.gamma, steps=args.steps, bootstrap=args.bootstrap, confidence=args.confidence,
-                       seed=args.seed)
-    path, version = _model_file(Path(args.model))
-    model = load_model(Path(args.model).name, version, path, ["CPUExecutionProvider"])
-    if model.is_sequence:
-        raise UserError(f"{path} is a sequence model ({model.manifest.algorithm}): its action depends on the "
-                        "episode's context, which FQE's Q(s, a) cannot condition on; evaluate it with batchrl eval")
+    config = fqe_config(args)
+    model = feed_forward_model(Path(args.model), Path(args.model).name)
+    path = model.path
     data = load_dataset(args.dataset or model.manifest.dataset_id)
     check_fits(model, data)
-    result = estimate(data, lambda obs: model.run({"observations": obs}), config, args.device)
+    result = estimate(data, model_policy(model), config, args.device)
     out = {"model": str(path), "dataset": data.dataset_id, "gamma": result.gamma, "value": result.value,
            "low": result.low, "high": result.high, "method": result.method, "replicates": result.replicates,
            "transitions": data.size, "episodes": int(len(data.episode_starts)), "steps_per_fit": config.steps}

@@ -19,58 +19,41 @@ from batchrl.errors import UserError
 
 
 def main(argv: list[str]) -> int:
-    from batchrl.cli import COMMANDS, _model_file, check_fits, command_parser
-    from batchrl.training.ope import FQEConfig
+    from batchrl.cli import COMMANDS, add_fqe_options, check_fits, command_parser, feed_forward_model, \
+        fqe_config, model_policy
 
-    defaults = FQEConfig()
     parser = command_parser("batchrl promote", COMMANDS["promote"])
     parser.add_argument("name", metavar="NAME", help="the deployed model's name in the repository")
     parser.add_argument("--candidate", required=True, metavar="RUN_OR_MODEL",
                         help="a run folder (exported first, checked against torch) or an exported model")
     parser.add_argument("--dataset", required=True, help="Minari dataset id or path both are estimated on")
     parser.add_argument("--repository", "-r", default="models", help="model repository root")
-    parser.add_argument("--gamma", type=float, default=defaults.gamma, help="discount of the estimated values")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="gradient steps per FQE fit")
-    parser.add_argument("--bootstrap", type=int, default=defaults.bootstrap,
-                        help="paired FQE refits on episode-resampled data (>= 2)")
-    parser.add_argument("--confidence", type=float, default=defaults.confidence, help="the interval's level")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the fits and the resampling")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_fqe_options(parser)
     parser.add_argument("--force", action="store_true",
                         help="publish the candidate whatever the estimates say (the manifest says it was forced)")
     args = parser.parse_args(argv)
-    from batchrl.serving.runtime import load_model
     from batchrl.training.data import load_dataset
     from batchrl.training.export import export_run, publish
     from batchrl.training.ope import compare
 
-    config = FQEConfig(gamma=args.gamma, steps=args.steps, bootstrap=args.bootstrap, confidence=args.confidence,
-                       seed=args.seed)
+    config = fqe_config(args)
     repository = Path(args.repository)
     if not (repository / args.name).is_dir():
         raise UserError(f"nothing named {args.name!r} is deployed in {repository}: publish a first version with "
                         f"batchrl export RUN --name {args.name} --repository {repository}")
-    deployed_path, deployed_version = _model_file(repository / args.name)
+    deployed = feed_forward_model(repository / args.name, args.name, "deployed model")
     with tempfile.TemporaryDirectory() as tmp:
         candidate = Path(args.candidate)
         if (candidate / "config.json").is_file():
-            candidate_path = Path(export_run(candidate, args.name, Path(tmp) / "export")["path"])
-        else:
-            candidate_path, _ = _model_file(candidate)
-        models = {}
-        for role, path, version in (("deployed", deployed_path, deployed_version),
-                                    ("candidate", candidate_path, 0)):
-            model = load_model(args.name, version, path, ["CPUExecutionProvider"])
-            if model.is_sequence:
-                raise UserError(f"the {role} model {path} is a sequence model ({model.manifest.algorithm}): FQE "
-                                "cannot estimate it, so promote cannot compare it")
-            models[role] = model
+            candidate = Path(export_run(candidate, args.name, Path(tmp) / "export")["path"])
+        models = {"candidate": feed_forward_model(candidate, args.name, "candidate"), "deployed": deployed}
         data = load_dataset(args.dataset)
         for model in models.values():
             check_fits(model, data)
-        result = compare(data, _act(models["candidate"]), _act(models["deployed"]), config, args.device)
+        result = compare(data, model_policy(models["candidate"]), model_policy(models["deployed"]), config,
+                         args.device)
         level = f"{config.confidence:.0%}"
-        figures = (f"candidate {result.candidate.value:.2f}, deployed (version {deployed_version}) "
+        figures = (f"candidate {result.candidate.value:.2f}, deployed (version {deployed.version}) "
                    f"{result.deployed.value:.2f}; candidate − deployed {result.difference:+.2f}, {level} interval "
                    f"[{result.low:+.2f}, {result.high:+.2f}] over B={config.bootstrap} paired replicates "
                    f"(FQE, gamma {config.gamma}, {config.steps} steps per fit, on {data.dataset_id})")
@@ -80,15 +63,11 @@ def main(argv: list[str]) -> int:
                             "0 (--force publishes it anyway)")
         how = "gate passed" if result.better else "forced (the gate would have refused)"
         marked = Path(tmp) / "model.onnx"
-        _mark(candidate_path, marked, f"{how}: {figures}")
+        _mark(models["candidate"].path, marked, f"{how}: {figures}")
         version, final = publish(repository, args.name, marked)
     print(f"promoted: {final} (version {version}); a server polling the repository loads it at its next poll, "
           f"or load it now with: batchrl models load {args.name}")
     return 0
-
-
-def _act(model):
-    return lambda obs: model.run({"observations": obs})
 
 
 def _mark(source: Path, target: Path, promotion: str) -> None:

@@ -31,20 +31,6 @@ TRAINED = [("bc", 2_000), ("bc", 50_000), ("iql", 5_000), ("iql", 50_000), ("td3
 GAMMA = 0.99
 
 
-def discounted_returns(env, act, episodes: int, gamma: float) -> list[float]:
-    out = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=i)
-        total, discount, done = 0.0, 1.0, False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(act(np.asarray(obs, dtype=np.float32)[None])[0])
-            total += discount * float(reward)
-            discount *= gamma
-            done = terminated or truncated
-        out.append(total)
-    return out
-
-
 def onnx_policy(path: Path):
     from batchrl.serving.runtime import load_model
 
@@ -85,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     from batchrl.training.data import load_dataset
-    from batchrl.training.evaluation import make_eval_env
+    from batchrl.training.evaluation import make_eval_env, run_episodes, stateless
     from batchrl.training.ope import FQEConfig, estimate
 
     runs = RUNS / "quick" if args.quick else RUNS
@@ -108,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(json.loads(path.read_text()))
             continue
         start = time.perf_counter()
-        truth = discounted_returns(env, policy, episodes, GAMMA)
+        truth, _ = run_episodes(env, stateless(lambda obs: policy(obs[None])[0]), episodes, 0, gamma=GAMMA)
         rollout_s = time.perf_counter() - start
         start = time.perf_counter()
         result = estimate(data, policy, config, progress=False)

@@ -56,8 +56,10 @@ class EvalResult:
         return line
 
 
-def run_episodes(env, act: Act, episodes: int, seed: int, on_episode: Callable[[int, float, int], None] | None = None):
-    """Run ``episodes`` episodes, episode i reset with seed ``seed + i``; returns (returns, lengths).
+def run_episodes(env, act: Act, episodes: int, seed: int, on_episode: Callable[[int, float, int], None] | None = None,
+                 gamma: float = 1.0):
+    """Run ``episodes`` episodes, episode i reset with seed ``seed + i``; returns (returns, lengths), the returns
+    discounted by ``gamma`` (1: the plain sum of rewards).
 
     Observations reach ``act`` as float32, the dtype that travels on the wire,
     so in-process and served evaluation see exactly the same inputs.
@@ -67,12 +69,13 @@ def run_episodes(env, act: Act, episodes: int, seed: int, on_episode: Callable[[
     returns, lengths = [], []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
-        total, steps, done, reward = 0.0, 0, False, None
+        total, steps, done, reward, discount = 0.0, 0, False, None, 1.0
         while not done:
             action = act(np.asarray(obs, dtype=np.float32), reward)
             obs, reward, terminated, truncated, _ = env.step(action)
             reward = float(reward)
-            total += reward
+            total += discount * reward
+            discount *= gamma
             steps += 1
             done = terminated or truncated
         returns.append(total)

@@ -23,6 +23,7 @@ from torch import nn
 
 from batchrl.training.data import OfflineDataset
 from batchrl.training.networks import mlp
+from batchrl.training.sampling import Normalizer, on_device
 
 Policy = Callable[[np.ndarray], np.ndarray]
 
@@ -71,34 +72,29 @@ class Estimate:
 
 
 class PolicyData:
-    """The dataset's tensors for FQE, with the policy's actions at every next state and first state."""
+    """The dataset's tensors for FQE (the raw arrays: on the CPU, the dataset cache's mapping) with the policy's
+    raw actions at every next state and first state; batches are normalised as they are drawn, as the
+    samplers' are (``sampling.Normalizer``)."""
 
     def __init__(self, data: OfflineDataset, policy: Policy, device: torch.device, chunk: int = 4096):
         mean, std = data.observation_stats()
-        self.mean, self.std = torch.as_tensor(mean, device=device), torch.as_tensor(std, device=device)
-        self.low = torch.as_tensor(data.action_low, device=device)
-        self.range = torch.as_tensor(data.action_high - data.action_low, device=device)
-        as_tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)  # noqa: E731
-        self.obs = self._obs(as_tensor(data.observations))
-        self.next_obs = self._obs(as_tensor(data.next_observations))
-        self.actions = self._act(as_tensor(data.actions))
+        self.normalize = Normalizer(data, mean, std, device)
+        self.obs, self.next_obs = on_device(data.observations, device), on_device(data.next_observations, device)
+        self.actions = on_device(data.actions, device)
         scale = float(np.abs(data.rewards).max()) or 1.0
         self.reward_scale = scale  # rewards are fitted divided by it, values multiplied back
-        self.rewards = as_tensor(data.rewards) / scale
-        self.terminals = as_tensor(data.terminations)
-        self.next_actions = self._act(as_tensor(_batched(policy, np.asarray(data.next_observations), chunk)))
+        self.rewards = on_device(data.rewards, device) / scale
+        self.terminals = on_device(data.terminations, device)
+        self.next_actions = on_device(_batched(policy, np.asarray(data.next_observations), chunk), device)
         first = np.asarray(data.observations)[data.episode_starts]
-        self.first_obs = self._obs(as_tensor(first))
-        self.first_actions = self._act(as_tensor(_batched(policy, first, chunk)))
+        self.first = self.inputs(on_device(first, device), on_device(_batched(policy, first, chunk), device))
         self.starts, self.lengths = data.episode_starts, data.episode_lengths
         self.obs_dim, self.act_dim = data.obs_dim, data.act_dim
         self.device = device
 
-    def _obs(self, raw: torch.Tensor) -> torch.Tensor:
-        return (raw - self.mean) / self.std
-
-    def _act(self, raw: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(2.0 * (raw - self.low) / self.range - 1.0, -1.0, 1.0)
+    def inputs(self, raw_obs: torch.Tensor, raw_actions: torch.Tensor) -> torch.Tensor:
+        """Q's input: the normalised observations and scaled actions, side by side."""
+        return torch.cat([self.normalize.observations(raw_obs), self.normalize.actions(raw_actions)], 1)
 
 
 def _batched(policy: Policy, obs: np.ndarray, chunk: int) -> np.ndarray:
@@ -126,9 +122,9 @@ def fit(pd: PolicyData, config: FQEConfig, episodes: np.ndarray, seed: int, prog
             target.load_state_dict(q.state_dict())
         i = index[torch.randint(len(index), (config.batch_size,), generator=generator, device=pd.device)]
         with torch.no_grad():
-            bootstrap = target(torch.cat([pd.next_obs[i], pd.next_actions[i]], 1)).squeeze(1)
+            bootstrap = target(pd.inputs(pd.next_obs[i], pd.next_actions[i])).squeeze(1)
             y = pd.rewards[i] + config.gamma * (1.0 - pd.terminals[i]) * bootstrap
-        loss = nn.functional.mse_loss(q(torch.cat([pd.obs[i], pd.actions[i]], 1)).squeeze(1), y)
+        loss = nn.functional.mse_loss(q(pd.inputs(pd.obs[i], pd.actions[i])).squeeze(1), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -136,7 +132,7 @@ def fit(pd: PolicyData, config: FQEConfig, episodes: np.ndarray, seed: int, prog
             progress.update(1)
     first = torch.as_tensor(episodes, device=pd.device)
     with torch.no_grad():
-        values = q(torch.cat([pd.first_obs[first], pd.first_actions[first]], 1)).squeeze(1)
+        values = q(pd.first[first]).squeeze(1)
     return float(values.double().mean()) * pd.reward_scale
 
 

@@ -19,7 +19,7 @@ from batchrl.training.algorithms import Batch, SegmentBatch
 from batchrl.training.data import OfflineDataset
 
 
-def _put(x, device: torch.device, dtype=np.float32) -> torch.Tensor:
+def on_device(x, device: torch.device, dtype=np.float32) -> torch.Tensor:
     """``x`` as a tensor on ``device``: on the CPU a float32 array (a read-only mapping included) is wrapped,
     not copied; anything else is converted or copied once."""
     x = np.asarray(x)
@@ -35,9 +35,9 @@ class Normalizer:
     inverse of DeployedPolicy's output scaling)."""
 
     def __init__(self, data: OfflineDataset, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device):
-        self.obs_mean, self.obs_std = _put(obs_mean, device), _put(obs_std, device)
-        self.low = _put(data.action_low, device)
-        self.range = _put(data.action_high - data.action_low, device)
+        self.obs_mean, self.obs_std = on_device(obs_mean, device), on_device(obs_std, device)
+        self.low = on_device(data.action_low, device)
+        self.range = on_device(data.action_high - data.action_low, device)
 
     def observations(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.obs_mean) / self.obs_std
@@ -51,11 +51,11 @@ class ReplaySampler:
 
     def __init__(self, data: OfflineDataset, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device,
                  seed: int):
-        self.obs = _put(data.observations, device)
-        self.next_obs = _put(data.next_observations, device)
-        self.actions = _put(data.actions, device)
-        self.rewards = _put(data.rewards, device)
-        self.terminals = _put(data.terminations, device)
+        self.obs = on_device(data.observations, device)
+        self.next_obs = on_device(data.next_observations, device)
+        self.actions = on_device(data.actions, device)
+        self.rewards = on_device(data.rewards, device)
+        self.terminals = on_device(data.terminations, device)
         self.normalize = Normalizer(data, obs_mean, obs_std, device)
         self.size = data.size
         self.device = device
@@ -92,15 +92,15 @@ class SegmentSampler:
         if return_scale <= 0:
             raise ValueError(f"return_scale must be > 0, got {return_scale}")
         self.k = context_length
-        self.obs = _put(data.observations, device)
-        self.actions = _put(data.actions, device)
+        self.obs = on_device(data.observations, device)
+        self.actions = on_device(data.actions, device)
         self.normalize = Normalizer(data, obs_mean, obs_std, device)
         # Derived per step, private to the process (12 bytes a step, against the mapped data's 8 per
         # observation value): returns-to-go and timesteps.
         rtg = returns_to_go(data.rewards, data.episode_starts, data.episode_lengths) / return_scale
-        self.rtg = _put(rtg[:, None], device)
+        self.rtg = on_device(rtg[:, None], device)
         steps = np.minimum(episode_timesteps(data.episode_starts, data.episode_lengths), max_timestep - 1)
-        self.timesteps = _put(steps, device, np.int64)
+        self.timesteps = on_device(steps, device, np.int64)
         self.starts = torch.as_tensor(data.episode_starts, dtype=torch.int64, device=device)
         self.lengths = torch.as_tensor(data.episode_lengths, dtype=torch.int64, device=device)
         self.weights = self.lengths.double() / self.lengths.sum()

@@ -233,8 +233,7 @@ def load_policy(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, Deploy
 
 def _saved_device(run_dir: Path) -> str:
     """The device a run to resume trained on ("cpu" where there is no such run: the resume fails later)."""
-    path = Path(run_dir) / "config.json"
-    return json.loads(path.read_text()).get("device", "cpu") if path.is_file() else "cpu"
+    return read_config(run_dir).device if (Path(run_dir) / "config.json").is_file() else "cpu"
 
 
 def lock_run(run_dir: Path):
