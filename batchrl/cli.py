@@ -113,8 +113,10 @@ def train(argv: list[str]) -> int:
         trainer = Trainer(run_dir, config)
     try:
         result = trainer.run()
-    finally:
-        distributed.leave()
+    except BaseException:
+        distributed.leave(wait=False)
+        raise
+    distributed.leave()
     if trainer.world.main:
         print(json.dumps(result, indent=2))
         print(f"run folder: {trainer.run_dir}")

@@ -71,8 +71,13 @@ def join(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
-def leave() -> None:
+def leave(wait: bool = True) -> None:
+    """Leave the process group; ``wait`` (the normal end) first waits for every rank at a barrier: a rank
+    tearing gloo down while another still talks to it was seen to abort ("terminate called without an active
+    exception"). After an error, leave without waiting (the other ranks may never arrive)."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
