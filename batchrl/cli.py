@@ -19,6 +19,8 @@ COMMANDS = {
     "eval": "evaluate a run folder or an exported model in its evaluation environment",
     "ope": "estimate an exported policy's discounted value on a dataset (fitted Q evaluation, bootstrap interval)",
     "promote": "publish a candidate as NAME's next version only when FQE says it beats the deployed one",
+    "data": "data import: experience logs (serve --log-experience shards, or your own Parquet/CSV) into a Minari "
+            "dataset",
     "export": "export a run as models/NAME/<version>/model.onnx (checked against torch first)",
     "serve": "serve the model repository over gRPC (CUDA when usable, else CPU)",
     "rollout": "drive a Gymnasium environment through a served policy",
@@ -317,6 +319,53 @@ def check_fits(model, data) -> None:
             raise UserError(f"dataset {data.dataset_id!r} has {what} of size {got}, but {model.path} has {expected}")
 
 
+def data(argv: list[str]) -> int:
+    parser = command_parser("batchrl data", COMMANDS["data"])
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    imports = actions.add_parser(
+        "import", help="reassemble experience rows into episodes and write them as a Minari dataset",
+        description="Reassemble experience rows (protos/experience.py; or your own logs with --map) into episodes "
+                    "by session and step index, and write them as a Minari dataset, chunk by chunk.",
+        formatter_class=_Help, allow_abbrev=False)
+    imports.add_argument("sources", nargs="+", metavar="SOURCE",
+                         help="Parquet or CSV files, or folders of them (experience-*.parquet shards by default)")
+    imports.add_argument("--output", required=True, metavar="ID_OR_PATH",
+                         help="a Minari dataset id ((namespace/)name-vN, written under $MINARI_DATASETS_PATH) or a "
+                              "folder path (starting with ., / or ~, or not of the id form)")
+    imports.add_argument("--model", help="an exported model (file, version folder or models/NAME): its manifest "
+                                         "gives the spaces, the environment and the reference scores")
+    imports.add_argument("--merge", metavar="DATASET",
+                         help="a Minari dataset (id or path) copied first; its spaces must agree, its environment "
+                              "and reference scores are kept")
+    imports.add_argument("--env", help="Gymnasium id giving the spaces and environment (without --model or --merge; "
+                                       "with none of the three the spaces are inferred and no environment is written)")
+    imports.add_argument("--format", choices=["experience", "parquet", "csv"],
+                         help="how to read the sources (default: experience for .parquet, csv for .csv)")
+    imports.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
+                         help="the column holding FIELD (session_id, step, observation, action, reward, ending); "
+                              "COLUMN ending in * stacks the scalar columns PREFIX0, PREFIX1, ... (repeatable)")
+    imports.add_argument("--reward-of", choices=["previous", "action"], default="previous",
+                         help="previous: a row's reward was earned by the previous row's action (the experience "
+                              "log's way); action: by the row's own action")
+    imports.add_argument("--drop-unfinished", action="store_true",
+                         help="drop episodes without an end row instead of truncating them at their last row")
+    imports.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
+    args = parser.parse_args(argv)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise UserError("batchrl data import needs pyarrow, which is not installed: pip install "
+                        "'batchrl[experience]'") from None
+    from batchrl.training.experience_import import import_experience, parse_mapping
+
+    summary = import_experience(args.sources, args.output, model=_model_file(Path(args.model))[0] if args.model
+                                else None, merge=args.merge, env=args.env, format=args.format,
+                                mapping=parse_mapping(args.map), reward_of=args.reward_of,
+                                drop_unfinished=args.drop_unfinished, overwrite=args.overwrite)
+    print(summary)
+    return 0
+
+
 def export(argv: list[str]) -> int:
     parser = command_parser("batchrl export", COMMANDS["export"])
     parser.add_argument("run", metavar="RUN", help="run folder")
@@ -385,7 +434,7 @@ def models(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"train": train, "sweep": sweep, "eval": evaluate, "ope": ope, "promote": promote, "export": export,
+HANDLERS = {"train": train, "sweep": sweep, "eval": evaluate, "ope": ope, "promote": promote, "data": data, "export": export,
             "serve": serve, "rollout": rollout, "models": models}
 
 

@@ -88,6 +88,19 @@ def parser():
     parser.add_argument("--tls-cert", default=None, help="PEM server certificate: serve TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     parser.add_argument("--client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)")
+    parser.add_argument("--log-experience", default=None, metavar="DIR",
+                        help="record every session step and episode end as Parquet shards in DIR (one series per "
+                             "server process), for `batchrl data import`; needs the experience extra (pyarrow)")
+    parser.add_argument("--log-flush-seconds", type=float, default=10.0,
+                        help="a shard is written at least this often: what a SIGKILL can lose (SIGTERM loses "
+                             "nothing)")
+    parser.add_argument("--log-shard-mb", type=float, default=64.0, help="a shard is written once its rows reach this")
+    parser.add_argument("--log-buffer-rows", type=int, default=65_536,
+                        help="rows waiting for the writer; beyond it rows are dropped and counted, requests never "
+                             "wait")
+    parser.add_argument("--log-retention-hours", type=float, default=168.0, help="shards older than this are deleted")
+    parser.add_argument("--log-max-gb", type=float, default=10.0,
+                        help="disk cap of DIR's shards: the oldest are deleted first")
     # Set by the supervisor of --workers N for each worker it starts.
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -123,7 +136,14 @@ def main(argv: list[str]) -> int:
                             max_message_bytes=int(args.max_message_mb * 1024 * 1024), grace=args.grace,
                             per_client_limit=args.per_client_limit, reuse_port=args.reuse_port,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca)
-    served = build_server(registry, options, sessions, metrics)
+    experience = None
+    if args.log_experience is not None:
+        from batchrl.serving.experience import ExperienceLog
+
+        experience = ExperienceLog(args.log_experience, args.log_flush_seconds, int(args.log_shard_mb * 2**20),
+                                   args.log_buffer_rows, args.log_retention_hours * 3600, int(args.log_max_gb * 2**30),
+                                   metrics)
+    served = build_server(registry, options, sessions, metrics, experience)
     if args.metrics_port is not None:
         metrics.watch(registry, sessions)
         if args.worker_index is None:  # a worker's figures are served by its supervisor
@@ -145,6 +165,8 @@ def main(argv: list[str]) -> int:
     log.info("%s: draining: health NOT_SERVING, no new requests, up to %.1f s for those in flight",
              received.name, args.grace)
     drained = served.drain()
+    if experience is not None:  # every answered step is in the buffer now: write it
+        experience.close()
     metrics.close()
     if drained.streams_left:
         log.info("closed %d open stream(s) at the end of the grace period (a drain ends streams; their sessions "

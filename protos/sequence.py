@@ -32,6 +32,18 @@ def check_float32(value: float, what: str) -> float:
     return value
 
 
+def check_reward(t: int, reward: float | None) -> None:
+    """The reward rule of every episode step: step ``t`` carries what the previous action earned, so the
+    first step (``t`` = 0) carries none and every later one a reward finite in float32; ValueError otherwise."""
+    if t == 0:
+        if reward is not None:
+            raise ValueError("the first step of an episode has no previous action, so no reward: send none")
+        return
+    if reward is None:
+        raise ValueError(f"step {t}: the reward earned by the previous action is required")
+    check_float32(reward, "reward")
+
+
 SEQUENCE_INPUTS = ("states", "actions", "returns_to_go", "timesteps", "attention_mask")
 OUTPUT = "action"
 
@@ -72,13 +84,9 @@ class RollingContext:
         self.return_to_go = float(target_return)  # kept in float64; the graph gets float32
 
     def _next_return(self, reward: float | None) -> float:
+        check_reward(self.t, reward)
         if self.t == 0:
-            if reward is not None:
-                raise ValueError("the first step of an episode has no previous action, so no reward: send none")
             return self.return_to_go
-        if reward is None:
-            raise ValueError(f"step {self.t}: the reward earned by the previous action is required")
-        check_float32(reward, "reward")
         return check_float32(self.return_to_go - float(reward), f"the return-to-go after step {self.t}'s reward")
 
     def _appended(self, observation: np.ndarray, reward: float | None, action: np.ndarray | None):

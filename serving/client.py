@@ -104,10 +104,7 @@ class PolicyClient:
             noise_std: float = 0.0, seed: int | None = None) -> np.ndarray:
         """A batch of observations [batch, *obs_shape] -> a batch of actions [batch, *act_shape]."""
         request = act_request(model, observations, version)
-        if noise_std or seed is not None:
-            request.sampling.noise_std = noise_std
-            if seed is not None:
-                request.sampling.seed = seed
+        set_sampling(request.sampling, noise_std, seed)
         return decode(self._unary("Act", request).actions, "actions")
 
     def list_models(self) -> list[policy_pb2.ModelInfo]:
@@ -117,20 +114,23 @@ class PolicyClient:
         """An ActStream: ``stream.act(observations)`` per tick on one stream, answered in order."""
         return ActStream(self, model, version)
 
-    # -- sessions (sequence policies) ----------------------------------------
+    # -- sessions (one per episode, every policy) ----------------------------
     def open_session(self, model: str, version: int | None = None,
                      target_return: float | None = None) -> policy_pb2.OpenSessionResponse:
         return self._unary("OpenSession", open_request(model, version, target_return))
 
     def step(self, session_id: str, observation: np.ndarray, reward: float | None = None,
-             index: int | None = None) -> np.ndarray:
+             index: int | None = None, noise_std: float = 0.0, seed: int | None = None) -> np.ndarray:
         """One observation -> the session's action; ``reward`` is what the previous action earned;
         ``index``, this step's index in the episode (0 first), makes a retry answer once (a shared
-        session store requires it)."""
-        return decode(self._unary("Step", step_request(observation, reward, session_id, index)).action, "action")
+        session store requires it); ``noise_std`` and ``seed`` as in ``act``."""
+        request = step_request(observation, reward, session_id, index, noise_std, seed)
+        return decode(self._unary("Step", request).action, "action")
 
-    def close_session(self, session_id: str) -> int:
-        return self._unary("CloseSession", policy_pb2.CloseSessionRequest(session_id=session_id)).steps
+    def close_session(self, session_id: str, final_observation: np.ndarray | None = None,
+                      reward: float | None = None, ending: str | None = None) -> int:
+        """Close a session; with the episode's end (see ``close_request``) it is a complete episode."""
+        return self._unary("CloseSession", close_request(session_id, final_observation, reward, ending)).steps
 
     def episode(self, model: str, version: int | None = None, target_return: float | None = None) -> "Episode":
         """An Episode stream: one session for one episode, closed by ``close()`` (or the with block)."""
@@ -187,13 +187,42 @@ def open_request(model: str, version: int | None, target_return: float | None) -
     return request
 
 
-def step_request(observation: np.ndarray, reward: float | None, session_id: str = "",
-                 index: int | None = None) -> policy_pb2.StepRequest:
+def set_sampling(sampling: policy_pb2.Sampling, noise_std: float, seed: int | None) -> None:
+    if noise_std or seed is not None:
+        sampling.noise_std = noise_std
+        if seed is not None:
+            sampling.seed = seed
+
+
+def step_request(observation: np.ndarray, reward: float | None, session_id: str = "", index: int | None = None,
+                 noise_std: float = 0.0, seed: int | None = None) -> policy_pb2.StepRequest:
     request = policy_pb2.StepRequest(session_id=session_id, observation=encode(observation))
     if reward is not None:
         request.reward = reward
     if index is not None:
         request.index = index
+    set_sampling(request.sampling, noise_std, seed)
+    return request
+
+
+ENDINGS = {"terminated": policy_pb2.TERMINATED, "truncated": policy_pb2.TRUNCATED}
+
+
+def close_request(session_id: str, final_observation: np.ndarray | None = None, reward: float | None = None,
+                  ending: str | None = None) -> policy_pb2.CloseSessionRequest:
+    """A close; with ``final_observation`` (what the last action led to), ``reward`` (what it earned; None
+    after no step) and ``ending`` ("terminated" or "truncated") it carries the episode's end."""
+    request = policy_pb2.CloseSessionRequest(session_id=session_id)
+    if final_observation is None:
+        if reward is not None or ending is not None:
+            raise ValueError("reward and ending are sent with a final_observation")
+        return request
+    if ending not in ENDINGS:
+        raise ValueError(f"ending must be one of {list(ENDINGS)} with a final observation, got {ending!r}")
+    request.final_observation.CopyFrom(encode(final_observation))
+    request.ending = ENDINGS[ending]
+    if reward is not None:
+        request.reward = reward
     return request
 
 
@@ -276,8 +305,10 @@ class Episode(_Stream):
         self.opened: policy_pb2.OpenSessionResponse = self._exchange(policy_pb2.EpisodeRequest(open=request)).opened
         self.index = 0  # the next step's index in the episode: every step carries it
 
-    def step(self, observation: np.ndarray, reward: float | None = None) -> np.ndarray:
-        request = policy_pb2.EpisodeRequest(step=step_request(observation, reward, index=self.index))
+    def step(self, observation: np.ndarray, reward: float | None = None, noise_std: float = 0.0,
+             seed: int | None = None) -> np.ndarray:
+        request = policy_pb2.EpisodeRequest(step=step_request(observation, reward, index=self.index,
+                                                              noise_std=noise_std, seed=seed))
 
         def attach(message):  # the new stream attaches to the session
             message.step.session_id = self.opened.session_id
@@ -286,9 +317,12 @@ class Episode(_Stream):
         self.index += 1
         return action
 
-    def close(self) -> int:
-        """End the episode: the server closes the session; returns its step count."""
-        request = policy_pb2.EpisodeRequest(close=policy_pb2.CloseSessionRequest(session_id=self.opened.session_id))
+    def close(self, final_observation: np.ndarray | None = None, reward: float | None = None,
+              ending: str | None = None) -> int:
+        """End the episode, with its end if given (see ``close_request``): the server closes the session;
+        returns its step count."""
+        request = policy_pb2.EpisodeRequest(close=close_request(self.opened.session_id, final_observation, reward,
+                                                                ending))
         steps = self._exchange(request).closed.steps
         super().close()
         return steps

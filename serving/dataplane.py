@@ -7,8 +7,12 @@ repository, and raises the typed errors of serving/errors.py for whatever a call
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from batchrl.protos.experience import ENDINGS
+from batchrl.protos.sequence import check_reward
 from batchrl.serving.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from batchrl.serving.repository import Registry
 from batchrl.serving.runtime import LoadedModel
@@ -26,11 +30,23 @@ def quoted(text: str, limit: int = 64) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+@dataclass(frozen=True)
+class EpisodeEnd:
+    """How a closed session's episode ended: the observation its last action led to, the reward that
+    action earned (None for an episode of no steps) and ``ending`` ("terminated" or "truncated")."""
+    observation: np.ndarray
+    reward: float | None
+    ending: str
+
+
 class DataPlane:
-    def __init__(self, registry: Registry, sessions: Sessions, metrics=None):
+    def __init__(self, registry: Registry, sessions: Sessions, metrics=None, experience=None):
+        """``experience``: where answered steps and episode ends are recorded (serving/experience.py's
+        ExperienceLog, whose ``step`` and ``end`` never block), or None."""
         self.registry = registry
         self.sessions = sessions
         self.metrics = metrics
+        self.experience = experience
         self.draining = False  # set when the server drains: readiness turns false
 
     # -- models -----------------------------------------------------------------
@@ -55,23 +71,18 @@ class DataPlane:
                 f"model {model.name!r} version {model.version} is a sequence policy ({model.manifest.algorithm}): "
                 "it keeps per-episode context, so open a session (OpenSession, then Step) or an Episode stream "
                 "instead of calling Act")
-        if not np.isfinite(noise_std) or noise_std < 0:
-            raise InvalidArgument(f"sampling.noise_std must be finite and >= 0, got {noise_std}")
+        check_noise(noise_std)
         obs = check_observations(model, observations, what, batched=True)
-        actions = self._finite(model, model.infer({"observations": obs}, deadline))
-        if noise_std == 0:
-            return actions
-        noisy = actions + np.random.default_rng(seed).normal(0.0, noise_std, size=actions.shape).astype(np.float32)
-        return np.clip(noisy, *model.action_bounds)
+        return explore(model, self._finite(model, model.infer({"observations": obs}, deadline)), noise_std, seed)
 
-    # -- sequence policies: sessions ------------------------------------------------
+    # -- sessions: one per episode, for every policy ------------------------------------
     def open(self, model: LoadedModel, target_return: float | None = None, key=None) -> Session:
         """A session on ``model`` (under the caller's ``key``, if given: see SessionStore.open)."""
         if not model.is_sequence:
-            raise FailedPrecondition(
-                f"model {model.name!r} version {model.version} is a feed-forward policy "
-                f"({model.manifest.algorithm}): call Act, sessions are for sequence policies")
-        if target_return is None:
+            if target_return is not None:
+                raise InvalidArgument(f"model {model.name!r} is a feed-forward policy ({model.manifest.algorithm}): "
+                                      "target_return applies only to sequence policies; leave it unset")
+        elif target_return is None:
             if not model.manifest.HasField("default_target_return"):
                 raise InvalidArgument(f"model {model.name!r} has no default target return: set target_return")
             target_return = model.manifest.default_target_return
@@ -83,32 +94,70 @@ class DataPlane:
         return self.sessions.get(session_id)
 
     def step(self, session: Session, observation: np.ndarray, reward: float | None,
-             deadline: float | None = None, what: str = "observation", index: int | None = None) -> StepResult:
-        """One step: the action for ``observation``; ``reward`` is what the previous action earned.
-        ``index`` (0 for the first step) makes a retried step answer once (see sessions.py). A refused
-        or failed step leaves the session as it was."""
+             deadline: float | None = None, what: str = "observation", index: int | None = None,
+             noise_std: float = 0.0, seed: int | None = None) -> StepResult:
+        """One step: the action for ``observation`` (with Gaussian noise of ``noise_std``, as in ``act``);
+        ``reward`` is what the previous action earned. ``index`` (0 for the first step) makes a retried
+        step answer once (see sessions.py). A refused or failed step leaves the session as it was. The
+        answer goes to the experience log, if one is kept."""
         model = session.model
         obs = check_observations(model, observation, what, batched=False)
         if index is not None and index < 0:
             raise InvalidArgument(f"step index must be >= 0, got {index}")
+        check_noise(noise_std)
 
         def run(context) -> StepResult:
-            try:
-                feeds = context.inputs(obs, reward)
-            except ValueError as exc:  # the shared context's contract; here it is the caller's value
-                raise InvalidArgument(str(exc)) from None
-            action = self._finite(model, model.infer(feeds, deadline))[0]
-            context.advance(obs, reward, action)
+            action = explore(model, self._action(model, context, obs, reward, deadline), noise_std, seed)
+            context.advance(obs, reward, action)  # the action taken, noise included
             return StepResult(action.reshape(model.action_shape), context.t - 1, context.return_to_go, model.version)
 
-        return self.sessions.step(session, index, run)
+        result = self.sessions.step(session, index, run)
+        if self.experience is not None:
+            self.experience.step(session.id, model.name, model.version, result.timestep, obs, result.action, reward)
+        return result
 
-    def close(self, session_id: str) -> Closed:
-        """Close an open session; NotFound (saying whether it expired) otherwise."""
+    def peek(self, session: Session, observation: np.ndarray, reward: float | None, deadline: float | None = None,
+             what: str = "observation", index: int | None = None) -> np.ndarray:
+        """The action the session's policy gives at ``observation`` after ``reward``, without stepping the
+        session (nothing stored or recorded): the answer to a request that carries an episode's end.
+        ``index``, if given, must be the session's next step index."""
+        model = session.model
+        obs = check_observations(model, observation, what, batched=False)
+        if index is not None and index != session.context.t:
+            raise FailedPrecondition(f"session {session.id}: the request has index {index}, but the next step's "
+                                     f"index is {session.context.t}")
+        return self._action(model, session.context, obs, reward, deadline).reshape(model.action_shape)
+
+    def _action(self, model: LoadedModel, context, obs: np.ndarray, reward: float | None,
+                deadline: float | None) -> np.ndarray:
+        """The policy's action [1, *action_shape] for the step ``obs`` starts in ``context`` (unchanged)."""
+        try:
+            feeds = context.inputs(obs, reward)
+        except ValueError as exc:  # the shared context's contract; here it is the caller's value
+            raise InvalidArgument(str(exc)) from None
+        return self._finite(model, model.infer(feeds, deadline))
+
+    def close(self, session_id: str, end: EpisodeEnd | None = None) -> Closed:
+        """Close an open session, with its episode's ``end`` if given (checked first: a refused end leaves
+        the session open); NotFound (saying whether it expired) otherwise."""
+        if end is not None:
+            session = self.session(session_id)
+            check_observations(session.model, end.observation, "final_observation", batched=False)
+            if end.ending not in ENDINGS:
+                raise InvalidArgument(f"ending must be one of {list(ENDINGS)} with a final observation, "
+                                      f"got {end.ending!r}")
+            try:
+                check_reward(session.context.t, end.reward)
+            except ValueError as exc:
+                raise InvalidArgument(f"closing session {session_id} after {session.context.t} steps: {exc}") \
+                    from None
         closed = self.sessions.close(session_id)
         if closed is None:
             self.session(session_id)  # raises NotFound, saying whether it expired
             raise NotFound(f"session {quoted(session_id)} is closed")
+        if end is not None and self.experience is not None:
+            self.experience.end(closed.id, closed.model_name, closed.version, closed.steps, end.observation,
+                                end.reward, end.ending)
         return closed
 
     # -- checks -------------------------------------------------------------------------
@@ -124,6 +173,20 @@ class DataPlane:
         raise OutOfRange(f"model {model.name!r} version {model.version} gave a non-finite action (NaN or "
                          f"infinite) for row(s) {rows[:8].tolist()} of this request: the input is likely far "
                          "outside what the policy was trained on")
+
+
+def check_noise(noise_std: float) -> None:
+    if not np.isfinite(noise_std) or noise_std < 0:
+        raise InvalidArgument(f"sampling.noise_std must be finite and >= 0, got {noise_std}")
+
+
+def explore(model: LoadedModel, actions: np.ndarray, noise_std: float, seed: int | None) -> np.ndarray:
+    """``actions`` with Gaussian noise of standard deviation ``noise_std`` drawn from ``seed``, clipped
+    to the model's action bounds (``actions`` unchanged when ``noise_std`` is 0)."""
+    if noise_std == 0:
+        return actions
+    noisy = actions + np.random.default_rng(seed).normal(0.0, noise_std, size=actions.shape).astype(np.float32)
+    return np.clip(noisy, *model.action_bounds)
 
 
 def check_observations(model: LoadedModel, obs: np.ndarray, what: str, batched: bool) -> np.ndarray:

@@ -14,7 +14,12 @@ extension: request parameters `sequence_id` (integer or string),
 `sequence_start`, `sequence_end` and optionally `target_return` map onto a
 batchrl session; inputs `observation` [1, obs_dim] and `reward` [1, 1] (the
 reward earned by the previous action: none, or 0, on the start request) ->
-output `action` [1, act_dim]. Responses always carry raw_output_contents.
+output `action` [1, act_dim]. The `sequence_end` request may carry the episode's
+end: parameter `ending` ("terminated" or "truncated") makes its observation the
+final one (what the last action led to) and its reward what that action earned;
+it is answered with the action for that observation like any request, but it is
+not a step of the episode (the experience log records it as the episode's end).
+Responses always carry raw_output_contents.
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from tritonclient.grpc import service_pb2_grpc as kv_grpc
 
 from batchrl.serving.auth import Tokens
 from batchrl.serving.calls import Call, deadline_of, guarded
-from batchrl.serving.dataplane import DataPlane, quoted
+from batchrl.protos.experience import ENDINGS
+from batchrl.serving.dataplane import DataPlane, EpisodeEnd, quoted
 from batchrl.serving.errors import InvalidArgument, ServingError
 from batchrl.serving.runtime import LoadedModel
 from batchrl.serving.tensors import WIRE_DTYPE, from_bytes
@@ -127,6 +133,10 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
                  if "step_index" in params else None)  # this step's index in the sequence: a retry answers once
         start = bool(params["sequence_start"].bool_param) if "sequence_start" in params else False
         end = bool(params["sequence_end"].bool_param) if "sequence_end" in params else False
+        ending = parameter_value(params["ending"], "ending", ("string_param",)) if "ending" in params else None
+        if ending is not None and (not end or ending not in ENDINGS):
+            raise InvalidArgument(f"parameter ending={ending!r}: it goes with sequence_end, and is one of "
+                                  f"{list(ENDINGS)}")
         unknown = set(inputs) - {"observation", "reward"}
         if "observation" not in inputs or unknown:
             raise InvalidArgument(f"model {model.name!r} takes inputs 'observation' FP32 [1, "
@@ -158,6 +168,10 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
                                       "sequence_start on its first request")
             session = self.plane.session(session_id)
         try:
+            if ending is not None:  # the episode's end, answered but not stepped
+                action = self.plane.peek(session, observation[0], reward, deadline, "input 'observation'", index)
+                self.plane.close(session.id, EpisodeEnd(observation[0], reward, ending))
+                return action
             result = self.plane.step(session, observation[0], reward, deadline, what="input 'observation'",
                                      index=index)
         except Exception:

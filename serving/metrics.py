@@ -58,6 +58,20 @@ class Metrics:
                                          "for them was not finite (NaN or infinite), by model",
                                          ["model"], registry=self.registry)
 
+        # The experience log (serve --log-experience): rows and shards written, rows dropped, errors.
+        self.experience_rows = Counter("batchrl_experience_rows_written", "experience rows (session steps and "
+                                       "episode ends) written to shards", registry=self.registry)
+        self.experience_shards = Counter("batchrl_experience_shards_written", "experience shards written",
+                                         registry=self.registry)
+        self.experience_dropped = Counter("batchrl_experience_rows_dropped", "experience rows lost, by reason: "
+                                          "buffer_full (the writer fell behind), write_error (a shard could not be "
+                                          "written)", ["reason"], registry=self.registry)
+        self.experience_errors = Counter("batchrl_experience_write_errors", "failed experience writes, by error "
+                                         "(ENOSPC, EACCES, ...)", ["reason"], registry=self.registry)
+        self.experience_shards_deleted = Counter("batchrl_experience_shards_deleted", "experience shards deleted, "
+                                                 "by reason: age (past the retention), disk_cap", ["reason"],
+                                                 registry=self.registry)
+
     def record(self, model: str, rpc: str, code: str, seconds: float) -> None:
         self.requests.labels(model, rpc, code, self.worker).inc()
         self.latency.labels(model, rpc).observe(seconds)

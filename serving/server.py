@@ -24,7 +24,7 @@ from batchrl.protos.contract import MAX_MESSAGE_BYTES
 from batchrl.serving.admission import Admission, AdmissionLimits, Role, StreamIdle
 from batchrl.serving.auth import Tokens
 from batchrl.serving.calls import Call, deadline_of, guarded
-from batchrl.serving.dataplane import DataPlane
+from batchrl.serving.dataplane import DataPlane, EpisodeEnd
 from batchrl.serving.errors import FailedPrecondition, InvalidArgument
 from batchrl.serving.kserve import KServeService, kv, kv_grpc
 from batchrl.serving.metrics import Metrics
@@ -127,7 +127,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         call = Call("CloseSession")
 
         def close():
-            closed = self.plane.close(request.session_id)
+            closed = self.plane.close(request.session_id, episode_end(request))
             call.model = closed.model_name
             return policy_pb2.CloseSessionResponse(steps=closed.steps)
 
@@ -182,7 +182,9 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         if not opened and not request.session_id:
             raise FailedPrecondition("`close` on an Episode stream with no session: open or attach first, or name "
                                      "the session_id")
-        closed = self.plane.close(opened.pop().id if opened else request.session_id)
+        end = episode_end(request)
+        closed = self.plane.close(opened[0].id if opened else request.session_id, end)
+        opened.clear()  # closed: the stream no longer holds it
         call.model = closed.model_name
         return policy_pb2.CloseSessionResponse(steps=closed.steps)
 
@@ -224,10 +226,28 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         """``index``: the step's index (unary Step: the request's own)."""
         if not request.HasField("observation"):
             raise InvalidArgument("observation is missing")
+        sampling = request.sampling
         result = self.plane.step(session, decode(request.observation, "observation"), optional(request, "reward"),
-                                 deadline, index=index)
+                                 deadline, index=index, noise_std=sampling.noise_std, seed=optional(sampling, "seed"))
         return policy_pb2.StepResponse(action=encode(result.action), timestep=result.timestep,
                                        return_to_go=result.return_to_go, version=result.version)
+
+
+ENDINGS = {policy_pb2.TERMINATED: "terminated", policy_pb2.TRUNCATED: "truncated"}
+
+
+def episode_end(request: policy_pb2.CloseSessionRequest) -> EpisodeEnd | None:
+    """The episode's end a close carries, or None when it carries none; InvalidArgument for a part of one."""
+    if not request.HasField("final_observation"):
+        if request.HasField("reward") or request.ending:
+            raise InvalidArgument("a close with a reward or an ending must carry the final_observation too (send "
+                                  "all three, or none)")
+        return None
+    ending = ENDINGS.get(request.ending)
+    if ending is None:
+        raise InvalidArgument(f"a close with a final_observation must say how the episode ended: ending TERMINATED "
+                              f"({policy_pb2.TERMINATED}) or TRUNCATED ({policy_pb2.TRUNCATED}), got {request.ending}")
+    return EpisodeEnd(decode(request.final_observation, "final_observation"), optional(request, "reward"), ending)
 
 
 def opened_response(session: Session) -> policy_pb2.OpenSessionResponse:
@@ -393,8 +413,9 @@ class Served:
 
 
 def build_server(registry: Registry, options: ServerOptions | str = ServerOptions(),
-                 sessions: Sessions | None = None, metrics: Metrics | None = None) -> Served:
-    """A configured, not yet started, server bound to ``options.address`` (a bare string is the address)."""
+                 sessions: Sessions | None = None, metrics: Metrics | None = None, experience=None) -> Served:
+    """A configured, not yet started, server bound to ``options.address`` (a bare string is the address);
+    ``experience``: an ExperienceLog recording the sessions' steps, or None."""
     if isinstance(options, str):
         options = ServerOptions(address=options)
     grpc_options = [("grpc.max_receive_message_length", options.max_message_bytes),
@@ -406,7 +427,7 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
     admission = Admission(role_of, tokens, options.admission_limits(), metrics)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.grpc_threads, thread_name_prefix="batchrl"),
                          options=grpc_options, interceptors=[admission])
-    plane = DataPlane(registry, SessionStore() if sessions is None else sessions, metrics)
+    plane = DataPlane(registry, SessionStore() if sessions is None else sessions, metrics, experience)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyService(plane, metrics), server)
     admin_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(plane, metrics), server)
     kv_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(plane, tokens, metrics, version=package_version()),

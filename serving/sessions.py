@@ -1,4 +1,6 @@
-"""Sequence-policy sessions: one rolling context per client, pinned to a model version.
+"""Sessions: one per episode, pinned to a model version. A sequence policy's session holds the rolling
+context of its last K steps; a feed-forward policy's holds only its step count (``EpisodeSteps``): it
+gives the episode an identity and step indices, and the same exactly-once steps.
 
 Two stores implement the one interface the callers use (``Sessions``):
 - ``SessionStore`` keeps sessions in this process's memory (the default). A session holds a
@@ -33,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from batchrl.errors import UserError
-from batchrl.protos.sequence import RollingContext
+from batchrl.protos.sequence import RollingContext, check_reward
 from batchrl.serving.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from batchrl.serving.runtime import LoadedModel
 
@@ -63,11 +65,41 @@ class StepResult:
         return cls(np.frombuffer(data[24:], np.float32).reshape(action_shape).copy(), timestep, return_to_go, version)
 
 
+class EpisodeSteps:
+    """A feed-forward policy's session context: no history, only the steps taken. It keeps the reward
+    rule of every episode (none on the first step, one on every later step) and RollingContext's
+    interface, so stores and dataplane treat both kinds alike."""
+
+    return_to_go = 0.0  # feed-forward policies condition on no return
+
+    def __init__(self, t: int = 0):
+        self.t = t
+
+    def inputs(self, observation: np.ndarray, reward: float | None) -> dict[str, np.ndarray]:
+        check_reward(self.t, reward)
+        return {"observations": np.asarray(observation, np.float32)[None]}
+
+    def advance(self, observation: np.ndarray, reward: float | None, action: np.ndarray) -> None:
+        self.t += 1
+
+    def pack(self) -> bytes:
+        return struct.pack("<q", self.t)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "EpisodeSteps":
+        if len(data) != 8:
+            raise ValueError(f"a packed feed-forward session context has 8 bytes, got {len(data)}")
+        return cls(struct.unpack("<q", data)[0])
+
+
+Context = RollingContext | EpisodeSteps
+
+
 @dataclass
 class Session:
     id: str
     model: LoadedModel
-    context: RollingContext
+    context: Context
     last_used: float
     key: Hashable | None = None  # the caller's name for it, if any
     last: StepResult | None = None  # the answer to the step before context.t: a retry of it gets this back
@@ -79,6 +111,7 @@ class Closed:
     """What is left of a closed session."""
     id: str
     model_name: str
+    version: int
     steps: int
 
 
@@ -95,7 +128,7 @@ def replayed(session_id: str, t: int, index: int | None, last: StepResult | None
 
 # run(context) -> StepResult: infer the step's action and advance ``context``; raises (leaving the
 # context as it was) when the step is refused or fails.
-StepRun = Callable[[RollingContext], StepResult]
+StepRun = Callable[[Context], StepResult]
 
 
 class Sessions(Protocol):
@@ -107,7 +140,7 @@ class Sessions(Protocol):
 
     def __len__(self) -> int: ...
 
-    def open(self, model: LoadedModel, target_return: float, key: Hashable | None = None) -> Session: ...
+    def open(self, model: LoadedModel, target_return: float | None, key: Hashable | None = None) -> Session: ...
 
     def get(self, session_id: str) -> Session: ...
 
@@ -120,11 +153,17 @@ class Sessions(Protocol):
     def evict_idle(self) -> int: ...
 
 
-def new_context(model: LoadedModel, target_return: float) -> RollingContext:
+def new_context(model: LoadedModel, target_return: float | None) -> Context:
+    if not model.is_sequence:
+        return EpisodeSteps()
     try:
         return RollingContext(model.context_spec, target_return)
     except ValueError as exc:  # the shared contract says ValueError; here it is the caller's value
         raise InvalidArgument(f"target_return: {exc}") from None
+
+
+def unpack_context(model: LoadedModel, data: bytes) -> Context:
+    return RollingContext.unpack(model.context_spec, data) if model.is_sequence else EpisodeSteps.unpack(data)
 
 
 def too_many(open_now: int, limit: int) -> TooManySessions:
@@ -156,8 +195,8 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, model: LoadedModel, target_return: float, key: Hashable | None = None) -> Session:
-        """A new session; one opened under ``key`` replaces the session that key named."""
+    def open(self, model: LoadedModel, target_return: float | None, key: Hashable | None = None) -> Session:
+        """A new session (``target_return``: sequence policies only); one opened under ``key`` replaces the session that key named."""
         if self.refuse:
             raise FailedPrecondition(self.refuse)
         context = new_context(model, target_return)
@@ -207,7 +246,8 @@ class SessionStore:
     def close(self, session_id: str) -> Closed | None:
         with self._lock:
             session = self._drop(session_id)
-        return None if session is None else Closed(session.id, session.model.name, session.context.t)
+        return None if session is None else Closed(session.id, session.model.name, session.model.version,
+                                                   session.context.t)
 
     def evict_idle(self) -> int:
         """Drop every session idle longer than the timeout; returns how many."""
@@ -284,12 +324,12 @@ return {tonumber(ARGV[1]) + 1, false}
 
 _CLOSE = """
 -- KEYS: session hash, open set. ARGV: id.
-local h = redis.call('HMGET', KEYS[1], 'model', 't', 'keyname')
+local h = redis.call('HMGET', KEYS[1], 'model', 't', 'keyname', 'version')
 redis.call('ZREM', KEYS[2], ARGV[1])
 if not h[1] then return false end
 redis.call('DEL', KEYS[1])
 if h[3] and h[3] ~= '' and redis.call('GET', h[3]) == ARGV[1] then redis.call('DEL', h[3]) end
-return {h[1], h[2]}
+return {h[1], h[2], h[4]}
 """
 
 
@@ -343,7 +383,7 @@ class RedisSessionStore:
         cutoff = time.time() * 1000 - self._idle_ms
         return int(self._call(self._redis.zcount, self._open_set, cutoff, "+inf"))
 
-    def open(self, model: LoadedModel, target_return: float, key: Hashable | None = None) -> Session:
+    def open(self, model: LoadedModel, target_return: float | None, key: Hashable | None = None) -> Session:
         context = new_context(model, target_return)
         session_id = uuid.uuid4().hex
         keyname = "" if key is None else self._keyname(key)
@@ -366,7 +406,7 @@ class RedisSessionStore:
             raise FailedPrecondition(f"session {session_id} is pinned to model {name!r} version {version}, which is "
                                      "not loaded in this server process: load it here, or step where it is "
                                      "loaded") from None
-        context = RollingContext.unpack(model.context_spec, fields[b"ctx"])
+        context = unpack_context(model, fields[b"ctx"])
         last = StepResult.unpack(fields[b"last"], model.action_shape) if b"last" in fields else None
         keyname = fields.get(b"keyname", b"").decode()
         return Session(session_id, model, context, time.monotonic(), keyname or None, last)
@@ -400,7 +440,7 @@ class RedisSessionStore:
         closed = self._call(self._close_script, keys=[self._key(session_id), self._open_set], args=[session_id])
         if not closed:
             return None
-        return Closed(session_id, closed[0].decode(), int(closed[1]))
+        return Closed(session_id, closed[0].decode(), int(closed[2]), int(closed[1]))
 
     def evict_idle(self) -> int:
         """Forget the ids of sessions idle past the timeout (their hashes expire by themselves)."""

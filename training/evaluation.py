@@ -57,9 +57,11 @@ class EvalResult:
 
 
 def run_episodes(env, act: Act, episodes: int, seed: int, on_episode: Callable[[int, float, int], None] | None = None,
-                 gamma: float = 1.0):
+                 gamma: float = 1.0, on_end: Callable[[np.ndarray, float, bool], None] | None = None):
     """Run ``episodes`` episodes, episode i reset with seed ``seed + i``; returns (returns, lengths), the returns
-    discounted by ``gamma`` (1: the plain sum of rewards).
+    discounted by ``gamma`` (1: the plain sum of rewards). ``on_end(final_observation, reward, terminated)``
+    is told how each episode ended (the observation and reward of its last step; truncated when not
+    ``terminated``) before ``on_episode(i, return, length)``.
 
     Observations reach ``act`` as float32, the dtype that travels on the wire,
     so in-process and served evaluation see exactly the same inputs.
@@ -78,6 +80,8 @@ def run_episodes(env, act: Act, episodes: int, seed: int, on_episode: Callable[[
             discount *= gamma
             steps += 1
             done = terminated or truncated
+        if on_end is not None:
+            on_end(np.asarray(obs, dtype=np.float32), reward, bool(terminated))
         returns.append(total)
         lengths.append(steps)
         if on_episode is not None:

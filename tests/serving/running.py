@@ -21,11 +21,12 @@ class Running:
 
 @contextlib.contextmanager
 def running(repo: Path, options: ServerOptions | None = None, sessions=None, connect: bool = True,
-            **registry_options):
-    """``sessions``: a store, or a function of the registry that makes one (default: in-process)."""
+            metrics=None, experience=None, **registry_options):
+    """``sessions``: a store, or a function of the registry that makes one (default: in-process);
+    ``experience``: an ExperienceLog (the caller closes it)."""
     registry = Registry.open(repo, ["CPUExecutionProvider"], **registry_options)
     store = SessionStore() if sessions is None else sessions(registry) if callable(sessions) else sessions
-    served = build_server(registry, options or ServerOptions(), store)
+    served = build_server(registry, options or ServerOptions(), store, metrics, experience)
     served.start()
     address = f"127.0.0.1:{served.port}"
     try:

@@ -13,7 +13,7 @@ from batchrl.protos.batchrl.v1 import policy_pb2
 from batchrl.protos.sequence import SEQUENCE_INPUTS
 from batchrl.rollout import rollout
 from batchrl.serving.client import step_request
-from batchrl.serving.tensors import decode
+from batchrl.serving.tensors import decode, encode
 from batchrl.serving.runtime import load_model
 from tests.serving.running import running
 from batchrl.training.evaluation import run_episodes, sequence_agent
@@ -204,7 +204,8 @@ def test_misuse_gets_a_clear_status_and_leaves_the_session_intact(dt_repository)
         clean = play(client, script)
         model, observations, rewards, target = script
         expect(grpc.StatusCode.FAILED_PRECONDITION, lambda: client.act("dt-a", observations[:2]), "open a session")
-        expect(grpc.StatusCode.FAILED_PRECONDITION, lambda: client.open_session("pendulum"), "call Act")
+        expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.open_session("pendulum", target_return=1.0),
+               "applies only to sequence policies")
         expect(grpc.StatusCode.NOT_FOUND, lambda: client.open_session("nope"), "not loaded")
         expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.open_session("dt-a", target_return=float("nan")),
                "finite")
@@ -218,5 +219,15 @@ def test_misuse_gets_a_clear_status_and_leaves_the_session_intact(dt_repository)
         expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.step(sid, observations[1], float("nan")), "finite")
         actions += [client.step(sid, observations[t], float(rewards[t - 1])) for t in range(1, 4)]
         np.testing.assert_array_equal(np.stack(actions), clean)  # the rejected steps changed nothing
+        close = client.stub.CloseSession
+        expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: close(policy_pb2.CloseSessionRequest(
+            session_id=sid, reward=1.0)), "must carry the final_observation")
+        expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: close(policy_pb2.CloseSessionRequest(
+            session_id=sid, final_observation=encode(observations[0]), reward=1.0)), "TERMINATED (1) or TRUNCATED")
+        expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.close_session(sid, observations[:2], 1.0, "truncated"),
+               "expects [3]")
+        expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.close_session(sid, observations[0], None, "terminated"),
+               "after 4 steps: step 4: the reward earned by the previous action is required")
+        assert client.step(sid, observations[0], 0.5, index=4) is not None  # the refused closes left it open
         episode = client.stub.Episode(iter([policy_pb2.EpisodeRequest(step={"observation": {"shape": [3]}})]))
         expect(grpc.StatusCode.FAILED_PRECONDITION, lambda: next(episode), "must be `open`")

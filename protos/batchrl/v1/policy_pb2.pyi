@@ -1,11 +1,21 @@
 from batchrl.protos.batchrl.v1 import manifest_pb2 as _manifest_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Ending(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENDING_UNSPECIFIED: _ClassVar[Ending]
+    TERMINATED: _ClassVar[Ending]
+    TRUNCATED: _ClassVar[Ending]
+ENDING_UNSPECIFIED: Ending
+TERMINATED: Ending
+TRUNCATED: Ending
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")
@@ -100,16 +110,18 @@ class OpenSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., context_length: _Optional[int] = ..., target_return: _Optional[float] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "observation", "reward", "index")
+    __slots__ = ("session_id", "observation", "reward", "index", "sampling")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OBSERVATION_FIELD_NUMBER: _ClassVar[int]
     REWARD_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     observation: Tensor
     reward: float
     index: int
-    def __init__(self, session_id: _Optional[str] = ..., observation: _Optional[_Union[Tensor, _Mapping]] = ..., reward: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
+    sampling: Sampling
+    def __init__(self, session_id: _Optional[str] = ..., observation: _Optional[_Union[Tensor, _Mapping]] = ..., reward: _Optional[float] = ..., index: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("action", "timestep", "return_to_go", "version")
@@ -124,10 +136,16 @@ class StepResponse(_message.Message):
     def __init__(self, action: _Optional[_Union[Tensor, _Mapping]] = ..., timestep: _Optional[int] = ..., return_to_go: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "final_observation", "reward", "ending")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FINAL_OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    ENDING_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    final_observation: Tensor
+    reward: float
+    ending: Ending
+    def __init__(self, session_id: _Optional[str] = ..., final_observation: _Optional[_Union[Tensor, _Mapping]] = ..., reward: _Optional[float] = ..., ending: _Optional[_Union[Ending, str]] = ...) -> None: ...
 
 class CloseSessionResponse(_message.Message):
     __slots__ = ("steps",)

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class PolicyServiceStub:
-    """Feed-forward policies answer Act; sequence policies answer through sessions.
+    """Feed-forward policies answer Act and sessions; sequence policies answer through sessions only.
     """
 
     def __init__(self, channel):
@@ -73,7 +73,7 @@ class PolicyServiceStub:
 
 
 class PolicyServiceServicer:
-    """Feed-forward policies answer Act; sequence policies answer through sessions.
+    """Feed-forward policies answer Act and sessions; sequence policies answer through sessions only.
     """
 
     def Act(self, request, context):
@@ -167,7 +167,7 @@ def add_PolicyServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PolicyService:
-    """Feed-forward policies answer Act; sequence policies answer through sessions.
+    """Feed-forward policies answer Act and sessions; sequence policies answer through sessions only.
     """
 
     @staticmethod
