@@ -434,8 +434,8 @@ def models(argv: list[str]) -> int:
     return 0
 
 
-HANDLERS = {"train": train, "sweep": sweep, "eval": evaluate, "ope": ope, "promote": promote, "data": data, "export": export,
-            "serve": serve, "rollout": rollout, "models": models}
+HANDLERS = {"train": train, "sweep": sweep, "eval": evaluate, "ope": ope, "promote": promote, "data": data,
+            "export": export, "serve": serve, "rollout": rollout, "models": models}
 
 
 def usage() -> str:

@@ -304,6 +304,7 @@ class Episode(_Stream):
         super().__init__(client, "Episode")
         self.opened: policy_pb2.OpenSessionResponse = self._exchange(policy_pb2.EpisodeRequest(open=request)).opened
         self.index = 0  # the next step's index in the episode: every step carries it
+        self.steps: int | None = None  # the step count, once closed
 
     def step(self, observation: np.ndarray, reward: float | None = None, noise_std: float = 0.0,
              seed: int | None = None) -> np.ndarray:
@@ -320,9 +321,10 @@ class Episode(_Stream):
     def close(self, final_observation: np.ndarray | None = None, reward: float | None = None,
               ending: str | None = None) -> int:
         """End the episode, with its end if given (see ``close_request``): the server closes the session;
-        returns its step count."""
-        request = policy_pb2.EpisodeRequest(close=close_request(self.opened.session_id, final_observation, reward,
-                                                                ending))
-        steps = self._exchange(request).closed.steps
-        super().close()
-        return steps
+        returns its step count. Once closed (the with block closes too), closing again returns it."""
+        if self.steps is None:
+            request = policy_pb2.EpisodeRequest(close=close_request(self.opened.session_id, final_observation,
+                                                                    reward, ending))
+            self.steps = self._exchange(request).closed.steps
+            super().close()
+        return self.steps

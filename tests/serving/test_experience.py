@@ -171,3 +171,69 @@ def test_a_stalled_writer_drops_and_counts_rather_than_blocking(repository, tmp_
         reader.join(timeout=10)
     assert [r["step"] for r in pq.read_table(folder / f"{experience.series}-000001.parquet").to_pylist()] == \
         [1, 2, 3, 4]  # the first rows that found room were kept
+
+
+def test_served_episodes_import_as_what_the_client_sent_and_received(dt_repository, tmp_path, monkeypatch):
+    """Three episodes served with the log on (a feed-forward policy on an Episode stream with sampling noise, a
+    Decision Transformer over unary Steps, one over the Open Inference Protocol whose end request carries the
+    ending), imported by `batchrl data import`: every array equals what the client sent and received, step for
+    step, with the final observation and the ending right."""
+    import tritonclient.grpc as triton
+
+    from batchrl.training.experience_import import import_experience
+    from batchrl.training.data import open_minari
+
+    rng = np.random.default_rng(5)
+    sent = []  # per episode: observations (N+1), actions received (N), rewards sent (N), terminated
+
+    def script(steps: int):
+        # rewards exact in float32: the OIP's reward input is FP32
+        return (rng.normal(size=(steps + 1, 3)).astype(np.float32),
+                rng.normal(size=steps).astype(np.float32).astype(np.float64))
+
+    experience = ExperienceLog(tmp_path / "experience", flush_seconds=0.05)
+    try:
+        with running(dt_repository, experience=experience) as srv:
+            obs, rewards = script(6)  # feed-forward, Episode stream, noise
+            with srv.client.episode("pendulum") as episode:
+                actions = [episode.step(obs[t], None if t == 0 else rewards[t - 1], noise_std=0.5, seed=t)
+                           for t in range(6)]
+                episode.close(obs[6], rewards[5], "truncated")
+            sent.append((obs, np.stack(actions), rewards, False))
+            obs, rewards = script(5)  # DT, unary Steps, a retried step
+            sid = srv.client.open_session("dt-b").session_id
+            actions = [srv.client.step(sid, obs[t], None if t == 0 else rewards[t - 1], index=t) for t in range(5)]
+            np.testing.assert_array_equal(srv.client.step(sid, obs[4], rewards[3], index=4), actions[4])
+            srv.client.close_session(sid, obs[5], rewards[4], "terminated")
+            sent.append((obs, np.stack(actions), rewards, True))
+            obs, rewards = script(4)  # DT over the OIP: the end request carries the final observation
+            oip = triton.InferenceServerClient(srv.address)
+            actions = []
+            for t in range(5):
+                inputs = [triton.InferInput("observation", [1, 3], "FP32")]
+                inputs[0].set_data_from_numpy(obs[t][None])
+                if t:
+                    inputs.append(triton.InferInput("reward", [1, 1], "FP32"))
+                    inputs[1].set_data_from_numpy(np.array([[rewards[t - 1]]], np.float32))
+                params = {"step_index": t, **({"ending": "truncated"} if t == 4 else {})}
+                answer = oip.infer("dt-a", inputs, sequence_id="oip-episode", sequence_start=t == 0,
+                                   sequence_end=t == 4, parameters=params)
+                actions.append(answer.as_numpy("action")[0])
+            oip.close()
+            assert len(srv.sessions) == 0
+            sent.append((obs, np.stack(actions[:4]), rewards, False))
+    finally:
+        experience.close()
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    summary = import_experience([str(tmp_path / "experience")], str(tmp_path / "served"),
+                                model=dt_repository / "pendulum" / "2" / "model.onnx", progress=False)
+    assert (summary.counts["episodes"], summary.counts["duplicates"], summary.counts["unfinished"]) == (3, 1, 0)
+    episodes = list(open_minari(str(tmp_path / "served")).iterate_episodes())
+    assert len(episodes) == 3
+    for got, (obs, actions, rewards, terminated) in zip(episodes, sent):
+        np.testing.assert_array_equal(got.observations, obs)
+        np.testing.assert_array_equal(got.actions, actions)
+        np.testing.assert_array_equal(got.rewards, rewards)
+        n = len(rewards)
+        assert got.terminations.tolist() == [False] * (n - 1) + [terminated]
+        assert got.truncations.tolist() == [False] * (n - 1) + [not terminated]

@@ -61,14 +61,16 @@ def unary_cases(rng, n):
         elif kind == 8:  # unknown and very long session ids
             session = str(rng.choice([str(rng.integers(1e9)), "", "s" * 16_384]))
             case = ("Step", policy_pb2.StepRequest(session_id=session, observation=tensor([3], rng)))
-        elif kind == 9:  # sessions on a feed-forward model; Act on a sequence model
-            case = (("OpenSession", policy_pb2.OpenSessionRequest(model="pendulum")) if i % 32 < 16 else
+        elif kind == 9:  # a target return for a feed-forward model's session; Act on a sequence model
+            case = (("OpenSession", policy_pb2.OpenSessionRequest(model="pendulum", target_return=1.0)) if i % 32 < 16 else
                     ("Act", policy_pb2.ActRequest(model="dt-a", observations=tensor([1, 3], rng))))
         elif kind == 10:  # target returns that are not finite in float32
             target = float(rng.choice([np.nan, np.inf, 1e300, -1e39]))
             case = ("OpenSession", policy_pb2.OpenSessionRequest(model="dt-a", target_return=target))
-        elif kind == 11:  # closing what is not open
-            case = ("CloseSession", policy_pb2.CloseSessionRequest(session_id=str(rng.choice(["", "x" * 9000]))))
+        elif kind == 11:  # closing what is not open; an episode's end that is not one
+            case = ("CloseSession", policy_pb2.CloseSessionRequest(session_id=str(rng.choice(["", "x" * 9000])))
+                    if i % 32 < 16 else policy_pb2.CloseSessionRequest(
+                        session_id="x", final_observation=tensor([3], rng), ending=int(rng.choice([0, 7, -1]))))
         else:            # noisy sampling settings
             case = ("Act", policy_pb2.ActRequest(model="pendulum", observations=tensor([1, 3], rng),
                                                  sampling=policy_pb2.Sampling(noise_std=float(rng.choice(
@@ -101,7 +103,8 @@ def episode_cases(rng, n):
         elif kind == 4:
             cases.append([step(session_id=str(rng.choice(["nope", "z" * 16_384])))])  # attach to nothing
         elif kind == 5:
-            cases.append([policy_pb2.EpisodeRequest(open=policy_pb2.OpenSessionRequest(model="pendulum"))])
+            cases.append([policy_pb2.EpisodeRequest(open=policy_pb2.OpenSessionRequest(model="pendulum",
+                                                                                       target_return=5.0))])
         elif kind == 6:
             cases.append([open_dt, open_dt])                                # two episodes on one stream
         elif kind == 7:
