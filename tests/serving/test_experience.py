@@ -237,3 +237,28 @@ def test_served_episodes_import_as_what_the_client_sent_and_received(dt_reposito
         n = len(rewards)
         assert got.terminations.tolist() == [False] * (n - 1) + [terminated]
         assert got.truncations.tolist() == [False] * (n - 1) + [not terminated]
+
+
+def test_old_shards_and_those_beyond_the_disk_cap_are_deleted_oldest_first(tmp_path):
+    folder = tmp_path / "experience"
+    folder.mkdir()
+    old = folder / "experience-otherhost-1-20260101T000000Z-000000.parquet"  # another process's, 8 days old
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 8 * 86_400,) * 2)
+    metrics = Metrics()
+    experience = ExperienceLog(folder, flush_seconds=0.01, retention_seconds=7 * 86_400, max_bytes=6_000,
+                               metrics=metrics)
+    try:
+        for shard in range(6):  # one shard each (each a little over 2 kB)
+            for t in range(4):
+                experience.step("s", "m", 1, 4 * shard + t, np.zeros(3, np.float32), np.zeros(1, np.float32), 1.0)
+            wait_for(lambda: counter(metrics, "batchrl_experience_shards_written_total") == shard + 1)
+    finally:
+        experience.close()
+    assert not old.exists()
+    assert counter(metrics, "batchrl_experience_shards_deleted_total", reason="age") == 1
+    left = sorted(folder.glob("experience-*.parquet"))
+    assert sum(p.stat().st_size for p in left) <= 6_000
+    deleted = counter(metrics, "batchrl_experience_shards_deleted_total", reason="disk_cap")
+    assert deleted >= 3 and len(left) == 6 - deleted
+    assert [p.name[-14:-8] for p in left] == [f"{i:06d}" for i in range(6 - len(left), 6)]  # the newest kept
