@@ -41,7 +41,7 @@ MODEL, BASE = "hopper-iql", "bench/hopper/medium-replay-v0"
 
 def batchrl(*args: str, log: Path) -> str:
     """Run a batchrl command, its output teed to ``log``; returns stdout+stderr (raises on failure)."""
-    env = {**os.environ, "TQDM_DISABLE": "1"}
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}  # one core per job
     done = subprocess.run([sys.executable, "-m", "batchrl.cli", *args], env=env, capture_output=True, text=True)
     log.write_text(f"$ batchrl {' '.join(args)}\n{done.stdout}{done.stderr}")
     if done.returncode not in (0, 1) or (done.returncode == 1 and args[0] != "promote"):
