@@ -57,11 +57,13 @@ def test_the_old_top_level_names_do_not_import(cwd, tmp_path):
 
 @pytest.fixture(scope="module")
 def serving_python(wheel, tmp_path_factory) -> Path:
-    """A fresh virtual environment holding exactly the serving install."""
+    """A fresh virtual environment holding exactly the serving install (the serving image's: with the experience
+    log's extra)."""
     env = tmp_path_factory.mktemp("serve-venv")
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
     python = env / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", f"{wheel}[serve]"], check=True, capture_output=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", f"{wheel}[serve,experience]"], check=True,
+                   capture_output=True)
     return python
 
 
@@ -71,10 +73,10 @@ def test_the_serving_install_holds_no_training_dependencies(serving_python, tmp_
         assert result.returncode != 0, f"{name} is importable in the serving install"
 
 
-def test_the_serving_install_serves_act_oip_and_a_whole_dt_session(serving_python):
+def test_the_serving_install_serves_act_oip_and_a_whole_dt_session(serving_python, tmp_path):
     obs = np.zeros(11, np.float32)
     tensor = policy_pb2.Tensor(shape=[1, 11], data=obs.tobytes())
-    with blackbox.serving(ROOT / "models", python=serving_python) as srv:
+    with blackbox.serving(ROOT / "models", "--log-experience", str(tmp_path / "log"), python=serving_python) as srv:
         stub = srv.policy()
         assert list(stub.Act(policy_pb2.ActRequest(model="hopper-iql", observations=tensor), timeout=10)
                     .actions.shape) == [1, 3]
@@ -90,9 +92,10 @@ def test_the_serving_install_serves_act_oip_and_a_whole_dt_session(serving_pytho
         assert [s.timestep for s in steps] == list(range(5)) and all(len(s.action.data) == 12 for s in steps)
         assert stub.CloseSession(policy_pb2.CloseSessionRequest(session_id=session.session_id), timeout=10).steps == 5
         assert "Traceback" not in srv.log
+    assert len(list((tmp_path / "log").glob("experience-*.parquet"))) == 1  # the drain wrote the session's 5 steps
 
 
 def test_the_dockerfile_serving_image_is_the_serving_install():
     text = (ROOT / "Dockerfile").read_text()
     stage = text.split(" AS serve\n", 1)[1].split("\nFROM ", 1)[0]
-    assert re.findall(r"pip install ([^\n&\\]+)", stage) == ['".[serve]"']
+    assert re.findall(r"pip install ([^\n&\\#]+?)\s*(?:#|$)", stage, re.M) == ['".[serve,experience]"']
