@@ -40,13 +40,14 @@ MODEL, BASE = "hopper-iql", "bench/hopper/medium-replay-v0"
 
 
 def batchrl(*args: str, log: Path) -> str:
-    """Run a batchrl command, its output teed to ``log``; returns stdout+stderr (raises on failure)."""
+    """Run a batchrl command, its output written to ``log``; returns its stdout (raises on failure; a refused
+    promote, exit 1, is an outcome)."""
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}  # one core per job
     done = subprocess.run([sys.executable, "-m", "batchrl.cli", *args], env=env, capture_output=True, text=True)
-    log.write_text(f"$ batchrl {' '.join(args)}\n{done.stdout}{done.stderr}")
+    log.write_text(f"$ batchrl {' '.join(args)}\n{done.stdout}\n--- stderr ---\n{done.stderr}")
     if done.returncode not in (0, 1) or (done.returncode == 1 and args[0] != "promote"):
         raise RuntimeError(f"batchrl {args[0]} failed ({done.returncode}): see {log}")
-    return done.stdout + done.stderr
+    return done.stdout if done.returncode == 0 else done.stdout + done.stderr.strip().splitlines()[-1]
 
 
 def start_server(repo: Path, logs: Path, stage_log: Path) -> tuple[subprocess.Popen, int]:
