@@ -10,8 +10,8 @@ Stages (each timed; a stage whose output exists is skipped, so a stopped run res
    version's training data), spaces, environment and reference scores from the served model's manifest;
 3. train: `batchrl train --algo iql` on the merged dataset for STEPS steps;
 4. ope: `batchrl ope` of the candidate (exported) on the merged dataset;
-5. promote: `batchrl promote hopper-iql --candidate ...` on the merged dataset while a client thread sends Act
-   requests without pause; if the gate passes, the client runs on until the server answers with the new
+5. promote: `batchrl promote hopper-iql --candidate ...` on the merged dataset while a client thread sends an Act
+   request every 10 ms; if the gate passes, the client runs on until the server answers with the new
    version (its repository poll loads it), and every failed request is counted.
 Writes benchmarks/results/closed_loop.{md,json} (working files in benchmarks/runs/closed-loop/).
 """
@@ -76,7 +76,8 @@ def logged_rows(folder: Path) -> int:
 
 
 class Traffic:
-    """A client sending Act requests back to back; counts answers per version and failures."""
+    """A client sending an Act request every 10 ms (a controller's tick); counts answers per version and
+    failures."""
 
     def __init__(self, port: int, obs_dim: int):
         self.port, self.obs_dim = port, obs_dim
@@ -98,6 +99,7 @@ class Traffic:
                     self.versions[answer.version] = self.versions.get(answer.version, 0) + 1
                 except grpc.RpcError as exc:
                     self.failures.append(f"{exc.code().name}: {exc.details()}")
+                self.stop.wait(0.01)
 
     def finish(self) -> None:
         self.stop.set()
