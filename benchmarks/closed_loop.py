@@ -31,7 +31,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from batchrl.serving.client import PolicyClient
+from batchrl.serving.client import PolicyClient, act_request
 from benchmarks import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +94,6 @@ class Traffic:
             while not self.stop.is_set():
                 request_obs = rng.normal(size=(1, self.obs_dim)).astype(np.float32)
                 try:
-                    from batchrl.serving.client import act_request
-
                     answer = client.stub.Act(act_request(MODEL, request_obs, None), timeout=10)
                     self.versions[answer.version] = self.versions.get(answer.version, 0) + 1
                 except grpc.RpcError as exc:

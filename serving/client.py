@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 
 from batchrl.protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
+from batchrl.protos.experience import ENDINGS
 from batchrl.protos.contract import MAX_MESSAGE_BYTES
 from batchrl.serving.tensors import decode, encode
 
@@ -205,9 +206,6 @@ def step_request(observation: np.ndarray, reward: float | None, session_id: str 
     return request
 
 
-ENDINGS = {"terminated": policy_pb2.TERMINATED, "truncated": policy_pb2.TRUNCATED}
-
-
 def close_request(session_id: str, final_observation: np.ndarray | None = None, reward: float | None = None,
                   ending: str | None = None) -> policy_pb2.CloseSessionRequest:
     """A close; with ``final_observation`` (what the last action led to), ``reward`` (what it earned; None
@@ -220,7 +218,7 @@ def close_request(session_id: str, final_observation: np.ndarray | None = None, 
     if ending not in ENDINGS:
         raise ValueError(f"ending must be one of {list(ENDINGS)} with a final observation, got {ending!r}")
     request.final_observation.CopyFrom(encode(final_observation))
-    request.ending = ENDINGS[ending]
+    request.ending = policy_pb2.Ending.Value(ending.upper())
     if reward is not None:
         request.reward = reward
     return request

@@ -233,9 +233,6 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                                        return_to_go=result.return_to_go, version=result.version)
 
 
-ENDINGS = {policy_pb2.TERMINATED: "terminated", policy_pb2.TRUNCATED: "truncated"}
-
-
 def episode_end(request: policy_pb2.CloseSessionRequest) -> EpisodeEnd | None:
     """The episode's end a close carries, or None when it carries none; InvalidArgument for a part of one."""
     if not request.HasField("final_observation"):
@@ -243,11 +240,11 @@ def episode_end(request: policy_pb2.CloseSessionRequest) -> EpisodeEnd | None:
             raise InvalidArgument("a close with a reward or an ending must carry the final_observation too (send "
                                   "all three, or none)")
         return None
-    ending = ENDINGS.get(request.ending)
-    if ending is None:
+    if request.ending not in (policy_pb2.TERMINATED, policy_pb2.TRUNCATED):
         raise InvalidArgument(f"a close with a final_observation must say how the episode ended: ending TERMINATED "
                               f"({policy_pb2.TERMINATED}) or TRUNCATED ({policy_pb2.TRUNCATED}), got {request.ending}")
-    return EpisodeEnd(decode(request.final_observation, "final_observation"), optional(request, "reward"), ending)
+    return EpisodeEnd(decode(request.final_observation, "final_observation"), optional(request, "reward"),
+                      policy_pb2.Ending.Name(request.ending).lower())  # the words of protos/experience.ENDINGS
 
 
 def opened_response(session: Session) -> policy_pb2.OpenSessionResponse:
