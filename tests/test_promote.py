@@ -11,7 +11,7 @@ from tests import chain_env
 from tests.conftest import write_dataset
 from tests.serving.running import running
 
-FQE = ["--gamma", "0.9", "--steps", "600", "--bootstrap", "2", "--confidence", "0.9"]
+FQE = ["--gamma", "0.9", "--steps", "300", "--bootstrap", "2", "--confidence", "0.9"]
 
 
 @pytest.fixture(scope="module")

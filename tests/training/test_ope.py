@@ -59,7 +59,7 @@ def test_fqe_recovers_a_known_value(c, end_probability):
 
 def test_the_bootstrap_interval_covers_the_value_and_replicates_are_shared():
     data = bandit_chain(episodes=200)
-    config = FQEConfig(**SMALL, bootstrap=3, confidence=0.9)
+    config = FQEConfig(**{**SMALL, "steps": 2000, "target_update": 33}, bootstrap=3, confidence=0.9)  # 60 refreshes
     result = estimate(data, constant(0.5), config, progress=False)
     assert result.low < result.high and abs(result.value - 5.0) < 0.25, result
     assert all(abs(v - 5.0) < 0.5 for v in result.replicates), result  # each refit is near the truth too
@@ -97,7 +97,8 @@ def test_the_paired_gate_passes_a_better_policy_and_refuses_a_worse_one():
     from batchrl.training.ope import compare
 
     data = bandit_chain(episodes=100)
-    config = FQEConfig(**{**SMALL, "steps": 1000}, bootstrap=2, confidence=0.9)  # converged to ~10%: enough to rank
+    # 24 target refreshes: within ~10% of the values (0.9^24 = 0.08 of the horizon left out), enough to rank
+    config = FQEConfig(**{**SMALL, "steps": 600, "target_update": 25}, bootstrap=2, confidence=0.9)
     up = compare(data, constant(0.5), constant(0.2), config, progress=False)  # values 5.0 against 2.0
     assert up.better and up.low > 0 and up.difference == pytest.approx(3.0, rel=0.25), up
     down = compare(data, constant(0.2), constant(0.5), config, progress=False)  # candidate − deployed < 0
