@@ -49,6 +49,33 @@ def test_cql_gap_grows_when_q_is_raised_outside_the_data():
     assert raised > base + 2.0
 
 
+@pytest.mark.parametrize("backup", ["sample", "mean"])
+def test_cql_target_backs_up_the_next_state_and_stops_at_terminals(backup):
+    """r + 0.99 * (1 - terminal) * min target Q(s', a'): a' the actor's tanh(mean) at s' for "mean" (d3rlpy's
+    backup, deterministic), a draw of pi(s') for "sample" (it differs between calls, and its mean over many draws
+    is not the mean action's value)."""
+    from batchrl.training.algorithms.base import Batch, Context
+    from batchrl.training.algorithms.cql import CQL, CQLConfig
+
+    torch.manual_seed(0)
+    cql = CQL(CQLConfig(hidden=(16,), backup=backup), Context(3, 2, 10, 1.0, torch.device("cpu")))
+    obs, next_obs = torch.randn(4, 3), torch.randn(4, 3)
+    batch = Batch(obs, torch.zeros(4, 2), torch.tensor([1.0, -2.0, 0.5, 3.0]), next_obs,
+                  torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    with torch.no_grad():
+        q_mean = torch.min(*cql.critic_target(next_obs, cql.actor(next_obs)))
+        first, second = cql.target(batch), cql.target(batch)
+    torch.testing.assert_close(first[[1, 3]], batch.rewards[[1, 3]])  # terminal: the reward alone
+    if backup == "mean":
+        torch.testing.assert_close(first, batch.rewards + 0.99 * (1 - batch.terminals) * q_mean)
+        assert first.equal(second)
+    else:
+        assert not first[[0, 2]].equal(second[[0, 2]])
+        assert not torch.allclose(first[[0, 2]], (batch.rewards + 0.99 * q_mean)[[0, 2]])
+    with pytest.raises(ValueError, match="cql backup must be 'sample' or 'mean', got 'max'"):
+        CQLConfig(backup="max")
+
+
 def test_tanh_gaussian_log_prob_matches_torch_distributions():
     torch.manual_seed(0)
     actor = TanhGaussianActor(3, 2, (16,))

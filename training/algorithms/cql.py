@@ -1,7 +1,8 @@
 """Conservative Q-learning (Kumar et al. 2020), CQL(H) on a SAC base, continuous actions.
 
 Critic loss per Q network: Bellman error onto r + gamma * (1 - terminal) * min target Q(s', a'),
-a' ~ pi(s') with no entropy term in the backup, plus
+a' ~ pi(s') (``backup="sample"``, as the paper's code) or a' = tanh(mean of pi(s')) (``backup="mean"``, as
+d3rlpy), with no entropy term in the backup, plus
     alpha_cql * (logsumexp over 30 actions scored at s  -  Q(s, a_data))
 where the 30 actions are 10 uniform on [-1, 1]^|A| (importance density 0.5^|A|), 10 from pi(.|s)
 and 10 from pi(.|s'), each divided by its (detached) density. Optional Lagrange form tunes
@@ -33,6 +34,11 @@ class CQLConfig:
     target_action_gap: float = 10.0
     lagrange_lr: float = 3e-4
     batch_size: int = 256
+    backup: str = "sample"            # the target's next action: "sample" a' ~ pi(s'), "mean" tanh(mean of pi(s'))
+
+    def __post_init__(self) -> None:
+        if self.backup not in ("sample", "mean"):
+            raise ValueError(f"cql backup must be 'sample' or 'mean', got {self.backup!r}")
 
 
 def conservative_gap(q_candidates: torch.Tensor, log_density: torch.Tensor, q_data: torch.Tensor) -> torch.Tensor:
@@ -79,11 +85,8 @@ class CQL(OfflineAlgorithm):
             actor_loss = (alpha * logp - torch.min(*self.critic(obs, pi))).mean()
             self.step_optimizer("actor", actor_loss)
 
-        # Bellman backup without an entropy term.
         with torch.no_grad():
-            next_pi, _ = self.actor.sample(batch.next_observations)
-            next_q = torch.min(*self.critic_target(batch.next_observations, next_pi))
-            target = batch.rewards + cfg.discount * (1.0 - batch.terminals) * next_q
+            target = self.target(batch)
             # 3N candidate actions per state, all scored at s, with their log-densities.
             uniform = torch.empty(b, n, self.act_dim, device=obs.device).uniform_(-1.0, 1.0)
             # N policy samples at s and at s' from one pass of the actor over the 2B states (stacked on the
@@ -113,6 +116,13 @@ class CQL(OfflineAlgorithm):
         return {"critic_loss": critic_loss.detach(), "bellman_loss": bellman.detach(),
                 "cql_gap": (gaps[0].detach() + gaps[1].detach()) / 2, "actor_loss": actor_loss.detach(),
                 "alpha": alpha, "q": q1.detach().mean(), "entropy": -logp.detach().mean()}
+
+    def target(self, batch: Batch) -> torch.Tensor:
+        """The Bellman backup, without an entropy term: r + gamma * (1 - terminal) * min target Q(s', a')."""
+        next_obs = batch.next_observations
+        next_pi = self.actor.sample(next_obs)[0] if self.config.backup == "sample" else self.actor(next_obs)
+        next_q = torch.min(*self.critic_target(next_obs, next_pi))
+        return batch.rewards + self.config.discount * (1.0 - batch.terminals) * next_q
 
     def policy(self) -> torch.nn.Module:
         return self.actor
