@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     state_file = WORK / "state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {"seconds": {}}
+    state.setdefault("date", time.strftime("%Y-%m-%d", time.gmtime()))  # the day the run began
 
     def timed(stage: str, fn):
         if stage in state["seconds"]:
@@ -200,7 +201,7 @@ def write_results(state: dict, args) -> None:
     ope, promote, train = state["ope"], state["promote"], state["train"]
     lines = ["# The closed loop, end to end", "",
              f"`MINARI_DATASETS_PATH=../shared/datasets python -m benchmarks.closed_loop --steps {args.steps} "
-             f"--episodes {args.episodes}` ({time.strftime('%Y-%m-%d', time.gmtime())}, CPU).", "",
+             f"--episodes {args.episodes}` (run begun {state['date']}, CPU).", "",
              "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.0f} |" for stage, seconds in state["seconds"].items()]
     lines += ["", "One core per stage (OMP_NUM_THREADS=1); the machine's other core ran the FQE ranking benchmark "
