@@ -39,8 +39,7 @@ DIFFERENCES = {
            "and one learning rate serves its Q and V networks; no deterministic actor",
     "td3bc": "none beyond the data difference",
     "cql": "d3rlpy's CQL samples its candidate actions with its own SAC policy head",
-    "cql-sample": "d3rlpy's CQL samples its candidate actions with its own SAC policy head and backs up at its "
-                  "policy's mean action at s' (batchrl's backup=mean), not at a sampled one",
+    "cql-sample": "d3rlpy backs up at its policy's mean action at s' (batchrl's backup=mean), not at a sampled one",
 }
 
 
@@ -48,7 +47,7 @@ def difference(algorithm: str, settings: dict) -> str:
     if algorithm == "bc" and settings["policy"] == "gaussian":
         return DIFFERENCES["bc-gaussian"]
     if algorithm == "cql" and settings.get("backup", "sample") == "sample":
-        return DIFFERENCES["cql-sample"]
+        return f"{DIFFERENCES['cql']}; {DIFFERENCES['cql-sample']}"
     return DIFFERENCES.get(algorithm, "")
 
 

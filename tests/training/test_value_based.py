@@ -52,8 +52,8 @@ def test_cql_gap_grows_when_q_is_raised_outside_the_data():
 @pytest.mark.parametrize("backup", ["sample", "mean"])
 def test_cql_target_backs_up_the_next_state_and_stops_at_terminals(backup):
     """r + 0.99 * (1 - terminal) * min target Q(s', a'): a' the actor's tanh(mean) at s' for "mean" (d3rlpy's
-    backup, deterministic), a draw of pi(s') for "sample" (it differs between calls, and its mean over many draws
-    is not the mean action's value)."""
+    backup, deterministic), a draw of pi(s') for "sample" (it differs between calls and from the mean action's
+    backup)."""
     from batchrl.training.algorithms.base import Batch, Context
     from batchrl.training.algorithms.cql import CQL, CQLConfig
 
