@@ -74,6 +74,41 @@ def rows_of(sweep: Sweep) -> list[dict]:
     return rows
 
 
+GATE_POINTS = 5.0  # issue 12: batchrl's mean may trail the peer's by at most max(5 points, the pooled std)
+
+
+def pooled_std(a: list[float], b: list[float]) -> float | None:
+    """The pooled standard deviation of two groups of per-seed scores (variances over n - 1 weighted by their
+    degrees of freedom); None where neither group has two seeds."""
+    groups = [np.asarray(x, dtype=float) for x in (a, b) if len(x) > 1]
+    dof = sum(len(x) - 1 for x in groups)
+    if not dof:
+        return None
+    return float(np.sqrt(sum(x.var(ddof=1) * (len(x) - 1) for x in groups) / dof))
+
+
+def peer_comparison(rows: list[dict]) -> list[dict]:
+    """Each peer row against batchrl's row of the same algorithm, settings, steps and dataset: the difference of
+    the means (final and last three evaluations) and whether it is within max(GATE_POINTS, pooled std)."""
+    out = []
+    for peer in (r for r in rows if r["library"] not in ("batchrl", "")):
+        ours = [r for r in rows if r["library"] == "batchrl" and
+                (r["dataset"], r["base"], r["steps"]) == (peer["dataset"], peer["base"], peer["steps"])]
+        if not ours:
+            continue
+        entry = {"dataset": peer["dataset"], "algorithm": ours[0]["algorithm"], "peer": peer["algorithm"],
+                 "seeds": [len(ours[0]["seeds"]), len(peer["seeds"])]}
+        for key, per_seed in (("final", "per_seed"), ("last3", "last3_per_seed")):
+            a, b = ours[0][per_seed], peer[per_seed]
+            pooled = pooled_std(a, b)
+            margin = max(GATE_POINTS, pooled or 0.0)
+            difference = float(np.mean(a) - np.mean(b))
+            entry[key] = {"batchrl": float(np.mean(a)), "peer": float(np.mean(b)), "difference": difference,
+                          "pooled_std": pooled, "margin": margin, "holds": difference >= -margin}
+        out.append(entry)
+    return out
+
+
 def _cell(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -86,7 +121,8 @@ def write_report(sweep: Sweep) -> Path:
                   if not (t.run_dir(sweep.runs) / "result.json").exists()]
     meta = {"sweep": sweep.name, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "unfinished": unfinished, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "threads_per_run": 1, "policy": "final (last step) and mean of the last three evaluations", "rows": rows}
+            "threads_per_run": 1, "policy": "final (last step) and mean of the last three evaluations", "rows": rows,
+            "peer_comparison": peer_comparison(rows)}
     (sweep.output / f"{sweep.name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     lines = [f"# Sweep `{sweep.name}`", "",
              "Normalised score 100·(R − ref_min)/(ref_max − ref_min) (the return where a dataset has no reference "
@@ -116,6 +152,20 @@ def write_report(sweep: Sweep) -> Path:
                      ", ".join(f"{s:.1f}" for s in r["last3_per_seed"]), _cell(r["last3_minus_bc"], "+.1f"),
                      f"{r['return_mean']:.1f}", _cell(r["updates_per_s"], ".1f"), _cell(r["wall_s_per_run"], ".0f")]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
+        lines.append("")
+    if meta["peer_comparison"]:
+        lines += ["## batchrl against the peer", "",
+                  f"batchrl's mean minus the peer's, for the final policy and the last three evaluations; it holds "
+                  f"where it is at least −max({GATE_POINTS:g} points, the pooled std over both libraries' seeds).", "",
+                  "| dataset | algorithm | seeds (batchrl, peer) | final: batchrl − peer | margin | holds "
+                  "| last 3: batchrl − peer | margin | holds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for c in meta["peer_comparison"]:
+            cells = [c["dataset"], c["algorithm"], "{}, {}".format(*c["seeds"])]
+            for key in ("final", "last3"):
+                cells += [f"{c[key]['batchrl']:.1f} − {c[key]['peer']:.1f} = {c[key]['difference']:+.1f}",
+                          f"{c[key]['margin']:.1f}", "yes" if c[key]["holds"] else "**no**"]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     peers = {r["algorithm"]: r for r in rows if r["library"] not in ("batchrl", "")}
     if peers:

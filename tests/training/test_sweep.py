@@ -175,3 +175,30 @@ def test_settings_expand_to_their_product_and_variants(tmp_path):
         (0, (), "a/b-v0"), (0, (), "c/d-v0")]
     assert len(sweep.trials) == 12 and sweep.runs == tmp_path / "runs" / "grid" and sweep.output == tmp_path / "results"
     assert sweep.trials[0].run_dir(sweep.runs) == tmp_path / "runs/grid/a_b-v0/iql-beta1.0-tau0.7-1k-s0"
+
+
+def test_the_peer_comparison_holds_within_max_of_five_points_and_the_pooled_std():
+    from batchrl.training.report import peer_comparison, pooled_std
+
+    def row(library, algorithm, base, per_seed, last3, steps=100, dataset="d"):
+        return {"dataset": dataset, "library": library, "algorithm": algorithm, "base": [base, []], "steps": steps,
+                "seeds": list(range(len(per_seed))), "per_seed": per_seed, "last3_per_seed": last3}
+
+    rows = [row("batchrl", "bc", "bc", [45.0, 47.0, 52.0], [60.0, 50.0, 70.0]),
+            row("d3rlpy", "d3rlpy bc", "bc", [53.5, 53.5], [70.0, 64.0]),
+            row("batchrl", "cql", "cql", [27.0], [22.0]),
+            row("d3rlpy", "d3rlpy cql", "cql", [31.0], [40.0]),
+            row("d3rlpy", "d3rlpy iql", "iql", [50.0], [50.0]),                   # no batchrl IQL: no comparison
+            row("batchrl", "bc", "bc", [0.0], [0.0], dataset="other"),
+            row("", "behaviour (dataset episodes)", "", [], [])]
+    bc, cql = peer_comparison(rows)
+    # Final: 48.0 - 53.5 = -5.5; pooled std sqrt((13 * 2 + 0 * 1) / 3) = 2.94 < 5, so the margin is 5: fails.
+    assert bc["algorithm"] == "bc" and bc["seeds"] == [3, 2]
+    assert bc["final"]["difference"] == pytest.approx(-5.5) and bc["final"]["pooled_std"] == pytest.approx(
+        (26 / 3) ** 0.5) and bc["final"]["margin"] == 5.0 and not bc["final"]["holds"]
+    # Last 3: 60 - 67 = -7; pooled std sqrt((100 * 2 + 18 * 1) / 3) = 8.52 > 5 is the margin: holds.
+    assert bc["last3"]["difference"] == pytest.approx(-7.0) and bc["last3"]["margin"] == pytest.approx(
+        (218 / 3) ** 0.5) and bc["last3"]["holds"]
+    # One seed a side: no pooled std, a margin of 5; -4 holds, -18 does not.
+    assert cql["final"]["pooled_std"] is None and cql["final"]["holds"] and not cql["last3"]["holds"]
+    assert pooled_std([1.0], [2.0]) is None and pooled_std([1.0, 3.0], [5.0]) == pytest.approx(2 ** 0.5)
