@@ -134,6 +134,7 @@ def write_report(sweep: Sweep) -> Path:
              "listed under the table.", "",
              f"Reproduce: `batchrl sweep {sweep.source}` (it resumes; `--report-only` rewrites this table).",
              ""]
+    lines += [line for note in sweep.notes for line in (note, "")]
 
     def order(r):
         return r["steps"] > 0, r["base"][0], [list(map(str, s)) for s in r["base"][1]], r["library"] != "batchrl", \

@@ -6,6 +6,7 @@ A sweep file (YAML) names its runs folder, its output folder and one or more gri
     name: hopper-iql-beta            # default: the file's name
     runs: runs/hopper-iql-beta       # run folders (relative paths: to the sweep file's folder)
     output: results                  # the table (NAME.md, NAME.json) and plot (NAME.png)
+    notes: [what the table leaves out and why]   # optional: written under the table's heading
     grids:                           # or one grid's keys at the top level
       - algorithms: {iql: 100000, bc: 100000}   # name -> steps, or a list (with steps:)
         datasets: [bench/hopper/medium-v0]
@@ -40,7 +41,7 @@ from batchrl.errors import UserError
 
 GRID_KEYS = {"algorithms", "datasets", "seeds", "steps", "set", "eval_every", "eval_episodes", "checkpoint_every",
              "library", "trainer", "device"}
-SWEEP_KEYS = {"name", "runs", "output", "grids"}
+SWEEP_KEYS = {"name", "runs", "output", "grids", "notes"}
 STATE = "sweep.json"  # in the runs folder: every trial's state, start, finish and log
 
 
@@ -78,6 +79,7 @@ class Sweep:
     output: Path
     trials: list[Trial]
     source: Path  # the sweep file, as given
+    notes: tuple[str, ...] = ()  # written under the table's heading
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -96,6 +98,10 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; a sweep has {sorted(SWEEP_KEYS)}"
                          + ("" if "grids" in raw else f" and a grid's keys {sorted(GRID_KEYS)}"))
     name = str(raw.get("name", path.stem))
+    notes = raw.get("notes", [])
+    notes = [notes] if isinstance(notes, str) else notes
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise ValueError(f"{path}: notes must be a string or a list of strings, got {raw['notes']!r}")
     base = path.resolve().parent
     trials = [t for i, grid in enumerate(grids, 1) for t in expand(grid, f"{path}: grid {i}")]
     seen = {}
@@ -105,7 +111,7 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ValueError(f"{path}: two trials share the run folder {trial.run_dir(Path())}: {other} and {trial}")
     return Sweep(name, (base / str(raw.get("runs", f"runs/{name}"))).resolve(),
                  (base / str(raw.get("output", "results"))).resolve(),
-                 list(dict.fromkeys(trials)), path)
+                 list(dict.fromkeys(trials)), path, tuple(notes))
 
 
 def expand(grid: dict, where: str) -> list[Trial]:

@@ -61,6 +61,7 @@ def test_two_trials_at_once_equal_to_runs_alone_and_a_failure_reported(minari_ro
 name: tiny
 runs: runs
 output: out
+notes: The pendulum cells are a smoke test.
 grids:
   - algorithms: {{bc: 300, td3bc: 300}}
     datasets: [test/pendulum/play-v0]
@@ -99,6 +100,7 @@ grids:
         assert (result["return_mean"], result["steps"]) == (reference["return_mean"], reference["steps"])
     table = (tmp_path / "out" / "tiny.md").read_text()
     assert "## test/pendulum/play-v0" in table and "behaviour" in table
+    assert "\n\nThe pendulum cells are a smoke test.\n\n" in table
     assert "| td3bc batch_size=64 hidden=32,32 | 300 | 2 | 1 |" in table
     assert (tmp_path / "out" / "tiny.png").stat().st_size > 0
     assert "not yet: `test_none_missing-v0/bc-300-s0`" in table
@@ -155,7 +157,7 @@ def test_a_bad_sweep_file_is_one_line(tmp_path):
                           text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"batchrl sweep: error: {config}: unknown key(s) ['seed']; a sweep has ['grids', 'name', 'output', 'runs'] "
+        f"batchrl sweep: error: {config}: unknown key(s) ['seed']; a sweep has ['grids', 'name', 'notes', 'output', 'runs'] "
         "and a grid's keys ['algorithms', 'checkpoint_every', 'datasets', 'device', 'eval_episodes', 'eval_every', "
         "'library', 'seeds', 'set', 'steps', 'trainer']"]
     config.write_text("algorithms: {bc: 10}\ndatasets: [x]\nset: {beta: 1}\n")
@@ -175,6 +177,12 @@ def test_settings_expand_to_their_product_and_variants(tmp_path):
         (0, (), "a/b-v0"), (0, (), "c/d-v0")]
     assert len(sweep.trials) == 12 and sweep.runs == tmp_path / "runs" / "grid" and sweep.output == tmp_path / "results"
     assert sweep.trials[0].run_dir(sweep.runs) == tmp_path / "runs/grid/a_b-v0/iql-beta1.0-tau0.7-1k-s0"
+    assert sweep.notes == ()
+    config.write_text("notes: [one, two]\nalgorithms: {bc: 10}\ndatasets: [a/b-v0]\n")
+    assert load_sweep(config).notes == ("one", "two")
+    config.write_text("notes: {a: 1}\nalgorithms: {bc: 10}\ndatasets: [a/b-v0]\n")
+    with pytest.raises(ValueError, match=r"notes must be a string or a list of strings, got \{'a': 1\}"):
+        load_sweep(config)
 
 
 def test_the_peer_comparison_holds_within_max_of_five_points_and_the_pooled_std():
