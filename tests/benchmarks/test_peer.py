@@ -1,5 +1,8 @@
-"""The peer trial's data side (no d3rlpy needed): batchrl's transitions as d3rlpy episodes."""
+"""The peer trial's data side (no d3rlpy needed): batchrl's transitions as d3rlpy episodes; the gate's noise."""
+import math
+
 import numpy as np
+import pytest
 
 from benchmarks.peer import write_dataset
 from batchrl.training.data import load_dataset
@@ -23,3 +26,15 @@ def test_episodes_for_the_peer_keep_every_transition_and_count_what_it_drops(min
     np.testing.assert_array_equal(arrays["obs_mean"], mean)
     np.testing.assert_array_equal(arrays["obs_std"], std)
     assert arrays["return_max"] == data.episode_returns.max() and arrays["return_min"] == data.episode_returns.min()
+
+
+def test_identical_algorithms_fail_the_gate_as_often_as_students_t_says():
+    """With per-seed std far above 5 points the margin is the pooled std, so 3 against 2 seeds fail when
+    t = diff / (s_p * sqrt(1/3 + 1/2)) < -1/sqrt(5/6), t with 3 degrees of freedom: P = 0.1767 (closed form)."""
+    from benchmarks.peer_gate_noise import false_failure
+
+    t = -1 / math.sqrt(5 / 6)
+    expected = 0.5 + (t / math.sqrt(3) / (1 + t * t / 3) + math.atan(t / math.sqrt(3))) / math.pi
+    rng = np.random.default_rng(0)
+    assert false_failure(1e4, 3, 2, 400_000, rng) == pytest.approx(expected, abs=0.003)
+    assert false_failure(0.01, 3, 2, 10_000, rng) == 0.0  # far below 5 points: never
