@@ -46,7 +46,7 @@ DIFFERENCES = {
 def difference(algorithm: str, settings: dict) -> str:
     if algorithm == "bc" and settings["policy"] == "gaussian":
         return DIFFERENCES["bc-gaussian"]
-    if algorithm == "cql" and settings.get("backup", "sample") == "sample":
+    if algorithm == "cql" and settings["backup"] == "sample":
         return f"{DIFFERENCES['cql']}; {DIFFERENCES['cql-sample']}"
     return DIFFERENCES.get(algorithm, "")
 

@@ -117,8 +117,10 @@ def test_bcq_vae_reconstructs_a_one_dimensional_action_mode():
 @pytest.mark.parametrize("name,steps,threshold,settings", [
     ("td3bc", 1000, 0.6, {}),
     ("bcq", 800, 0.6, {}),
-    # CQL scores 30 actions per state, so its test is kept short with faster actor and temperature steps.
-    ("cql", 500, 0.5, {"actor_lr": 1e-3, "alpha_lr": 1e-3}),
+    # CQL scores 30 actions per state, so its test is kept short with faster actor and temperature steps. Its
+    # mean action after 800 steps was 0.40-0.93 over seeds 0-3 with either backup (BC's stays within 0.2 of 0);
+    # at 500 steps it was 0.23-0.51, which only seed 0 of the sampled backup passed at 0.5.
+    ("cql", 800, 0.35, {"actor_lr": 1e-3, "alpha_lr": 1e-3}),
 ])
 def test_chooses_the_better_mode_where_bc_averages(name, steps, threshold, settings):
     _, actions, _ = train_two_mode(name, steps=steps, **settings)
