@@ -1,7 +1,7 @@
 """Conservative Q-learning (Kumar et al. 2020), CQL(H) on a SAC base, continuous actions.
 
 Critic loss per Q network: Bellman error onto r + gamma * (1 - terminal) * min target Q(s', a'),
-a' ~ pi(s') with no entropy term in the backup, plus
+a' = tanh(mean of pi(s')) (d3rlpy's backup; issue 12's ablation), with no entropy term in the backup, plus
     alpha_cql * (logsumexp over 30 actions scored at s  -  Q(s, a_data))
 where the 30 actions are 10 uniform on [-1, 1]^|A| (importance density 0.5^|A|), 10 from pi(.|s)
 and 10 from pi(.|s'), each divided by its (detached) density. Optional Lagrange form tunes
@@ -80,7 +80,7 @@ class CQL(OfflineAlgorithm):
 
         # Bellman backup without an entropy term.
         with torch.no_grad():
-            next_pi, _ = self.actor.sample(batch.next_observations)
+            next_pi = self.actor(batch.next_observations)  # the mean action (issue 12: a sample trailed d3rlpy)
             next_q = torch.min(*self.critic_target(batch.next_observations, next_pi))
             target = batch.rewards + cfg.discount * (1.0 - batch.terminals) * next_q
             # 3N candidate actions per state, all scored at s, with their log-densities.
