@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from batchrl.training.report import GATE_POINTS
+
 HERE = Path(__file__).resolve().parent
-GATE_POINTS = 5.0
 
 
 def false_failure(sigma: float, ours: int, peer: int, draws: int, rng: np.random.Generator) -> float:
