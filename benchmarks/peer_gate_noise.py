@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batchrl.training.report import GATE_POINTS
+from batchrl.training.report import GATE_POINTS, pooled_std
 
 HERE = Path(__file__).resolve().parent
 
@@ -24,9 +24,7 @@ HERE = Path(__file__).resolve().parent
 def false_failure(sigma: float, ours: int, peer: int, draws: int, rng: np.random.Generator) -> float:
     """P(mean(ours) - mean(peer) < -max(GATE_POINTS, pooled std)) for i.i.d. N(0, sigma) per-seed scores."""
     a, b = rng.normal(0.0, sigma, (draws, ours)), rng.normal(0.0, sigma, (draws, peer))
-    dof = (ours - 1) + (peer - 1)
-    pooled = np.sqrt((a.var(1, ddof=1) * (ours - 1) + (b.var(1, ddof=1) * (peer - 1) if peer > 1 else 0.0)) / dof)
-    return float(np.mean(a.mean(1) - b.mean(1) < -np.maximum(GATE_POINTS, pooled)))
+    return float(np.mean(a.mean(1) - b.mean(1) < -np.maximum(GATE_POINTS, pooled_std(a, b))))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,14 +77,16 @@ def rows_of(sweep: Sweep) -> list[dict]:
 GATE_POINTS = 5.0  # issue 12: batchrl's mean may trail the peer's by at most max(5 points, the pooled std)
 
 
-def pooled_std(a: list[float], b: list[float]) -> float | None:
-    """The pooled standard deviation of two groups of per-seed scores (variances over n - 1 weighted by their
-    degrees of freedom); None where neither group has two seeds."""
-    groups = [np.asarray(x, dtype=float) for x in (a, b) if len(x) > 1]
-    dof = sum(len(x) - 1 for x in groups)
+def pooled_std(a, b):
+    """The pooled standard deviation of two groups of per-seed scores, seeds on the last axis (variances over
+    n - 1 weighted by their degrees of freedom): a float for two lists, an array for stacked draws; None where
+    neither group has two seeds."""
+    groups = [x for x in (np.asarray(a, dtype=float), np.asarray(b, dtype=float)) if x.shape[-1] > 1]
+    dof = sum(x.shape[-1] - 1 for x in groups)
     if not dof:
         return None
-    return float(np.sqrt(sum(x.var(ddof=1) * (len(x) - 1) for x in groups) / dof))
+    pooled = np.sqrt(sum(x.var(-1, ddof=1) * (x.shape[-1] - 1) for x in groups) / dof)
+    return float(pooled) if pooled.ndim == 0 else pooled
 
 
 def peer_comparison(rows: list[dict]) -> list[dict]:
