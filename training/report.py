@@ -12,11 +12,12 @@ import numpy as np
 from batchrl.training.sweep import Sweep, Trial
 
 
-def last_evaluations(run_dir: Path, n: int = 3) -> float:
-    """The mean normalised score of a run's last ``n`` evaluations (one final evaluation cannot rank)."""
+def last_evaluations(run_dir: Path, n: int | None = 3) -> float:
+    """The mean normalised score of a run's last ``n`` evaluations, or of all of them where ``n`` is None (one
+    final evaluation cannot rank)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     evals = sorted((r["step"], _score(r)) for r in rows if r["kind"] == "eval")
-    return float(np.mean([score for _, score in evals[-n:]]))
+    return float(np.mean([score for _, score in (evals if n is None else evals[-n:])]))
 
 
 def _score(row: dict) -> float:

@@ -185,6 +185,19 @@ def test_settings_expand_to_their_product_and_variants(tmp_path):
         load_sweep(config)
 
 
+def test_last_evaluations_are_the_latest_by_step_or_all_of_them(tmp_path):
+    from batchrl.training.report import last_evaluations
+
+    lines = [{"kind": "eval", "step": 30, "normalized_score": 30.0}, {"kind": "train", "step": 35, "loss": 1.0},
+             {"kind": "eval", "step": 10, "normalized_score": 10.0},
+             {"kind": "eval", "step": 40, "normalized_score": None, "return_mean": 100.0},  # no reference scores
+             {"kind": "eval", "step": 20, "normalized_score": 20.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert last_evaluations(tmp_path, 2) == pytest.approx((30.0 + 100.0) / 2)  # steps 30 and 40, in step order
+    assert last_evaluations(tmp_path) == pytest.approx((20.0 + 30.0 + 100.0) / 3)
+    assert last_evaluations(tmp_path, None) == pytest.approx(160.0 / 4)
+
+
 def test_the_peer_comparison_holds_within_max_of_five_points_and_the_pooled_std():
     from batchrl.training.report import peer_comparison, pooled_std
 
