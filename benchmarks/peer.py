@@ -35,8 +35,9 @@ PEER = "d3rlpy"
 DIFFERENCES = {
     "bc": "none beyond the data difference",
     "bc-gaussian": "d3rlpy's stochastic BC regresses a sampled action instead of maximising the likelihood",
-    "iql": "d3rlpy's IQL actor is its Gaussian head (log-std through a sigmoid into [-5, 2], starting at -1.5) "
-           "and one learning rate serves its Q and V networks; no deterministic actor",
+    "iql": "one learning rate serves d3rlpy's IQL Q and V networks; no deterministic actor",
+    "iql-clamp": "d3rlpy's Gaussian actor maps its log-std through a sigmoid into [-5, 2], starting at -1.5 "
+                 "(batchrl's actor_std=sigmoid)",
     "td3bc": "none beyond the data difference",
     "cql": "d3rlpy's CQL samples its candidate actions with its own SAC policy head",
     "cql-sample": "d3rlpy backs up at its policy's mean action at s' (batchrl's backup=mean), not at a sampled one",
@@ -48,6 +49,8 @@ def difference(algorithm: str, settings: dict) -> str:
         return DIFFERENCES["bc-gaussian"]
     if algorithm == "cql" and settings["backup"] == "sample":
         return f"{DIFFERENCES['cql']}; {DIFFERENCES['cql-sample']}"
+    if algorithm == "iql" and settings["actor_std"] == "clamp":
+        return f"{DIFFERENCES['iql-clamp']}; {DIFFERENCES['iql']}"
     return DIFFERENCES.get(algorithm, "")
 
 

@@ -38,3 +38,11 @@ def test_identical_algorithms_fail_the_gate_as_often_as_students_t_says():
     rng = np.random.default_rng(0)
     assert false_failure(1e4, 3, 2, 400_000, rng) == pytest.approx(expected, abs=0.003)
     assert false_failure(0.01, 3, 2, 10_000, rng) == 0.0  # far below 5 points: never
+
+
+def test_the_peer_difference_names_the_actor_std_only_where_batchrl_clamps_it():
+    from benchmarks.peer import difference
+
+    assert "sigmoid" in difference("iql", {"actor_std": "clamp"})
+    assert "sigmoid" not in difference("iql", {"actor_std": "sigmoid"})
+    assert "one learning rate" in difference("iql", {"actor_std": "sigmoid"})
