@@ -38,7 +38,7 @@ class GaussianActor(nn.Module):
 
     The deterministic action is the mean. This is IQL's locomotion policy
     (tanh on the mean, not a squashed distribution), and BC uses the same one.
-    The log-std is a parameter p in [LOG_STD_MIN, LOG_STD_MAX]: ``std="clamp"`` clips p (starting at 0,
+    The log-std lies in [LOG_STD_MIN, LOG_STD_MAX], from a parameter p: ``std="clamp"`` clips p (starting at 0,
     std 1); ``std="sigmoid"`` maps it through MIN + (MAX - MIN) * sigmoid(p) (starting at -1.5), d3rlpy's form.
     """
 
@@ -49,7 +49,7 @@ class GaussianActor(nn.Module):
         super().__init__()
         if std not in self.STDS:
             raise ValueError(f"Gaussian actor std must be one of {list(self.STDS)}, got {std!r}")
-        self.std = std
+        self.std_form = std
         self.net = mlp(obs_dim, act_dim, hidden)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
@@ -57,7 +57,7 @@ class GaussianActor(nn.Module):
         return torch.tanh(self.net(obs))
 
     def current_log_std(self) -> torch.Tensor:
-        if self.std == "sigmoid":
+        if self.std_form == "sigmoid":
             return self.LOG_STD_MIN + (self.LOG_STD_MAX - self.LOG_STD_MIN) * torch.sigmoid(self.log_std)
         return self.log_std.clamp(self.LOG_STD_MIN, self.LOG_STD_MAX)
 
