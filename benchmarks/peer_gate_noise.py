@@ -1,10 +1,11 @@
 """How often issue 12's test fails two libraries that run the same algorithm.
 
 The test: batchrl's mean over its seeds is at least the peer's mean minus max(5 points, the pooled std), with
-3 batchrl seeds and 2 peer seeds. Where both libraries run the same algorithm, each seed's score is a draw from
-one distribution; this estimates, per comparison of the peer table, the chance that such draws fail the test,
-taking the seeds' scores as normal with the std of all that comparison's per-seed scores (both libraries
-together; a real difference between the libraries makes that std larger, and the estimate an upper bound).
+each comparison's own seed counts (the protocol: 3 batchrl seeds, at least 2 for the peer). Where both
+libraries run the same algorithm, each seed's score is a draw from one distribution; this estimates, per
+comparison of the peer table, the chance that such draws fail the test, taking the seeds' scores as normal
+with the std of all that comparison's per-seed scores (both libraries together; a real difference between
+the libraries makes that std larger, and the estimate an upper bound).
 
     python -m benchmarks.peer_gate_noise            # reads results/peer.json, writes results/peer-gate-noise.md
 
@@ -28,7 +29,9 @@ HERE = Path(__file__).resolve().parent
 def false_failure(sigma: float, ours: int, peer: int, draws: int, rng: np.random.Generator) -> float:
     """P(mean(ours) - mean(peer) < -max(GATE_POINTS, pooled std)) for i.i.d. N(0, sigma) per-seed scores."""
     a, b = rng.normal(0.0, sigma, (draws, ours)), rng.normal(0.0, sigma, (draws, peer))
-    return float(np.mean(a.mean(1) - b.mean(1) < -np.maximum(GATE_POINTS, pooled_std(a, b))))
+    pooled = pooled_std(a, b)
+    margin = GATE_POINTS if pooled is None else np.maximum(GATE_POINTS, pooled)
+    return float(np.mean(a.mean(1) - b.mean(1) < -margin))
 
 
 def every_evaluation(sweep_file: Path, dataset: str, label: str, steps: int) -> list[float]:
@@ -51,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     lines = ["# Issue 12's test on identical algorithms", "",
              f"From `{args.table.name}` (written {meta['written']}). Per comparison: the std of all its per-seed "
-             "scores (both libraries), and the chance that 3 batchrl and 2 peer seeds of one algorithm, drawn "
+             "scores (both libraries), and the chance that as many batchrl and peer seeds of one algorithm, drawn "
              f"normal with that std, fail the test (mean difference below −max({GATE_POINTS:g}, pooled std)); "
              f"{args.draws:,} draws each.", "",
              f"Reproduce: `python -m benchmarks.peer_gate_noise` (seed {args.seed}).", "",
-             "| dataset | algorithm | figure | batchrl − peer | std of all seeds | P(fail) if identical | fails |",
-             "|---|---|---|---|---|---|---|"]
+             "| dataset | algorithm | seeds (batchrl, peer) | figure | batchrl − peer | std of all seeds "
+             "| P(fail) if identical | fails |",
+             "|---|---|---|---|---|---|---|---|"]
     p_pass = {"final": 1.0, "last3": 1.0}
     for c in meta["peer_comparison"]:
         ours = rows[(c["dataset"], "batchrl", c["algorithm"])]
@@ -64,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         for key, per_seed in (("final", "per_seed"), ("last3", "last3_per_seed")):
             scores = np.array(ours[per_seed] + peer[per_seed])
             sigma = float(scores.std(ddof=1))
-            p = false_failure(sigma, 3, 2, args.draws, rng)
+            p = false_failure(sigma, *c["seeds"], args.draws, rng)
             p_pass[key] *= 1.0 - p
-            lines.append(f"| {c['dataset']} | {c['algorithm']} | {key} | {c[key]['difference']:+.1f} | {sigma:.1f} "
-                         f"| {p:.3f} | {'**yes**' if not c[key]['holds'] else 'no'} |")
+            lines.append(f"| {c['dataset']} | {c['algorithm']} | {c['seeds'][0]}, {c['seeds'][1]} | {key} "
+                         f"| {c[key]['difference']:+.1f} | {sigma:.1f} | {p:.3f} "
+                         f"| {'**yes**' if not c[key]['holds'] else 'no'} |")
     lines += ["", "If every comparison's algorithms were identical (independent comparisons): P(every final "
               f"comparison holds) = {p_pass['final']:.2f}, P(every last-3 comparison holds) = {p_pass['last3']:.2f}, "
               f"P(all {2 * len(meta['peer_comparison'])} hold) = {p_pass['final'] * p_pass['last3']:.2f}.", "",

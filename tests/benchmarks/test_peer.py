@@ -38,6 +38,8 @@ def test_identical_algorithms_fail_the_gate_as_often_as_students_t_says():
     rng = np.random.default_rng(0)
     assert false_failure(1e4, 3, 2, 400_000, rng) == pytest.approx(expected, abs=0.003)
     assert false_failure(0.01, 3, 2, 10_000, rng) == 0.0  # far below 5 points: never
+    # One seed a side: no pooled std, the margin is 5, so P = Phi(-5 / (sigma sqrt 2)); sigma 5: Phi(-0.7071).
+    assert false_failure(5.0, 1, 1, 400_000, rng) == pytest.approx(0.2398, abs=0.003)
 
 
 def test_the_peer_difference_names_the_actor_std_only_where_batchrl_clamps_it():
