@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from batchrl.training.report import GATE_POINTS, last_evaluations, pooled_std
-from batchrl.training.sweep import load_sweep
+from batchrl.training.sweep import Sweep, load_sweep
 
 HERE = Path(__file__).resolve().parent
 
@@ -34,9 +34,8 @@ def false_failure(sigma: float, ours: int, peer: int, draws: int, rng: np.random
     return float(np.mean(a.mean(1) - b.mean(1) < -margin))
 
 
-def every_evaluation(sweep_file: Path, dataset: str, label: str, steps: int) -> list[float]:
+def every_evaluation(sweep: Sweep, dataset: str, label: str, steps: int) -> list[float]:
     """Per finished seed of one row of the sweep: the run's mean score over all its evaluations."""
-    sweep = load_sweep(sweep_file)
     runs = [t.run_dir(sweep.runs) for t in sweep.trials if (t.dataset, t.label, t.steps) == (dataset, label, steps)]
     return [last_evaluations(run, None) for run in runs if (run / "result.json").exists()]
 
@@ -83,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
               "issue 12's test; a reading with less noise of whether the two libraries differ.", "",
               "| dataset | algorithm | batchrl per seed | peer per seed | batchrl − peer | pooled std |",
               "|---|---|---|---|---|---|"]
+    sweep = load_sweep(args.sweep)
     for c in meta["peer_comparison"]:
         ours = rows[(c["dataset"], "batchrl", c["algorithm"])]
-        a, b = (every_evaluation(args.sweep, c["dataset"], r["algorithm"], r["steps"])
+        a, b = (every_evaluation(sweep, c["dataset"], r["algorithm"], r["steps"])
                 for r in (ours, rows[(c["dataset"], "d3rlpy", c["peer"])]))
         pooled = pooled_std(a, b)
         lines.append(f"| {c['dataset']} | {c['algorithm']} | {', '.join(f'{x:.1f}' for x in a)} | "
