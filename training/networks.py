@@ -38,21 +38,32 @@ class GaussianActor(nn.Module):
 
     The deterministic action is the mean. This is IQL's locomotion policy
     (tanh on the mean, not a squashed distribution), and BC uses the same one.
+    The log-std is a parameter p in [LOG_STD_MIN, LOG_STD_MAX]: ``std="clamp"`` clips p (starting at 0,
+    std 1); ``std="sigmoid"`` maps it through MIN + (MAX - MIN) * sigmoid(p) (starting at -1.5), d3rlpy's form.
     """
 
     LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+    STDS = ("clamp", "sigmoid")
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...]):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...], std: str = "clamp"):
         super().__init__()
+        if std not in self.STDS:
+            raise ValueError(f"Gaussian actor std must be one of {list(self.STDS)}, got {std!r}")
+        self.std = std
         self.net = mlp(obs_dim, act_dim, hidden)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.net(obs))
 
+    def current_log_std(self) -> torch.Tensor:
+        if self.std == "sigmoid":
+            return self.LOG_STD_MIN + (self.LOG_STD_MAX - self.LOG_STD_MIN) * torch.sigmoid(self.log_std)
+        return self.log_std.clamp(self.LOG_STD_MIN, self.LOG_STD_MAX)
+
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         mean = self(obs)
-        log_std = self.log_std.clamp(self.LOG_STD_MIN, self.LOG_STD_MAX)
+        log_std = self.current_log_std()
         z = (actions - mean) * torch.exp(-log_std)
         per_dim = -0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
         return per_dim.sum(-1)

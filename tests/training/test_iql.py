@@ -49,6 +49,29 @@ def test_gaussian_log_prob_hand_computed():
     torch.testing.assert_close(actor.log_prob(obs, acts), dist.log_prob(acts).sum(-1))
 
 
+def test_sigmoid_log_std_maps_the_parameter_into_its_range_from_minus_one_and_a_half():
+    actor = GaussianActor(2, 2, (4,), std="sigmoid")
+    obs, acts = torch.randn(3, 2), torch.rand(3, 2) * 2 - 1
+    # p = 0 at the start: log-std -5 + 7 / 2 = -1.5 in every dimension.
+    dist = torch.distributions.Normal(actor(obs), torch.full((2,), float(np.exp(-1.5))))
+    torch.testing.assert_close(actor.log_prob(obs, acts), dist.log_prob(acts).sum(-1))
+    with torch.no_grad():
+        actor.log_std.copy_(torch.tensor([50.0, np.log(1 / 6)]))  # sigmoid: 1 and 1/7
+    torch.testing.assert_close(actor.current_log_std(), torch.tensor([2.0, -4.0]))
+    with pytest.raises(ValueError, match="std must be one of \\['clamp', 'sigmoid'\\], got 'exp'"):
+        GaussianActor(2, 2, (4,), std="exp")
+
+
+def test_iql_builds_its_actor_with_the_chosen_std():
+    from batchrl.training.algorithms.iql import IQL, IQLConfig
+
+    ctx = Context(obs_dim=3, act_dim=2, total_steps=10, return_range=1.0, device=torch.device("cpu"))
+    assert IQL(IQLConfig(hidden=(8,)), ctx).actor.current_log_std()[0].item() == -1.5  # the default: sigmoid
+    assert IQL(IQLConfig(hidden=(8,), actor_std="clamp"), ctx).actor.current_log_std()[0].item() == 0.0
+    with pytest.raises(ValueError, match="iql actor_std must be one of \\['clamp', 'sigmoid'\\], got 'wide'"):
+        IQLConfig(actor_std="wide")
+
+
 @pytest.fixture(scope="module")
 def iql_two_mode():
     return train_two_mode("iql", normalize_rewards=False)

@@ -32,10 +32,14 @@ class IQLConfig:
     actor: str = "gaussian"      # "gaussian": weighted log-likelihood; "deterministic": weighted squared error
     actor_lr_horizon: int | None = None  # cosine decay of the actor's lr over this many steps; None: the run's
                                          # length, 0: constant
+    actor_std: str = "sigmoid"   # the Gaussian actor's log-std: "sigmoid" (d3rlpy's: -5 + 7 sigmoid(p), from -1.5)
+                                 # or "clamp" (a clipped parameter from 0)
 
     def __post_init__(self) -> None:
         if self.actor not in ("gaussian", "deterministic"):
             raise ValueError(f"iql actor must be 'gaussian' or 'deterministic', got {self.actor!r}")
+        if self.actor_std not in GaussianActor.STDS:
+            raise ValueError(f"iql actor_std must be one of {list(GaussianActor.STDS)}, got {self.actor_std!r}")
         if self.actor_lr_horizon is not None and self.actor_lr_horizon < 0:
             raise ValueError(f"actor_lr_horizon must be >= 0 (0: constant), got {self.actor_lr_horizon}")
 
@@ -56,8 +60,9 @@ class IQL(OfflineAlgorithm):
     def __init__(self, config: IQLConfig, ctx: Context):
         super().__init__(config)
         self.reward_scale = 1000.0 / max(ctx.return_range, 1e-6) if config.normalize_rewards else 1.0
-        actor = GaussianActor if config.actor == "gaussian" else DeterministicActor
-        self.actor = actor(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
+        self.actor = (GaussianActor(ctx.obs_dim, ctx.act_dim, config.hidden, config.actor_std)
+                      if config.actor == "gaussian" else DeterministicActor(ctx.obs_dim, ctx.act_dim, config.hidden))
+        self.actor.to(ctx.device)
         self.critic = TwinQ(ctx.obs_dim, ctx.act_dim, config.hidden).to(ctx.device)
         self.value = ValueNet(ctx.obs_dim, config.hidden).to(ctx.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
