@@ -38,6 +38,7 @@ DIFFERENCES = {
     "iql": "one learning rate serves d3rlpy's IQL Q and V networks; no deterministic actor",
     "iql-clamp": "d3rlpy's Gaussian actor maps its log-std through a sigmoid into [-5, 2], starting at -1.5 "
                  "(batchrl's actor_std=sigmoid)",
+    "iql-reference": "d3rlpy backs its IQL Q up onto V(s') of before the step's V update (batchrl's update_order=joint)",
     "td3bc": "none beyond the data difference",
     "cql": "d3rlpy's CQL samples its candidate actions with its own SAC policy head",
     "cql-sample": "d3rlpy backs up at its policy's mean action at s' (batchrl's backup=mean), not at a sampled one",
@@ -49,8 +50,10 @@ def difference(algorithm: str, settings: dict) -> str:
         return DIFFERENCES["bc-gaussian"]
     if algorithm == "cql" and settings["backup"] == "sample":
         return f"{DIFFERENCES['cql']}; {DIFFERENCES['cql-sample']}"
-    if algorithm == "iql" and settings["actor_std"] == "clamp":
-        return f"{DIFFERENCES['iql-clamp']}; {DIFFERENCES['iql']}"
+    if algorithm == "iql":
+        parts = [DIFFERENCES["iql-clamp"]] if settings["actor_std"] == "clamp" else []
+        parts += [DIFFERENCES["iql-reference"]] if settings["update_order"] == "reference" else []
+        return "; ".join(parts + [DIFFERENCES["iql"]])
     return DIFFERENCES.get(algorithm, "")
 
 

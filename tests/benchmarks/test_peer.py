@@ -42,9 +42,11 @@ def test_identical_algorithms_fail_the_gate_as_often_as_students_t_says():
     assert false_failure(5.0, 1, 1, 400_000, rng) == pytest.approx(0.2398, abs=0.003)
 
 
-def test_the_peer_difference_names_the_actor_std_only_where_batchrl_clamps_it():
+def test_the_peer_difference_names_the_actor_std_and_update_order_only_where_batchrl_differs():
     from benchmarks.peer import difference
 
-    assert "sigmoid" in difference("iql", {"actor_std": "clamp"})
-    assert "sigmoid" not in difference("iql", {"actor_std": "sigmoid"})
-    assert "one learning rate" in difference("iql", {"actor_std": "sigmoid"})
+    assert "sigmoid" in difference("iql", {"actor_std": "clamp", "update_order": "joint"})
+    assert "sigmoid" not in difference("iql", {"actor_std": "sigmoid", "update_order": "joint"})
+    assert "before the step's V update" in difference("iql", {"actor_std": "sigmoid", "update_order": "reference"})
+    assert "before" not in difference("iql", {"actor_std": "sigmoid", "update_order": "joint"})
+    assert "one learning rate" in difference("iql", {"actor_std": "sigmoid", "update_order": "joint"})

@@ -162,3 +162,31 @@ def test_iql_critic_target_bootstraps_through_truncation_not_termination():
     expected = (q1 - target).pow(2).mean() + (q2 - target).pow(2).mean()
     assert metrics["critic_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert algo.value(obs).tolist() == pytest.approx([5.0] * 4)
+
+
+@pytest.mark.parametrize("order, next_v", [("reference", 5.0 + 3e-4), ("joint", 5.0)])
+def test_iql_update_order_chooses_the_v_the_critic_backs_up_onto(order, next_v):
+    # V is a constant 5 (zero weights, bias 5) below the target Q, so V's first Adam step raises its bias by
+    # exactly the learning rate: "reference" backs Q up onto the stepped V (5 + 3e-4), "joint" (d3rlpy's)
+    # onto the V of before the step (5). Terminals 0, reward 1: target = 1 + 0.99 * next_v.
+    torch.manual_seed(0)
+    config = algorithm_config("iql", {"hidden": (8,), "normalize_rewards": False, "update_order": order})
+    algo = ALGORITHMS["iql"][1](config, Context(2, 1, 10, 1.0, torch.device("cpu")))
+    with torch.no_grad():
+        for p in algo.value.parameters():
+            p.zero_()
+        algo.value.net[-1].bias.fill_(5.0)
+        for p in algo.critic_target.parameters():
+            p.zero_()
+        algo.critic_target.net.layers[-1].bias.fill_(50.0)  # target Q = 50 > V: V's bias steps up
+    obs = torch.randn(4, 2)
+    act = torch.rand(4, 1) * 2 - 1
+    with torch.no_grad():
+        q1, q2 = algo.critic(obs, act)
+    metrics = algo.update(Batch(obs, act, torch.ones(4), obs, torch.zeros(4)))
+    target = 1.0 + 0.99 * next_v
+    expected = (q1 - target).pow(2).mean() + (q2 - target).pow(2).mean()
+    assert metrics["critic_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert algo.value(obs).tolist() == pytest.approx([5.0 + 3e-4] * 4, rel=1e-6)
+    with pytest.raises(ValueError, match="iql update_order must be one of \\['reference', 'joint'\\], got 'late'"):
+        algorithm_config("iql", {"update_order": "late"})

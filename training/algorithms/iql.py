@@ -4,6 +4,8 @@ Defaults are the paper's gym-locomotion settings. Per step, in the reference
 order: V by expectile regression onto min(target Q1, Q2); the actor by
 advantage-weighted regression with weights min(exp(beta * (Q - V)), 100); the
 twin Q onto r + gamma * (1 - terminal) * V(s'); then the Polyak target update.
+``update_order="joint"`` is d3rlpy's order instead: the twin Q backs up onto V(s') of before this
+step's V update (d3rlpy steps Q and V together), and the actor follows.
 """
 from __future__ import annotations
 
@@ -34,12 +36,18 @@ class IQLConfig:
                                          # length, 0: constant
     actor_std: str = "clamp"     # the Gaussian actor's log-std: "clamp" (a clipped parameter from 0) or "sigmoid"
                                  # (d3rlpy's: -5 + 7 sigmoid(p), from -1.5)
+    update_order: str = "reference"  # "reference": Q backs up onto V(s') after this step's V update;
+                                     # "joint": onto V(s') before it (d3rlpy)
+
+    ORDERS = ("reference", "joint")
 
     def __post_init__(self) -> None:
         if self.actor not in ("gaussian", "deterministic"):
             raise ValueError(f"iql actor must be 'gaussian' or 'deterministic', got {self.actor!r}")
         if self.actor_std not in GaussianActor.STDS:
             raise ValueError(f"iql actor_std must be one of {list(GaussianActor.STDS)}, got {self.actor_std!r}")
+        if self.update_order not in self.ORDERS:
+            raise ValueError(f"iql update_order must be one of {list(self.ORDERS)}, got {self.update_order!r}")
         if self.actor_lr_horizon is not None and self.actor_lr_horizon < 0:
             raise ValueError(f"actor_lr_horizon must be >= 0 (0: constant), got {self.actor_lr_horizon}")
 
@@ -82,6 +90,7 @@ class IQL(OfflineAlgorithm):
         cfg = self.config
         with torch.no_grad():
             target_q = torch.min(*self.critic_target(batch.observations, batch.actions))
+            next_v = self.value(batch.next_observations) if cfg.update_order == "joint" else None
 
         value = self.value(batch.observations)
         value_loss = expectile_loss(target_q - value, cfg.expectile).mean()
@@ -99,7 +108,8 @@ class IQL(OfflineAlgorithm):
             scheduler.step()
 
         with torch.no_grad():
-            next_v = self.value(batch.next_observations)
+            if next_v is None:
+                next_v = self.value(batch.next_observations)
             target = batch.rewards * self.reward_scale + cfg.discount * (1.0 - batch.terminals) * next_v
         q1, q2 = self.critic(batch.observations, batch.actions)
         critic_loss = (q1 - target).pow(2).mean() + (q2 - target).pow(2).mean()
