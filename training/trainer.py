@@ -210,11 +210,18 @@ def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+# Settings added after runs had been written, with the value those runs trained with (the setting's first
+# default): a config.json without the key resumes and exports as it trained, whatever the default is now.
+VALUES_BEFORE_THE_SETTING = {"cql": {"backup": "sample"}, "iql": {"actor_std": "clamp"}}
+
+
 def read_config(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a run folder: {path} is missing")
-    return TrainConfig(**json.loads(path.read_text()))
+    raw = json.loads(path.read_text())
+    raw["algo"] = {**VALUES_BEFORE_THE_SETTING.get(raw.get("algorithm"), {}), **raw.get("algo", {})}
+    return TrainConfig(**raw)
 
 
 def load_policy(run_dir: Path, device: str = "cpu") -> tuple[TrainConfig, DeployedPolicy, dict]:

@@ -66,8 +66,8 @@ def test_iql_builds_its_actor_with_the_chosen_std():
     from batchrl.training.algorithms.iql import IQL, IQLConfig
 
     ctx = Context(obs_dim=3, act_dim=2, total_steps=10, return_range=1.0, device=torch.device("cpu"))
-    assert IQL(IQLConfig(hidden=(8,), actor_std="sigmoid"), ctx).actor.current_log_std()[0].item() == -1.5
-    assert IQL(IQLConfig(hidden=(8,)), ctx).actor.current_log_std()[0].item() == 0.0
+    assert IQL(IQLConfig(hidden=(8,)), ctx).actor.current_log_std()[0].item() == -1.5  # the default: sigmoid
+    assert IQL(IQLConfig(hidden=(8,), actor_std="clamp"), ctx).actor.current_log_std()[0].item() == 0.0
     with pytest.raises(ValueError, match="iql actor_std must be one of \\['clamp', 'sigmoid'\\], got 'wide'"):
         IQLConfig(actor_std="wide")
 

@@ -1,4 +1,5 @@
 """The trainer: run folder contents, weights-only checkpoints, exact resume."""
+import dataclasses
 import json
 
 import pytest
@@ -120,3 +121,17 @@ def test_a_compiled_run_resumes_exactly(minari_root, tmp_path, monkeypatch):
     a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "resumed")
     for key, tensor in a["algorithm"]["modules"]["model"].items():
         torch.testing.assert_close(tensor, b["algorithm"]["modules"]["model"][key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("algorithm, key, before", [("cql", "backup", "sample"), ("iql", "actor_std", "clamp")])
+def test_a_config_written_before_a_setting_existed_reads_as_it_trained(tmp_path, algorithm, key, before):
+    from batchrl.training.trainer import read_config
+
+    written = dataclasses.asdict(TrainConfig(algorithm=algorithm, dataset="d", algo={key: before}))
+    assert written["algo"][key] == before
+    del written["algo"][key]  # as config.json was written before the setting existed
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    assert read_config(tmp_path).algo[key] == before
+    written["algo"][key] = "mean" if algorithm == "cql" else "sigmoid"  # a recorded value is kept
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    assert read_config(tmp_path).algo[key] == written["algo"][key]

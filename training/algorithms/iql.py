@@ -34,8 +34,8 @@ class IQLConfig:
     actor: str = "gaussian"      # "gaussian": weighted log-likelihood; "deterministic": weighted squared error
     actor_lr_horizon: int | None = None  # cosine decay of the actor's lr over this many steps; None: the run's
                                          # length, 0: constant
-    actor_std: str = "clamp"     # the Gaussian actor's log-std: "clamp" (a clipped parameter from 0) or "sigmoid"
-                                 # (d3rlpy's: -5 + 7 sigmoid(p), from -1.5)
+    actor_std: str = "sigmoid"   # the Gaussian actor's log-std: "sigmoid" (d3rlpy's: -5 + 7 sigmoid(p), from -1.5)
+                                 # or "clamp" (a clipped parameter from 0, the default before issue 12)
     update_order: str = "reference"  # "reference": Q backs up onto V(s') after this step's V update;
                                      # "joint": onto V(s') before it (d3rlpy)
 
