@@ -99,7 +99,7 @@ def write_dataset(dataset_id: str, path: Path) -> int:
     np.savez(tmp, observations=data.observations, actions=data.actions, rewards=data.rewards,
              terminals=data.terminations, timeouts=timeouts, obs_mean=obs_mean, obs_std=obs_std,
              action_low=data.action_low, action_high=data.action_high, return_max=returns.max(),
-             return_min=returns.min())
+             return_min=returns.min(), next_observations=data.next_observations)  # (the last: for check_data)
     os.replace(tmp, path)
     return int((data.terminations[ends] == 0).sum())
 
@@ -170,6 +170,22 @@ def run(trial, run_dir: Path) -> dict:
     return result
 
 
-if __name__ == "__main__":  # make the environment: python -m benchmarks.peer
-    print(python())
+def check_data(dataset_id: str) -> dict:
+    """Every transition d3rlpy samples from the peer's arrays, against batchrl's: the counts that differ."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "dataset.npz"
+        dropped = write_dataset(dataset_id, path)
+        out = subprocess.run([str(python()), str(WORKER), "--check-data", str(path)], check=True,
+                             capture_output=True, text=True).stdout
+    return {"dataset": dataset_id, "dropped": dropped, **json.loads(out.strip().splitlines()[-1])}
+
+
+if __name__ == "__main__":  # make the environment: python -m benchmarks.peer [check DATASET ...]
+    if sys.argv[1:2] == ["check"]:  # d3rlpy's transitions against batchrl's, field by field
+        for dataset_id in sys.argv[2:]:
+            print(json.dumps(check_data(dataset_id)), flush=True)
+    else:
+        print(python())
     sys.exit(0)

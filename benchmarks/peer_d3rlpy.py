@@ -13,7 +13,8 @@ translated from batchrl's defaults, and every ``--eval-every`` steps writes
 
 Usage (by benchmarks/peer.py): python peer_d3rlpy.py RUN_DIR
 with RUN_DIR/peer.json {algorithm, settings, steps, eval_every, seed} and RUN_DIR/dataset.npz;
-(by benchmarks/update_speed.py): python peer_d3rlpy.py --speed ALGORITHM SETTINGS_JSON UPDATES.
+(by benchmarks/update_speed.py): python peer_d3rlpy.py --speed ALGORITHM SETTINGS_JSON UPDATES;
+(by benchmarks/peer.py check_data): python peer_d3rlpy.py --check-data DATASET_NPZ.
 """
 from __future__ import annotations
 
@@ -151,7 +152,37 @@ def main(run_dir: Path) -> int:
     return 0
 
 
+def check_data(path: Path) -> dict:
+    """d3rlpy's episodes from the arrays, each transition as its own picker gives it, against the arrays'
+    (batchrl's) transition at the same index: how many differ in each field, of how many compared.
+    Where d3rlpy keeps a transition it is compared; the next observation only where it is not terminal."""
+    import d3rlpy
+
+    data = dict(np.load(path))
+    dataset = d3rlpy.dataset.MDPDataset(data["observations"], data["actions"], data["rewards"], data["terminals"],
+                                        data["timeouts"])
+    picker = d3rlpy.dataset.BasicTransitionPicker()
+    counts = {"transitions": 0, "observation": 0, "action": 0, "reward": 0, "terminal": 0, "next_observation": 0}
+    start = 0
+    for episode in dataset.episodes:
+        for t in range(episode.transition_count):
+            tr, i = picker(episode, t), start + t
+            terminal = float(np.ravel(tr.terminal)[0])
+            counts["transitions"] += 1
+            counts["observation"] += not np.array_equal(tr.observation, data["observations"][i])
+            counts["action"] += not np.array_equal(tr.action, data["actions"][i])
+            counts["reward"] += float(np.ravel(tr.reward)[0]) != float(data["rewards"][i])
+            counts["terminal"] += terminal != float(data["terminals"][i])
+            counts["next_observation"] += terminal == 0 and not np.array_equal(tr.next_observation,
+                                                                               data["next_observations"][i])
+        start += episode.size()
+    return {k: int(v) for k, v in counts.items()}
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--check-data":
+        print(json.dumps(check_data(Path(sys.argv[2]))))
+        sys.exit(0)
     if sys.argv[1] == "--speed":  # --speed ALGORITHM SETTINGS_JSON UPDATES: prints {"updates_per_s": ...}
         print(json.dumps({"updates_per_s": speed(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]))}))
         sys.exit(0)
