@@ -15,6 +15,7 @@ def test_episodes_for_the_peer_keep_every_transition_and_count_what_it_drops(min
     np.testing.assert_array_equal(arrays["observations"], data.observations)
     np.testing.assert_array_equal(arrays["actions"], data.actions)
     np.testing.assert_array_equal(arrays["rewards"], data.rewards)
+    np.testing.assert_array_equal(arrays["next_observations"], data.next_observations)  # what check_data compares
     ends = data.episode_starts + data.episode_lengths - 1
     # every episode ends in exactly one of terminal or timeout, and nothing else does
     assert np.all(arrays["terminals"][ends] + arrays["timeouts"][ends] == 1)
