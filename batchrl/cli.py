@@ -343,13 +343,21 @@ def data(argv: list[str]) -> int:
                          help="how to read the sources (default: experience for .parquet, csv for .csv)")
     imports.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
                          help="the column holding FIELD (session_id, step, observation, action, reward, ending); "
-                              "COLUMN ending in * stacks the scalar columns PREFIX0, PREFIX1, ... (repeatable)")
+                              "COLUMN ending in * stacks the scalar columns PREFIX0, PREFIX1, ... (repeatable). "
+                              "ending is optional: a file without an ending column (and no --map ending=...) has "
+                              "no end rows, so each episode ends truncated at its last row (its observation the "
+                              "final one, its action dropped, and with --reward-of action its reward), or is "
+                              "dropped with --drop-unfinished")
     imports.add_argument("--reward-of", choices=["previous", "action"], default="previous",
                          help="previous: a row's reward was earned by the previous row's action (the experience "
                               "log's way); action: by the row's own action")
     imports.add_argument("--drop-unfinished", action="store_true",
                          help="drop episodes without an end row instead of truncating them at their last row")
     imports.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
+    imports.add_argument("--on-conflict", choices=["first", "last"],
+                         help="copies of a step (same session and step index) that differ in a value are refused "
+                              "unless this says which to keep: the first or the last, by the log's time, then by "
+                              "order in the files (identical copies, a retried step, are kept once and counted)")
     args = parser.parse_args(argv)
     try:
         import pyarrow  # noqa: F401
@@ -361,7 +369,8 @@ def data(argv: list[str]) -> int:
     summary = import_experience(args.sources, args.output, model=_model_file(Path(args.model))[0] if args.model
                                 else None, merge=args.merge, env=args.env, format=args.format,
                                 mapping=parse_mapping(args.map), reward_of=args.reward_of,
-                                drop_unfinished=args.drop_unfinished, overwrite=args.overwrite)
+                                drop_unfinished=args.drop_unfinished, overwrite=args.overwrite,
+                                on_conflict=args.on_conflict)
     print(summary)
     return 0
 

@@ -7,8 +7,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import threading
 from pathlib import Path
+
+# gRPC core logs every failed TLS handshake, one line per connection (at INFO, which it shows unless told
+# otherwise): any client could fill the log. It reads this once, as grpc is imported (below), so here;
+# an operator who wants those lines sets GRPC_VERBOSITY=INFO.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from batchrl.cli import command_parser
 from batchrl.errors import UserError
@@ -18,9 +24,11 @@ from batchrl.serving.logs import configure as configure_logs
 from batchrl.serving.metrics import Metrics
 from batchrl.serving.repository import Registry
 from batchrl.serving.runtime import choose_providers
-from batchrl.serving.server import DRAIN_BOUND, ServerOptions, build_server, start_poller, start_sweeper
+from batchrl.serving.server import (DRAIN_BOUND, FD_RESERVE, MAX_CONNECTIONS, ServerOptions, build_server,
+                                    check_tls, start_poller, start_sweeper)
 from batchrl.serving.signals import StopSignals
 from batchrl.serving.sessions import memory_refusal, open_session_store
+from batchrl.serving.store_guard import GuardLimits
 
 log = logging.getLogger("batchrl.serve")
 
@@ -28,7 +36,7 @@ log = logging.getLogger("batchrl.serve")
 def parser():
     """The options of `batchrl serve` (deploy/ is checked against them)."""
     parser = command_parser("batchrl serve", "Serve the model repository over gRPC.")
-    defaults, batching = ServerOptions(), BatchLimits()  # the one place the server's defaults are written
+    defaults, batching, guard = ServerOptions(), BatchLimits(), GuardLimits()  # the one place defaults are written
     parser.add_argument("--repository", "-r", default="models", help="model repository root")
     parser.add_argument("--address", "-a", default="127.0.0.1:50051", help="host:port to listen on")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
@@ -64,6 +72,18 @@ def parser():
                              "attached to it, so any of them answers any session's next Step")
     parser.add_argument("--session-key-prefix", default="batchrl:",
                         help="prefix of the store's Redis keys (deployments sharing one Redis use different ones)")
+    parser.add_argument("--store-timeout", type=float, default=0.5,
+                        help="seconds one call to a Redis session store may take before it fails (UNAVAILABLE)")
+    parser.add_argument("--store-max-in-flight", type=int, default=None,
+                        help="most calls waiting on a Redis session store at once; more are refused at once "
+                             "(UNAVAILABLE), so a hung store cannot hold every gRPC thread (default: a quarter of "
+                             "--grpc-threads)")
+    parser.add_argument("--store-breaker-failures", type=int, default=guard.failures,
+                        help="failed Redis store calls in a row after which session calls are refused at once "
+                             "(the circuit breaker opens)")
+    parser.add_argument("--store-breaker-cooldown", type=float, default=guard.cooldown,
+                        help="seconds the open breaker refuses session calls before one call tries the store "
+                             "again (its success closes the breaker)")
     parser.add_argument("--poll", type=float, default=0.0, metavar="SECONDS",
                         help="rescan the repository every SECONDS: load new version folders, drop removed ones (0: never)")
     parser.add_argument("--admin-token-file", default=None,
@@ -82,10 +102,23 @@ def parser():
     parser.add_argument("--log-format", choices=["text", "json"], default="text", help="log line format")
     parser.add_argument("--per-client-limit", type=int, default=None,
                         help="most concurrent requests per client: its mutual-TLS identity, else its IP address")
+    parser.add_argument("--max-connections", type=int, default=None,
+                        help="most connections open at once; one over it is closed at once (the client sees "
+                             "UNAVAILABLE). Default: %d, or fewer when the file descriptor limit (raised to its hard "
+                             "limit at start) leaves less beside %d for models, files and metrics. A per-address "
+                             "limit belongs in front of the server (deploy/README.md)" % (MAX_CONNECTIONS, FD_RESERVE))
+    parser.add_argument("--connection-idle-timeout", type=float, default=defaults.connection_idle_timeout,
+                        help="seconds a connection without calls in flight stays open before the server closes "
+                             "it (GOAWAY; gRPC clients reconnect when they next call)")
+    parser.add_argument("--handshake-timeout", type=float, default=defaults.handshake_timeout,
+                        help="seconds a new connection has to finish its TLS handshake and send its HTTP/2 "
+                             "settings before the server closes it")
     parser.add_argument("--reuse-port", action="store_true",
                         help="share the port with other processes (SO_REUSEPORT); without it, a port in use "
                              "is an error")
-    parser.add_argument("--tls-cert", default=None, help="PEM server certificate: serve TLS")
+    parser.add_argument("--tls-cert", default=None,
+                        help="PEM server certificate: serve TLS (checked with --tls-key and --client-ca at start; "
+                             "failed handshakes are not logged unless GRPC_VERBOSITY=INFO is set)")
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     parser.add_argument("--client-ca", default=None, help="PEM CA: require client certificates (mutual TLS)")
     parser.add_argument("--log-experience", default=None, metavar="DIR",
@@ -103,26 +136,61 @@ def parser():
                         help="disk cap of DIR's shards: the oldest are deleted first")
     # Set by the supervisor of --workers N for each worker it starts.
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # its link to the supervisor
+    parser.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+def store_guard(args: argparse.Namespace) -> GuardLimits:
+    """The session store's guard: its calls in flight stay well below the gRPC threads, so that however the
+    store hangs, health, Act and the other calls always find a thread."""
+    in_flight = args.store_max_in_flight
+    if in_flight is None:
+        in_flight = max(1, args.grpc_threads // 4)
+    if in_flight >= args.grpc_threads:
+        raise UserError(f"--store-max-in-flight {in_flight} must be below --grpc-threads ({args.grpc_threads}): "
+                        "calls waiting on a hung store would hold every gRPC thread")
+    return GuardLimits(in_flight, args.store_breaker_failures, args.store_breaker_cooldown)
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard limit (every connection holds one; a soft limit
+    of 1,024 is common), and say so once: by the process that raised it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # e.g. an unlimited hard limit the kernel does not allow
+        log.warning("file descriptor limit left at %d: raising it to the hard limit %d failed: %s", soft, hard, exc)
+        return
+    log.info("file descriptor limit raised from %d to %d (the hard limit)", soft, hard)
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     configure_logs(args.log_format, worker=args.worker_index)
+    raise_fd_limit()  # before workers start: they inherit it
     if args.workers < 1:
         raise UserError(f"--workers {args.workers}: expected 1 or more server processes")
+    check_tls(args.tls_cert, args.tls_key, args.client_ca)  # before any worker, store or model
     if args.workers > 1 and args.worker_index is None:
         from batchrl.serving.workers import supervise
 
         return supervise(args, argv)
     signals = StopSignals()  # before anything slow: a SIGTERM during start-up is then a clean stop too
+    supervisor = None
+    if args.ready_fd is not None:  # a worker: it stops when its supervisor dies (by the signals above)
+        from batchrl.serving.workers import follow_supervisor
+
+        supervisor = follow_supervisor(args.ready_fd, args.supervisor_pid)
     providers = choose_providers(args.device, args.device_id)
     limits = BatchLimits(args.max_batch, args.max_queue_delay_us / 1e6, args.max_queue)
     metrics = Metrics(worker=args.worker_index or 0)
     # the store first: a bad or unreachable one is refused before minutes of model loading
     sessions = open_session_store(args.session_store, lambda name, version: registry.get(name, version),
-                                  args.max_sessions, args.session_timeout, args.session_key_prefix, args.workers)
+                                  args.max_sessions, args.session_timeout, args.session_key_prefix, args.workers,
+                                  args.store_timeout, store_guard(args), metrics)
     registry = Registry.open(Path(args.repository), providers, args.threads, limits, metrics=metrics)
     if not registry.models:
         log.warning("no models loaded from %s", args.repository)
@@ -135,7 +203,10 @@ def main(argv: list[str]) -> int:
                             data_token=read_token(args.data_token_file, DATA_TOKEN_ENV),
                             max_message_bytes=int(args.max_message_mb * 1024 * 1024), grace=args.grace,
                             per_client_limit=args.per_client_limit, reuse_port=args.reuse_port,
-                            tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca)
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca,
+                            max_connections=args.max_connections,
+                            connection_idle_timeout=args.connection_idle_timeout,
+                            handshake_timeout=args.handshake_timeout)
     experience = None
     if args.log_experience is not None:
         from batchrl.serving.experience import ExperienceLog
@@ -144,6 +215,8 @@ def main(argv: list[str]) -> int:
                                    args.log_buffer_rows, args.log_retention_hours * 3600, int(args.log_max_gb * 2**30),
                                    metrics)
     served = build_server(registry, options, sessions, metrics, experience)
+    log.info("connections: at most %d open at once (file descriptor limit %d), closed after %g s without calls",
+             options.connection_cap(), resource.getrlimit(resource.RLIMIT_NOFILE)[0], options.connection_idle_timeout)
     if args.metrics_port is not None:
         metrics.watch(registry, sessions)
         if args.worker_index is None:  # a worker's figures are served by its supervisor
@@ -153,13 +226,15 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     start_sweeper(sessions, stop)
     if args.poll > 0:
-        start_poller(registry, args.poll, stop)
+        start_poller(registry, args.poll, stop, metrics)
     in_use = sorted({p for versions in registry.models.values() for m in versions.values() for p in m.providers})
     log.info("serving %d models (%d versions) on %s (port %d); onnxruntime providers in use: %s", len(registry.models),
              sum(len(v) for v in registry.models.values()), args.address, served.port, ", ".join(in_use) or "none")
-    if args.ready_fd is not None:  # tell the supervisor
-        os.write(args.ready_fd, b"1")
-        os.close(args.ready_fd)
+    if supervisor is not None:  # tell it (the link stays open: its end-of-file means the supervisor died)
+        try:
+            supervisor.sendall(b"1")
+        except OSError:  # it died meanwhile: its signal, or the watch of the link, stops this process below
+            pass
     received = signals.wait()
     stop.set()
     log.info("%s: draining: health NOT_SERVING, no new requests, up to %.1f s for those in flight",

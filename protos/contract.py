@@ -67,12 +67,23 @@ def scan_versions(model_dir: Path, root: Path | None = None) -> VersionScan:
         except ValueError as exc:
             rejected[folder.name] = ("name", str(exc))
             continue
-        if not folder.resolve().is_relative_to(root):
-            rejected[folder.name] = ("outside", f"version folder {folder.name!r} resolves to {folder.resolve()}, "
-                                                f"outside the repository {root}")
+        try:
+            resolved_inside(folder, root)
+        except ValueError as exc:
+            rejected[folder.name] = ("outside", f"version folder {folder.name!r}: {exc}")
             continue
         found[version] = folder
     return VersionScan(dict(sorted(found.items())), rejected)
+
+
+def resolved_inside(path: Path, root: Path) -> Path:
+    """Where ``path`` really is (symlinks followed); ValueError saying where, when that is outside ``root``
+    (resolved). The repository's one containment rule, for its folders and for every file it opens:
+    a symlink may point anywhere inside the repository, never out of it."""
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        raise ValueError(f"{path} resolves to {real}, outside the repository {root}")
+    return real
 
 
 def version_dirs(model_dir: Path, root: Path | None = None) -> dict[int, Path]:

@@ -10,8 +10,10 @@ In order, for each call:
 3. Stream limits. In the synchronous grpcio server a streaming call holds a worker thread for
    its whole life, so at most ``max_streams`` (below the worker count) are open at once; more get
    RESOURCE_EXHAUSTED. A stream waiting longer than ``stream_idle_timeout`` for its client's next
-   message is closed by the server (UNAVAILABLE, saying why); the handler learns of it through
-   ``StreamIdle`` (an Episode's session then stays open).
+   message, or for its client to take an answer (a client that sends but never reads fills the
+   flow-control window, and the thread sending to it blocks), is closed by the server
+   (UNAVAILABLE, saying why); the handler learns of it through ``StreamIdle`` (an Episode's
+   session then stays open).
 4. The per-client limit on concurrent calls. A client is what it cannot mint: its mutual-TLS
    certificate identity when it has one, else its peer address without the port.
 
@@ -19,6 +21,7 @@ Health is exempt from 2-4: it must answer whatever else happens.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
@@ -43,7 +46,9 @@ class Role(enum.Enum):
 
 
 class StreamIdle(Exception):
-    """Raised from a stream's request iterator once the server closed the stream for idleness."""
+    """Raised in a stream's handler once the server closed the stream because its client went quiet:
+    from the request iterator (no message for the idle timeout) or where the handler yielded (its
+    answer not taken for the idle timeout)."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +76,33 @@ def client_identity(context: grpc.ServicerContext) -> str:
 
 
 class _Stream:
-    __slots__ = ("context", "waiting_since", "closed_idle")
+    __slots__ = ("context", "waiting_since", "sending_since", "closed_idle")
 
     def __init__(self, context):
-        self.context, self.waiting_since, self.closed_idle = context, None, False
+        self.context, self.closed_idle = context, False
+        self.waiting_since: float | None = None  # since when the handler waits for the client's next message
+        self.sending_since: float | None = None  # since when an answer waits for the client to take it
+
+
+def _sending(stream: _Stream, responses: Iterator) -> Iterator:
+    """``responses``, each marked on ``stream`` as sending from its yield until the next is asked for.
+
+    grpcio's synchronous server sends a yielded response and waits for that send to complete (which
+    blocks while the client's flow-control window is full: a client that does not read) before it
+    asks for the next one, so the time between a yield and the resume is the time the client takes
+    to take the answer. When the reaper closed the stream meanwhile, grpc may drop this generator
+    without resuming it: the handler is then told where it yielded, with StreamIdle, as for idleness.
+    """
+    try:
+        for response in responses:
+            stream.sending_since = time.monotonic()
+            yield response
+            stream.sending_since = None
+    except GeneratorExit:
+        if stream.closed_idle and hasattr(responses, "throw"):
+            with contextlib.suppress(StreamIdle, StopIteration):
+                responses.throw(StreamIdle())
+        raise
 
 
 def _message_name(deserialize) -> str:
@@ -113,23 +141,40 @@ class Admission(grpc.ServerInterceptor):
         return len(self._streams)
 
     def close_idle_streams(self, now: float | None = None) -> int:
+        """Close the streams whose client kept the server waiting longer than the idle timeout: for its
+        next message (idle), or to take an answer (send timeout). Returns how many were closed."""
         now = time.monotonic() if now is None else now
         timeout = self.limits.stream_idle_timeout
+
+        def stalled(since: float | None) -> bool:  # read once: the handler's thread sets these meanwhile
+            return since is not None and now - since > timeout
+
         with self._lock:
-            idle = [s for s in self._streams.values()
-                    if not s.closed_idle and s.waiting_since is not None and now - s.waiting_since > timeout]
-            for stream in idle:
+            open_ = [s for s in self._streams.values() if not s.closed_idle]
+            idle = [s for s in open_ if stalled(s.waiting_since)]
+            unsent = [s for s in open_ if s not in idle and stalled(s.sending_since)]
+            for stream in idle + unsent:
                 stream.closed_idle = True
+        after = ("an open session stays open: continue it with Step, or with a new stream whose first message "
+                 "is a step carrying its session_id")
         for stream in idle:
             _cancel(stream.context, grpc.StatusCode.UNAVAILABLE,
                     f"the server closed this stream after {timeout:g} s without a message from the client "
-                    "(the stream idle timeout); an open session stays open: continue it with Step, or with a "
-                    "new stream whose first message is a step carrying its session_id")
+                    f"(the stream idle timeout); {after}")
             if self.metrics is not None:
                 self.metrics.streams_closed_idle.inc()
+        for stream in unsent:
+            _cancel(stream.context, grpc.StatusCode.UNAVAILABLE,
+                    f"the server closed this stream after its client took no answer for {timeout:g} s (the stream "
+                    f"send timeout, which is the stream idle timeout: read the answers as they come); {after}")
+            if self.metrics is not None:
+                self.metrics.stream_send_timeouts.inc()
         if idle:
             log.info("closed %d stream(s) idle for more than %g s", len(idle), timeout)
-        return len(idle)
+        if unsent:
+            log.info("closed %d stream(s) whose client took no answer for more than %g s (stream send timeout)",
+                     len(unsent), timeout)
+        return len(idle) + len(unsent)
 
     # -- the interceptor ---------------------------------------------------------
     def intercept_service(self, continuation, details):
@@ -172,22 +217,24 @@ class Admission(grpc.ServerInterceptor):
 
         if handler.request_streaming:
             def messages(stream: _Stream, raw_iterator, context) -> Iterator:
-                try:
-                    while True:
-                        stream.waiting_since = time.monotonic()
-                        try:
-                            raw = next(raw_iterator)
-                        except StopIteration:
-                            return
-                        finally:
-                            stream.waiting_since = None
-                        yield decode(raw, context)
-                except grpc.RpcError:
-                    if not stream.closed_idle:
-                        raise
-                finally:
+                # StreamIdle only where the handler asks for a message (not when the generator is closed:
+                # an exception raised then is lost, with a traceback).
+                while True:
+                    stream.waiting_since, ended = time.monotonic(), False
+                    try:
+                        raw = next(raw_iterator)
+                    except StopIteration:
+                        ended = True
+                    except grpc.RpcError:
+                        if not stream.closed_idle:
+                            raise
+                    finally:
+                        stream.waiting_since = None
                     if stream.closed_idle:
                         raise StreamIdle()
+                    if ended:
+                        return
+                    yield decode(raw, context)
 
             def enter_stream(raw_iterator, context):
                 who = admit(context)
@@ -198,7 +245,7 @@ class Admission(grpc.ServerInterceptor):
                 def behavior(raw_iterator, context):
                     stream, who, requests = enter_stream(raw_iterator, context)
                     try:
-                        yield from handler.stream_stream(requests, context)
+                        yield from _sending(stream, handler.stream_stream(requests, context))
                     finally:
                         self._close_stream(stream, who)
                 return grpc.stream_stream_rpc_method_handler(behavior, None, handler.response_serializer)
@@ -229,7 +276,7 @@ class Admission(grpc.ServerInterceptor):
                 who = admit(context)
                 stream = self._open_stream(method, context, who)
                 try:
-                    yield from handler.unary_stream(request, context)
+                    yield from _sending(stream, handler.unary_stream(request, context))
                 finally:
                     self._close_stream(stream, who)
             return grpc.unary_stream_rpc_method_handler(behavior, None, handler.response_serializer)

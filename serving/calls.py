@@ -8,9 +8,14 @@ import time
 import grpc
 
 from batchrl.serving.errors import ServingError
+from batchrl.serving.logs import RateLimitedLog
 
 log = logging.getLogger("batchrl.serve")
 MAX_DETAILS = 1024  # characters of an error message: details travel in metadata, which has a size limit
+# A request that finds a bug can be sent again and again: its traceback is logged at most once per
+# interval per (RPC, exception type), with a count of the ones held back. One per process, like the
+# logger it writes to: every service's guard shares it.
+_bug_log = RateLimitedLog(log)
 
 
 def deadline_of(context: grpc.ServicerContext) -> float | None:
@@ -30,8 +35,8 @@ class Call:
 
 def guarded(context: grpc.ServicerContext, call: Call, handler, metrics=None):
     """Run ``handler``; a ServingError becomes its status, anything else INTERNAL (logged with its
-    traceback: a bug of the server, not the client's fault). One bad request never takes the server
-    down. Every outcome is counted and timed."""
+    traceback, rate-limited: a bug of the server, not the client's fault). One bad request never takes
+    the server down. Every outcome is counted and timed."""
     code, message = grpc.StatusCode.OK, ""
     if metrics is not None:
         metrics.in_flight.labels(call.rpc).inc()
@@ -39,8 +44,8 @@ def guarded(context: grpc.ServicerContext, call: Call, handler, metrics=None):
         return handler()
     except ServingError as exc:
         code, message = exc.code, str(exc)
-    except Exception:  # noqa: BLE001
-        log.exception("%s on model %r failed", call.rpc, call.model)
+    except Exception as exc:  # noqa: BLE001
+        _bug_log.exception(f"{call.rpc}:{type(exc).__qualname__}", "%s on model %r failed", call.rpc, call.model)
         code, message = grpc.StatusCode.INTERNAL, f"{call.rpc} failed inside the server; see the server log"
     finally:
         if metrics is not None:

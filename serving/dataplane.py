@@ -7,10 +7,12 @@ repository, and raises the typed errors of serving/errors.py for whatever a call
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from batchrl.protos.contract import MAX_VERSION
 from batchrl.protos.experience import ENDINGS
 from batchrl.protos.sequence import check_reward
 from batchrl.serving.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
@@ -53,7 +55,7 @@ class DataPlane:
     def model(self, name: str, version: int | None = None) -> LoadedModel:
         if len(name) > MAX_NAME:
             raise InvalidArgument(f"model name {quoted(name)} is longer than {MAX_NAME} characters")
-        return self.registry.get(name, version)
+        return self.registry.get(name, check_version(version))
 
     def load(self, name: str, version: int | None = None) -> list[LoadedModel]:
         """Load (all or nothing); an explicit load also promotes a version of another interface."""
@@ -76,8 +78,9 @@ class DataPlane:
         return explore(model, self._finite(model, model.infer({"observations": obs}, deadline)), noise_std, seed)
 
     # -- sessions: one per episode, for every policy ------------------------------------
-    def open(self, model: LoadedModel, target_return: float | None = None, key=None) -> Session:
-        """A session on ``model`` (under the caller's ``key``, if given: see SessionStore.open)."""
+    def open(self, model: LoadedModel, target_return: float | None = None, key=None, owner: str | None = None) \
+            -> Session:
+        """A session on ``model`` (under the caller's ``key`` and its ``owner``, if given: see SessionStore.open)."""
         if not model.is_sequence:
             if target_return is not None:
                 raise InvalidArgument(f"model {model.name!r} is a feed-forward policy ({model.manifest.algorithm}): "
@@ -86,7 +89,7 @@ class DataPlane:
             if not model.manifest.HasField("default_target_return"):
                 raise InvalidArgument(f"model {model.name!r} has no default target return: set target_return")
             target_return = model.manifest.default_target_return
-        return self.sessions.open(model, target_return, key)
+        return self.sessions.open(model, target_return, key, owner)
 
     def session(self, session_id: str) -> Session:
         if len(session_id) > MAX_NAME:
@@ -175,6 +178,15 @@ class DataPlane:
                          "outside what the policy was trained on")
 
 
+def check_version(version: int | None) -> int | None:
+    """``version`` if it is None (the default version) or a model version, 1 to MAX_VERSION; every
+    protocol's requested version passes here (the OIP's text ones parsed first by kserve.parse_version)."""
+    if version is not None and not 1 <= version <= MAX_VERSION:
+        raise InvalidArgument(f"version {version} is not a model version: expected a positive integer from 1 to "
+                              f"{MAX_VERSION}")
+    return version
+
+
 def check_noise(noise_std: float) -> None:
     if not np.isfinite(noise_std) or noise_std < 0:
         raise InvalidArgument(f"sampling.noise_std must be finite and >= 0, got {noise_std}")
@@ -192,10 +204,10 @@ def explore(model: LoadedModel, actions: np.ndarray, noise_std: float, seed: int
 def check_observations(model: LoadedModel, obs: np.ndarray, what: str, batched: bool) -> np.ndarray:
     """``obs`` if it is [batch, *obs_shape] (``batched``) or one [*obs_shape], non-empty, within the
     batch cap and finite; InvalidArgument naming what is wrong otherwise."""
-    expected = model.observation_shape
-    if obs.shape[int(batched):] != expected or obs.ndim != len(expected) + int(batched):
-        wanted = f"[batch, {', '.join(map(str, expected))}]" if batched else list(expected)
-        raise InvalidArgument(f"{what} have shape {list(obs.shape)}; model {model.name!r} expects {wanted}")
+    check_rank(model, obs.shape, what, batched)
+    if obs.shape[int(batched):] != model.observation_shape:
+        raise InvalidArgument(f"{what} have shape {list(obs.shape)}; model {model.name!r} expects "
+                              f"{expected_shape(model, batched)}")
     if batched and obs.shape[0] == 0:
         raise InvalidArgument(f"{what} hold an empty batch (batch size 0)")
     if batched and obs.shape[0] > MAX_BATCH:
@@ -208,3 +220,19 @@ def check_observations(model: LoadedModel, obs: np.ndarray, what: str, batched: 
         label = f"row {where[0]}, element {element}" if batched else f"element {element}"
         raise InvalidArgument(f"{what} must be finite: {label} is {obs[where]}")
     return obs
+
+
+def check_rank(model: LoadedModel, shape: Sequence[int], what: str, batched: bool) -> None:
+    """InvalidArgument naming the rank ``model`` takes when ``shape`` (of [batch, *observation_shape] if
+    ``batched``, else of one observation) has another. It needs only the shape: the translators call it
+    on the wire's shape before decoding, so a shape of any depth gets this answer."""
+    rank = len(model.observation_shape) + int(batched)
+    if len(shape) != rank:
+        shown = f" (shape {list(shape)})" if len(shape) <= 8 else ""  # a deep shape is not repeated back
+        raise InvalidArgument(f"{what} must have rank {rank}, got rank {len(shape)}{shown}: model {model.name!r} "
+                              f"expects {expected_shape(model, batched)}")
+
+
+def expected_shape(model: LoadedModel, batched: bool) -> str:
+    dims = ", ".join(map(str, model.observation_shape))
+    return f"[batch, {dims}]" if batched else f"[{dims}]"

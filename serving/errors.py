@@ -40,3 +40,8 @@ class OutOfRange(ServingError):
 class Unavailable(ServingError):
     """A service the server depends on (the shared session store) cannot be reached: retry."""
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class DataLoss(ServingError):
+    """Stored state is damaged beyond use (a shared store's session record that does not parse)."""
+    code = grpc.StatusCode.DATA_LOSS

@@ -10,8 +10,13 @@ fsync'd and renamed into place, readable by the server's user only (mode 0600, f
 SIGKILL loses at most the rows of the last ``flush_seconds`` (and those in the buffer), never a
 written shard. After each shard, shards older than ``retention_seconds`` are deleted, then the
 oldest until all of them (every process's, in this folder) fit in ``max_bytes``; each deletion is
-counted. A write that fails (full disk, unwritable folder) is logged and counted, its rows are
-dropped and counted, and serving goes on; the next shard tries again.
+counted. Retention deletes only regular files named like a shard (``SHARD_NAME``): a folder or a
+symbolic link with such a name is left alone, never followed. A write that fails (full disk,
+unwritable folder, no file descriptor left) is logged and counted, its rows are dropped and
+counted, and serving goes on; the next shard tries again. No error ends the writer (a dead writer
+would lose every later row and hang the drain): a failed retention pass, or anything unforeseen, is
+counted and logged once per kind, and the writer goes on. ``close`` never blocks past its timeout,
+and counts the rows it could not write.
 
 Imports pyarrow (the `experience` extra): only a server started with --log-experience loads it.
 """
@@ -21,7 +26,9 @@ import errno
 import logging
 import os
 import queue
+import re
 import socket
+import stat
 import threading
 import time
 from datetime import datetime, timezone
@@ -34,7 +41,10 @@ from batchrl.protos import experience as contract
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
+_STOP = object()  # wakes the writer at close
+# A shard of any series (any host, process, worker, start): what retention may delete.
+SHARD_NAME = re.compile(re.escape(contract.SHARD_PREFIX) + r".+-\d+-\d{8}T\d{6}Z-\d{6}" +
+                        re.escape(contract.SHARD_SUFFIX))
 ROW_OVERHEAD = 96  # bytes a row costs beyond its observation and action floats (ids, names, numbers)
 
 
@@ -61,14 +71,20 @@ class ExperienceLog:
                        f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}")
         self.shards = 0  # written
         self._sequence = 0  # the next shard's number
-        self.dropped = 0  # rows lost (buffer full or a failed write), as counted in the metrics too
-        self._error: str | None = None  # the kind of the last write error logged, to log each new kind once
+        self._rows: list[tuple] = []  # collected by the writer for the next shard
+        self._size, self._oldest = 0, 0.0  # their estimated bytes; when the first of them came (monotonic)
+        self.dropped = 0  # rows lost (buffer full, a failed write, close), as counted in the metrics too
+        # per stage (write, retention, writer), the kinds of error logged since it last worked: each logged once
+        self._logged: dict[str, set[str]] = {"write": set(), "retention": set(), "writer": set()}
+        self._skipped_logged = False  # a folder or link named like a shard was reported
+        self._closing = threading.Event()  # close() began: the writer writes what it has and ends
+        self._closed = False  # close() returned: rows that still come are counted as dropped
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_loop, name="batchrl-experience-writer", daemon=True)
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:  # reported and counted like any failed write; serving goes on
-            self._failed("create the folder", exc)
+            self._failed("write", "create the folder", exc)
         self._thread.start()
         log.info("logging experience to %s (a shard at least every %g s; series %s)", self.directory,
                  flush_seconds, self.series)
@@ -83,63 +99,120 @@ class ExperienceLog:
         self._put((session_id, index, observation, None, reward, ending, model, version, time.time()))
 
     def _put(self, row: tuple) -> None:
+        if self._closed:
+            self._drop(1, "closed")
+            return
         try:
             self.buffer.put_nowait(row)
         except queue.Full:
             self._drop(1, "buffer_full")
+            return
+        if self._closed:  # close() may have emptied the buffer just before this row came
+            self._discard_buffer("closed")
 
     # -- the drain ------------------------------------------------------------------
     def close(self, timeout: float = 30.0) -> None:
         """Write every row received so far, then stop the writer (the server's drain calls it once no
-        request runs any more)."""
-        self.buffer.put(_STOP)  # blocks only while the buffer is full, which the writer empties
+        request runs any more). Returns within ``timeout`` whatever the disk does; the rows it could not
+        write are counted as dropped."""
+        if self._closed:
+            return
+        self._closing.set()
+        try:
+            self.buffer.put_nowait(_STOP)  # wakes a writer waiting for rows (a full buffer wakes it anyway)
+        except queue.Full:
+            pass
         self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.error("the experience writer did not finish within %g s; rows still waiting are lost", timeout)
-        else:
-            log.info("experience log closed: %d shard(s) written, %d row(s) dropped", self.shards, self.dropped)
+        self._closed = True
+        if self._thread.is_alive():  # a hung disk: what it holds and what waits for it are lost
+            lost = len(self._rows) + self._discard_buffer(None)
+            self._drop(lost, "close_timeout")
+            log.error("the experience writer did not finish within %g s; %d row(s) still waiting are lost "
+                      "(%d row(s) dropped in all)", timeout, lost, self.dropped)
+            return
+        self._discard_buffer("closed")  # rows of calls cut off by the drain that came after the writer's end
+        log.info("experience log closed: %d shard(s) written, %d row(s) dropped", self.shards, self.dropped)
+
+    def _discard_buffer(self, reason: str | None) -> int:
+        """Empty the buffer; count its rows as dropped for ``reason`` (None: the caller counts them)."""
+        rows = 0
+        while True:
+            try:
+                rows += self.buffer.get_nowait() is not _STOP
+            except queue.Empty:
+                break
+        if rows and reason is not None:
+            self._drop(rows, reason)
+        return rows
 
     # -- the writer thread ------------------------------------------------------------
     def _write_loop(self) -> None:
-        rows: list[tuple] = []
-        size, oldest = 0, 0.0
-        while True:
-            wait = None if not rows else max(0.0, oldest + self.flush_seconds - time.monotonic())
+        done = False
+        while not done:
             try:
-                row = self.buffer.get(timeout=wait)
-            except queue.Empty:
-                row = None
-            if row is _STOP:
-                self._flush(rows)
-                return
-            if row is not None:
-                if not rows:
-                    oldest = time.monotonic()
-                rows.append(row)
-                size += ROW_OVERHEAD + 4 * (row[2].size + (0 if row[3] is None else row[3].size))
-            if rows and (size >= self.shard_bytes or time.monotonic() - oldest >= self.flush_seconds):
-                self._flush(rows)
-                rows, size = [], 0
+                done = self._collect()
+            except Exception as exc:  # noqa: BLE001 - nothing unforeseen may end the writer: counted, it goes on
+                self._failed("writer", "collect rows", exc)
+                self._drop(len(self._rows), "write_error")
+                self._rows, self._size = [], 0
+                time.sleep(0.1)  # an error that repeats at once must not spin
 
-    def _flush(self, rows: list[tuple]) -> None:
+    def _collect(self) -> bool:
+        """Take the next row (waiting at most until the rows held are due), write a shard when one is due;
+        at close, every row in the buffer. True once closed."""
+        wait = None if not self._rows else max(0.0, self._oldest + self.flush_seconds - time.monotonic())
+        try:
+            row = self.buffer.get(timeout=wait)
+        except queue.Empty:
+            row = None
+        if self._closing.is_set():
+            while row is not None:
+                self._add(row)
+                try:
+                    row = self.buffer.get_nowait()
+                except queue.Empty:
+                    row = None
+            self._flush()
+            return True
+        if row is not None:
+            self._add(row)
+        if self._rows and time.monotonic() - self._oldest >= self.flush_seconds:
+            self._flush()
+        return False
+
+    def _add(self, row) -> None:
+        if row is _STOP:
+            return
+        if not self._rows:
+            self._oldest = time.monotonic()
+        self._rows.append(row)
+        self._size += ROW_OVERHEAD + 4 * (row[2].size + (0 if row[3] is None else row[3].size))
+        if self._size >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        rows = self._rows
         if not rows:
             return
         name = f"{self.series}-{self._sequence:06d}{contract.SHARD_SUFFIX}"
         self._sequence += 1  # a failed attempt's name is not reused
         try:
             self._write(rows, name)
-        except Exception as exc:  # noqa: BLE001 - a full disk, a removed folder...: counted, serving goes on
-            self._failed(f"write shard {name}", exc)
+        except Exception as exc:  # noqa: BLE001 - a full disk, a removed folder, EMFILE...: counted, serving goes on
+            self._failed("write", f"write shard {name}", exc)
             self._drop(len(rows), "write_error")
             return
+        finally:
+            self._rows, self._size = [], 0
         self.shards += 1
-        if self._error is not None:
-            log.info("experience log: writing again (%s)", name)
-            self._error = None
+        self._recovered("write", f"writing again ({name})")
         if self.metrics is not None:
             self.metrics.experience_rows.inc(len(rows))
             self.metrics.experience_shards.inc()
-        self._retain()
+        try:
+            self._retain()
+        except Exception as exc:  # noqa: BLE001 - the folder cannot be listed (EMFILE, EACCES...): next shard retries
+            self._failed("retention", "list the shards", exc)
 
     def _write(self, rows: list[tuple], name: str) -> None:
         import pyarrow as pa
@@ -173,23 +246,42 @@ class ExperienceLog:
     def _retain(self) -> None:
         """Delete shards past the retention age, then the oldest until the rest fit the disk cap."""
         shards = []
-        for path in self.directory.glob(f"{contract.SHARD_PREFIX}*{contract.SHARD_SUFFIX}"):
-            try:
-                stat = path.stat()
-            except FileNotFoundError:  # another process's retention took it
-                continue
-            shards.append((stat.st_mtime, stat.st_size, path))
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if not SHARD_NAME.fullmatch(entry.name):
+                    continue
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # another process's retention took it
+                    continue
+                if not stat.S_ISREG(info.st_mode):  # a folder or a link is nobody's shard: left alone, not followed
+                    if not self._skipped_logged:
+                        log.warning("experience log: %s in %s is named like a shard but is not a regular file; "
+                                    "retention leaves it (and any other such) alone", entry.name, self.directory)
+                        self._skipped_logged = True
+                    continue
+                shards.append((info.st_mtime, info.st_size, entry.name))
         shards.sort()
         total = sum(size for _, size, _ in shards)
         cutoff = time.time() - self.retention_seconds
-        for mtime, size, path in shards:
+        failed = False
+        for mtime, size, name in shards:
             reason = "age" if mtime < cutoff else "disk_cap" if total > self.max_bytes else None
             if reason is None:
                 continue
-            path.unlink(missing_ok=True)
+            try:
+                os.unlink(self.directory / name)  # never follows a link (one that took the file's place since)
+            except FileNotFoundError:  # another process's retention took it
+                pass
+            except OSError as exc:  # counted; the other shards are still tried
+                self._failed("retention", f"delete {name}", exc)
+                failed = True
+                continue
             total -= size
             if self.metrics is not None:
                 self.metrics.experience_shards_deleted.labels(reason).inc()
+        if not failed:
+            self._recovered("retention", "retention works again")
 
     # -- accounting -------------------------------------------------------------------
     def _drop(self, rows: int, reason: str) -> None:
@@ -198,11 +290,25 @@ class ExperienceLog:
         if self.metrics is not None:
             self.metrics.experience_dropped.labels(reason).inc(rows)
 
-    def _failed(self, what: str, exc: Exception) -> None:
+    def _failed(self, stage: str, what: str, exc: Exception) -> None:
+        """Count a failure of ``stage`` (write, retention, writer) and log it once per kind until the stage
+        works again (no traceback: the error's line says it; an unforeseen one gets its traceback once)."""
         reason = errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__)
         if self.metrics is not None:
-            self.metrics.experience_errors.labels(reason).inc()
-        if reason != self._error:  # once per new kind of error, not once per shard
+            counter = self.metrics.experience_retention_errors if stage == "retention" else self.metrics.experience_errors
+            counter.labels(reason).inc()
+        if reason in self._logged[stage]:  # once per kind, not once per shard
+            return
+        self._logged[stage].add(reason)
+        if stage == "retention":
+            log.error("experience log: cannot %s in %s: %s; counted (batchrl_experience_retention_errors), the "
+                      "writer goes on", what, self.directory, exc)
+        else:
             log.error("experience log: cannot %s in %s: %s; its rows are dropped and counted "
-                      "(batchrl_experience_rows_dropped), serving goes on", what, self.directory, exc)
-            self._error = reason
+                      "(batchrl_experience_rows_dropped), serving goes on", what, self.directory, exc,
+                      exc_info=stage == "writer")
+
+    def _recovered(self, stage: str, message: str) -> None:
+        if self._logged[stage]:
+            log.info("experience log: %s", message)
+            self._logged[stage].clear()

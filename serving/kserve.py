@@ -19,26 +19,43 @@ end: parameter `ending` ("terminated" or "truncated") makes its observation the
 final one (what the last action led to) and its reward what that action earned;
 it is answered with the action for that observation like any request, but it is
 not a step of the episode (the experience log records it as the episode's end).
+
+Sequence ids are shared by every client of the server (of every server on one Redis store), and
+the integer 42 and the string "42" are two ids. A sequence belongs to the client that started it:
+its mutual-TLS identity, else its network address without the port (serving/admission.py's
+client_identity). A start naming another client's open sequence is refused (FAILED_PRECONDITION)
+instead of replacing it, and so is any other request naming it; a client may restart its own id
+(that replaces the sequence). Clients behind one NAT, proxy or load balancer that hides their
+address share an owner: among them, pick ids that cannot collide (a UUID), or use mutual TLS.
 Responses always carry raw_output_contents.
 """
 from __future__ import annotations
 
+import grpc
 import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as kv
 from tritonclient.grpc import service_pb2_grpc as kv_grpc
 
+from batchrl.serving.admission import client_identity
 from batchrl.serving.auth import Tokens
 from batchrl.serving.calls import Call, deadline_of, guarded
 from batchrl.protos.experience import ENDINGS
-from batchrl.serving.dataplane import DataPlane, EpisodeEnd, quoted
-from batchrl.serving.errors import InvalidArgument, ServingError
+from batchrl.protos.contract import MAX_VERSION
+from batchrl.serving.dataplane import DataPlane, EpisodeEnd, check_version, quoted
+from batchrl.serving.errors import FailedPrecondition, InvalidArgument, ServingError
 from batchrl.serving.runtime import LoadedModel
+from batchrl.serving.sessions import KeyInUse
 from batchrl.serving.tensors import WIRE_DTYPE, from_bytes
 
 MAX_SEQUENCE_ID = 128  # characters of a string sequence_id
 EXTENSIONS = ["model_configuration", "model_repository", "sequence", "parameters"]
 PLATFORM = "onnxruntime_onnx"
+
+
+class Unimplemented(ServingError):
+    """A method of the protocol this server does not offer (shared memory, statistics, tracing...)."""
+    code = grpc.StatusCode.UNIMPLEMENTED
 
 
 class KServeService(kv_grpc.GRPCInferenceServiceServicer):
@@ -56,11 +73,15 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
         return kv.ServerReadyResponse(ready=not self.plane.draining)
 
     def ModelReady(self, request, context):
-        try:
-            self.plane.model(request.name, parse_version(request.version))
-        except ServingError:
-            return kv.ModelReadyResponse(ready=False)
-        return kv.ModelReadyResponse(ready=not self.plane.draining)
+        def ready(call):
+            version = parse_version(request.version)  # malformed: the caller's error, not "not ready"
+            try:
+                self.plane.model(request.name, version)
+            except ServingError:
+                return kv.ModelReadyResponse(ready=False)
+            return kv.ModelReadyResponse(ready=not self.plane.draining)
+
+        return self._answer(context, "ModelReady", ready)
 
     def ServerMetadata(self, request, context):
         return kv.ServerMetadataResponse(name=self.name, version=self.version, extensions=EXTENSIONS)
@@ -99,18 +120,19 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
     # -- inference -------------------------------------------------------------
     def ModelInfer(self, request: kv.ModelInferRequest, context) -> kv.ModelInferResponse:
         deadline = deadline_of(context)
-        return self._answer(context, "ModelInfer", lambda call: self._infer(call, request, deadline))
+        return self._answer(context, "ModelInfer", lambda call: self._infer(call, request, deadline,
+                                                                                client_identity(context)))
 
-    def _infer(self, call, request: kv.ModelInferRequest, deadline) -> kv.ModelInferResponse:
+    def _infer(self, call, request: kv.ModelInferRequest, deadline, owner: str) -> kv.ModelInferResponse:
         model = self._model(call, request.model_name, request.model_version)
-        inputs = decode_inputs(request)
+        inputs = decode_inputs(request, model)
         _, outputs = tensor_specs(model)
         for wanted in request.outputs:
             if wanted.name != outputs[0][0]:
                 raise InvalidArgument(f"model {model.name!r} has no output {wanted.name!r}; its output is "
                                       f"{outputs[0][0]!r}")
         if model.is_sequence:
-            action = self._sequence_step(model, request, inputs, deadline)
+            action = self._sequence_step(model, request, inputs, deadline, owner)
             return self._response(request, model, outputs[0][0], action[None])
         if set(inputs) != {"observations"}:
             raise InvalidArgument(f"model {model.name!r} takes one input, 'observations' FP32 [-1, "
@@ -118,7 +140,8 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
         actions = self.plane.act(model, inputs["observations"], deadline, what="input 'observations'")
         return self._response(request, model, "actions", actions)
 
-    def _sequence_step(self, model: LoadedModel, request, inputs, deadline) -> np.ndarray:
+    def _sequence_step(self, model: LoadedModel, request, inputs, deadline, owner: str) -> np.ndarray:
+        """One request of a sequence; ``owner``: the client's identity (the sequence's owner, if it starts)."""
         params = request.parameters
         if "sequence_id" not in params:
             raise InvalidArgument(f"model {model.name!r} is a sequence policy: set the sequence_id parameter (and "
@@ -151,7 +174,7 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
             if inputs["reward"].size != 1:
                 raise InvalidArgument(f"input 'reward' has shape {list(inputs['reward'].shape)}; expected [1, 1]")
             reward = float(inputs["reward"].reshape(-1)[0])
-        key = (model.name, str(sequence))  # forgotten with its session: closed, ended or expired
+        key = (model.name, sequence)  # 42 and "42" differ; forgotten with its session: closed, ended or expired
         if start:
             if reward not in (None, 0.0):
                 raise InvalidArgument("the start request of a sequence has no previous action: omit 'reward' or "
@@ -160,9 +183,15 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
             target = (parameter_value(params["target_return"], "target_return",
                                       ("double_param", "int64_param", "uint64_param"))
                       if "target_return" in params else None)
-            session = self.plane.open(model, target, key=key)  # replaces the key's earlier session
+            try:
+                session = self.plane.open(model, target, key=key, owner=owner)  # replaces the owner's earlier one
+            except KeyInUse:
+                raise self._taken(model, sequence, "start") from None
         else:
-            session_id = self.plane.sessions.find(key)
+            try:
+                session_id = self.plane.sessions.find(key, owner)
+            except KeyInUse:
+                raise self._taken(model, sequence, "step") from None
             if session_id is None:
                 raise InvalidArgument(f"sequence {sequence!r} of model {model.name!r} is not open: set "
                                       "sequence_start on its first request")
@@ -181,6 +210,16 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
         if end:
             self.plane.sessions.close(session.id)
         return result.action
+
+    def _taken(self, model: LoadedModel, sequence: int | str, request: str) -> FailedPrecondition:
+        """The refusal of a ``request`` ("start" or "step") naming another client's open sequence, counted;
+        it names nothing of that client."""
+        if self.metrics is not None:
+            self.metrics.sequence_conflicts.labels(request).inc()
+        return FailedPrecondition(f"sequence_id {sequence!r} of model {model.name!r} is another client's open "
+                                  "sequence: sequence ids are shared by all clients, so choose one that no other "
+                                  "client uses (a UUID)" + (", or start it once that sequence has ended or expired"
+                                                            if request == "start" else ""))
 
     def _response(self, request, model: LoadedModel, name: str, array: np.ndarray) -> kv.ModelInferResponse:
         array = np.ascontiguousarray(array, dtype=WIRE_DTYPE)
@@ -235,12 +274,15 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
 
 
 def parse_version(text: str) -> int | None:
-    """Triton versions are strings: "" is the default, else a positive integer."""
+    """Triton versions are strings: "" is the default, else a positive integer (an int64 on batchrl's
+    API). The digits are counted before int() reads them: Python's int() raises ValueError past 4,300
+    digits, and a client may send a million."""
     if not text:
         return None
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise InvalidArgument(f"model_version {quoted(text)} is not a positive integer version")
-    return int(text)
+    digits = text.lstrip("0")
+    if not (text.isascii() and text.isdigit()) or len(digits) > len(str(MAX_VERSION)):
+        raise InvalidArgument(f"version {quoted(text)} is not a positive integer version (1 to {MAX_VERSION})")
+    return check_version(int(digits or "0"))
 
 
 def parameter_value(param: kv.InferParameter, name: str, kinds: tuple[str, ...]):
@@ -260,8 +302,10 @@ def tensor_specs(model: LoadedModel) -> tuple[list[tuple[str, tuple]], list[tupl
     return [("observations", model.observation_shape)], [("actions", model.action_shape)]
 
 
-def decode_inputs(request: kv.ModelInferRequest) -> dict[str, np.ndarray]:
-    """Inputs as float32 arrays (views of the request's bytes), from raw_input_contents or typed contents."""
+def decode_inputs(request: kv.ModelInferRequest, model: LoadedModel) -> dict[str, np.ndarray]:
+    """Inputs as float32 arrays (views of the request's bytes), from raw_input_contents or typed contents.
+    An input ``model`` takes must have its rank, checked on the wire's shape before numpy sees it."""
+    shapes = {name: [-1, *shape] for name, shape in tensor_specs(model)[0]}  # as ModelMetadata shows them
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input, "
@@ -273,6 +317,10 @@ def decode_inputs(request: kv.ModelInferRequest) -> dict[str, np.ndarray]:
             raise InvalidArgument(f"{what} has datatype {item.datatype!r}; batchrl models take FP32")
         if item.name in arrays:
             raise InvalidArgument(f"{what} is given twice")
+        wanted = shapes.get(item.name)
+        if wanted is not None and len(item.shape) != len(wanted):
+            raise InvalidArgument(f"{what} must have rank {len(wanted)}, got rank {len(item.shape)}: model "
+                                  f"{model.name!r} takes {item.name!r} FP32 {wanted}")
         shape = tuple(int(d) for d in item.shape)
         if raw:
             data = raw[i]
@@ -282,3 +330,26 @@ def decode_inputs(request: kv.ModelInferRequest) -> dict[str, np.ndarray]:
             raise InvalidArgument(f"{what} has no data: send raw_input_contents or contents.fp32_contents")
         arrays[item.name] = from_bytes(data, shape, what)
     return arrays
+
+
+def _unimplemented(method: str):
+    def answer(self: KServeService, request, context):
+        def refuse(call):
+            raise Unimplemented(f"{method} is not offered by this server (batchrl serve implements "
+                                f"{', '.join(sorted(IMPLEMENTED))})")
+
+        return self._answer(context, method, refuse)
+
+    answer.__name__ = method
+    return answer
+
+
+# The generated servicer's own default for a method it does not override raises NotImplementedError,
+# which grpcio logs with a traceback per call: every method of the protocol this server does not
+# offer answers UNIMPLEMENTED through the guard instead (counted, never logged). Read from the
+# service descriptor, so a tritonclient that adds methods is covered too.
+IMPLEMENTED = frozenset(name for name in kv.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
+                        if name in KServeService.__dict__)
+for _method in kv.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name:
+    if _method not in IMPLEMENTED:
+        setattr(KServeService, _method, _unimplemented(_method))

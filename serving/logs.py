@@ -41,8 +41,8 @@ def configure(fmt: str = "text", level: int = logging.INFO, worker: int | None =
 class RateLimitedLog:
     """At most one line per ``interval`` seconds per key; the lines held back are counted into the next.
 
-    For events a client can cause at will (undecodable requests): the log stays readable and a
-    client cannot flood it.
+    For events a client can cause at will (undecodable requests, a request that finds a bug of the
+    server): the log stays readable and a client cannot flood it.
     """
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0, clock=time.monotonic):
@@ -52,6 +52,13 @@ class RateLimitedLog:
         self._lock = threading.Lock()
 
     def warning(self, key: str, message: str, *args) -> None:
+        self._log(logging.WARNING, key, message, args)
+
+    def exception(self, key: str, message: str, *args) -> None:
+        """An error with the traceback of the exception being handled: call it in an ``except`` block."""
+        self._log(logging.ERROR, key, message, args, exc_info=True)
+
+    def _log(self, level: int, key: str, message: str, args: tuple, exc_info: bool = False) -> None:
         with self._lock:
             now = self._clock()
             if now - self._last.get(key, -self.interval) < self.interval:
@@ -59,4 +66,4 @@ class RateLimitedLog:
                 return
             self._last[key], held = now, self._held.pop(key, 0)
         suffix = f" (and {held} more like it in the last {self.interval:g} s)" if held else ""
-        self.logger.warning(message + suffix, *args)
+        self.logger.log(level, message + suffix, *args, exc_info=exc_info)

@@ -54,9 +54,34 @@ class Metrics:
         self.streams_closed_idle = Counter("batchrl_streams_closed_idle", "streams the server closed because "
                                            "their client sent nothing for the stream idle timeout",
                                            registry=self.registry)
+        self.stream_send_timeouts = Counter("batchrl_stream_send_timeouts", "streams the server closed because "
+                                            "their client took no answer for the stream idle timeout (the stream "
+                                            "send timeout: a client that sends but does not read)",
+                                            registry=self.registry)
+        # grpc closes a connection over the cap at once and tells no one: the cap is shown, and the open
+        # connections (LiveState), so that open == cap says new clients are being turned away.
+        self.max_connections = Gauge("batchrl_max_connections", "connections the gRPC port keeps open at once "
+                                     "(--max-connections); grpc closes one over it at once, uncounted",
+                                     registry=self.registry, multiprocess_mode="livesum")
+        self.poll_failures = Counter("batchrl_repository_poll_failures", "repository polls that failed, by "
+                                     "reason (EMFILE, EACCES, ... or bug); the poller goes on",
+                                     ["reason"], registry=self.registry)
         self.nonfinite_outputs = Counter("batchrl_nonfinite_outputs", "requests refused because the model's output "
                                          "for them was not finite (NaN or infinite), by model",
                                          ["model"], registry=self.registry)
+        self.sequence_conflicts = Counter("batchrl_sequence_conflicts", "Open Inference Protocol requests refused "
+                                          "because their sequence_id names another client's open sequence, by "
+                                          "request: start (it would have replaced that sequence), step",
+                                          ["request"], registry=self.registry)
+        # The shared session store's guard (serving/store_guard.py): calls refused without trying the store,
+        # and calls that failed there.
+        self.store_refused = Counter("batchrl_store_refused_calls", "session-store calls refused at once, by reason: "
+                                     "breaker_open (the store kept failing: one call tries it after the cool-down), "
+                                     "in_flight_cap (--store-max-in-flight calls are waiting on it)", ["reason"],
+                                     registry=self.registry)
+        self.store_failures = Counter("batchrl_store_failed_calls", "session-store calls that failed, by reason: "
+                                      "timeout (no answer within --store-timeout), connection, auth", ["reason"],
+                                      registry=self.registry)
 
         # The experience log (serve --log-experience): rows and shards written, rows dropped, errors.
         self.experience_rows = Counter("batchrl_experience_rows_written", "experience rows (session steps and "
@@ -65,12 +90,16 @@ class Metrics:
                                          registry=self.registry)
         self.experience_dropped = Counter("batchrl_experience_rows_dropped", "experience rows lost, by reason: "
                                           "buffer_full (the writer fell behind), write_error (a shard could not be "
-                                          "written)", ["reason"], registry=self.registry)
+                                          "written), close_timeout (the writer did not finish at shutdown), closed "
+                                          "(came after the log closed)", ["reason"], registry=self.registry)
         self.experience_errors = Counter("batchrl_experience_write_errors", "failed experience writes, by error "
                                          "(ENOSPC, EACCES, ...)", ["reason"], registry=self.registry)
         self.experience_shards_deleted = Counter("batchrl_experience_shards_deleted", "experience shards deleted, "
                                                  "by reason: age (past the retention), disk_cap", ["reason"],
                                                  registry=self.registry)
+        self.experience_retention_errors = Counter("batchrl_experience_retention_errors", "failed listings or "
+                                                   "deletions of old experience shards, by error (EACCES, EMFILE, "
+                                                   "...); the writer goes on", ["reason"], registry=self.registry)
 
     def record(self, model: str, rpc: str, code: str, seconds: float) -> None:
         self.requests.labels(model, rpc, code, self.worker).inc()

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from batchrl.protos.contract import MODEL_FILE, NAME_PATTERN, check_name, scan_versions
+from batchrl.protos.contract import MODEL_FILE, NAME_PATTERN, check_name, resolved_inside, scan_versions
 from batchrl.serving.batcher import BatchLimits
 from batchrl.serving.errors import InvalidArgument, NotFound
 from batchrl.serving.runtime import LoadedModel, ModelLoadError, choose_providers, load_model
@@ -32,14 +32,20 @@ from batchrl.serving.runtime import LoadedModel, ModelLoadError, choose_provider
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 # Why a folder of the repository does not serve (the `reason` label of batchrl_repository_rejected):
-# "name" not a valid model name or version, "outside" resolves outside the repository, "load" the file
-# cannot serve (ModelLoadError), "incompatible" refused for automatic promotion (IncompatibleVersion).
+# "name" not a valid model name or version, "outside" it or a file it opens (model.onnx, config.json)
+# resolves outside the repository, "load" the file cannot serve (ModelLoadError), "incompatible"
+# refused for automatic promotion (IncompatibleVersion).
 REJECT_REASONS = ("name", "outside", "load", "incompatible")
 
 
 class IncompatibleVersion(ModelLoadError):
     """A valid new version whose inputs or outputs differ from the default's: promoting it on a poll
     would make every running client of the default fail, so only an explicit load may."""
+
+
+class OutsideRepository(ModelLoadError):
+    """A file the repository would open (model.onnx, config.json) is a symlink leading out of it: refused
+    like a folder that does, whoever asks (poll or explicit load)."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +60,13 @@ class ModelConfig:
     threads: int | None = None          # onnxruntime intra-op threads
 
     @classmethod
-    def read(cls, model_dir: Path) -> "ModelConfig":
+    def read(cls, model_dir: Path, root: Path | None = None) -> "ModelConfig":
+        """``model_dir``'s config.json; with ``root``, OutsideRepository if it resolves outside that folder."""
         path = model_dir / CONFIG_FILE
         if not path.is_file():
             return cls()
+        if root is not None:
+            path = _inside(path, root)  # read the file that was checked, not whatever the link says later
         try:
             raw = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -243,7 +252,8 @@ class Registry:
                 try:
                     model = self._load(name, version, path, model_dir, default)
                 except ModelLoadError as exc:
-                    reason = "incompatible" if isinstance(exc, IncompatibleVersion) else "load"
+                    reason = ("outside" if isinstance(exc, OutsideRepository) else
+                              "incompatible" if isinstance(exc, IncompatibleVersion) else "load")
                     self._failed[path] = (stamp, reason)
                     rejected[path.parent] = (name, reason)
                     log.error("rejected %s version %d: %s", name, version, exc)
@@ -277,13 +287,18 @@ class Registry:
     def _load(self, name: str, version: int, path: Path, model_dir: Path,
               default: LoadedModel | None = None) -> LoadedModel:
         """Load one version; ModelLoadError if it cannot serve, IncompatibleVersion if ``default`` (the
-        version serving now, given only for an automatic promotion) takes or returns something else."""
+        version serving now, given only for an automatic promotion) takes or returns something else,
+        OutsideRepository if its model file or the model's config.json resolves outside the repository
+        (not a load failure: nothing was loaded)."""
+        real = _inside(path, self.root)  # onnxruntime opens the file that was checked
         try:
-            config = ModelConfig.read(model_dir)
+            config = ModelConfig.read(model_dir, self.root)
             providers = (self.defaults.providers if config.device is None
                          else choose_providers(config.device, config.device_id or 0))
             model = load_model(name, version, path, providers, config.threads or self.defaults.threads,
-                               config.limits(self.defaults.limits))
+                               config.limits(self.defaults.limits), source=real)
+        except OutsideRepository:
+            raise  # nothing was opened: a refusal (counted by rejected()), not a load failure
         except Exception as exc:  # noqa: BLE001 - whatever fails, this file is skipped and the rest carries on
             if self.metrics is not None:
                 self.metrics.load_failures.labels(name).inc()
@@ -319,6 +334,14 @@ class Registry:
         if self.on_change is not None and (add or removed):
             self.on_change(name, bool(versions))
         return removed
+
+
+def _inside(path: Path, root: Path) -> Path:
+    """``path`` resolved; OutsideRepository naming where it leads when that is outside ``root``."""
+    try:
+        return resolved_inside(path, root)
+    except ValueError as exc:
+        raise OutsideRepository(f"{exc}: refused, as symlinks leaving the repository are") from None
 
 
 def _complete(versions: dict[int, Path]) -> dict[int, Path]:

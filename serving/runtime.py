@@ -171,14 +171,16 @@ class LoadedModel:
 
 
 def load_model(name: str, version: int, path: Path, providers: list, threads: int = 1,
-               limits: BatchLimits = BatchLimits()) -> LoadedModel:
-    """Open, check and warm up one model file; ModelLoadError (naming the file) for any failure."""
+               limits: BatchLimits = BatchLimits(), source: Path | None = None) -> LoadedModel:
+    """Open, check and warm up one model file; ModelLoadError (naming the file) for any failure.
+    ``source``: the file to open when not ``path`` itself (the repository gives ``path`` resolved, as it
+    checked it: a symlink changed after that check cannot redirect the open)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(str(source or path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for corrupt files
         raise ModelLoadError(f"{path}: onnxruntime cannot load it: {_one_line(exc)}") from exc
     model = LoadedModel(name, version, path, session, read_manifest(session, path), limits)

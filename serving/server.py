@@ -7,10 +7,16 @@ starts fast.
 """
 from __future__ import annotations
 
+import base64
+import errno
 import logging
+import re
+import resource
+import ssl
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
@@ -24,9 +30,10 @@ from batchrl.protos.contract import MAX_MESSAGE_BYTES
 from batchrl.serving.admission import Admission, AdmissionLimits, Role, StreamIdle
 from batchrl.serving.auth import Tokens
 from batchrl.serving.calls import Call, deadline_of, guarded
-from batchrl.serving.dataplane import DataPlane, EpisodeEnd
-from batchrl.serving.errors import FailedPrecondition, InvalidArgument
+from batchrl.serving.dataplane import DataPlane, EpisodeEnd, check_rank
+from batchrl.serving.errors import FailedPrecondition, InvalidArgument, Unavailable
 from batchrl.serving.kserve import KServeService, kv, kv_grpc
+from batchrl.serving.logs import RateLimitedLog
 from batchrl.serving.metrics import Metrics
 from batchrl.serving.repository import Registry
 from batchrl.serving.runtime import LoadedModel
@@ -38,6 +45,16 @@ SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 ADMIN_SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 KSERVE_SERVICE_NAME = kv.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 DRAIN_BOUND = 2.0  # seconds the drain waits past its grace period for grpc to finish stopping
+# Connections: each open one holds a file descriptor and some memory until it closes. The default cap
+# leaves FD_RESERVE descriptors (at most half the limit) for model files, the repository scan, the
+# metrics endpoint, the experience log and Redis, so a crowd of connections cannot starve them.
+MAX_CONNECTIONS = 10_000
+FD_RESERVE = 256
+# Keepalive enforcement: a client may ping at most every PING_INTERVAL seconds, with or without calls
+# in flight (idle connections are closed by the idle timeout, not by ping rules); a client that pings
+# more often is told "too many pings" and disconnected at its PING_STRIKES + 1st early ping.
+PING_INTERVAL = 10.0
+PING_STRIKES = 2
 ADMIN_METHODS = frozenset(f"/{service}/{method}" for service, method in (
     (ADMIN_SERVICE_NAME, "LoadModel"), (ADMIN_SERVICE_NAME, "UnloadModel"),
     (KSERVE_SERVICE_NAME, "RepositoryModelLoad"), (KSERVE_SERVICE_NAME, "RepositoryModelUnload")))
@@ -97,6 +114,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         model = self._model(call, request.model, optional(request, "version"))
         if not request.HasField("observations"):
             raise InvalidArgument("observations are missing")
+        check_rank(model, request.observations.shape, "observations", batched=True)  # before numpy sees the shape
         sampling = request.sampling
         actions = self.plane.act(model, decode(request.observations, "observations"), deadline_of(context),
                                  sampling.noise_std, optional(sampling, "seed"))
@@ -226,6 +244,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
         """``index``: the step's index (unary Step: the request's own)."""
         if not request.HasField("observation"):
             raise InvalidArgument("observation is missing")
+        check_rank(session.model, request.observation.shape, "observation", batched=False)  # before numpy does
         sampling = request.sampling
         result = self.plane.step(session, decode(request.observation, "observation"), optional(request, "reward"),
                                  deadline, index=index, noise_std=sampling.noise_std, seed=optional(sampling, "seed"))
@@ -289,12 +308,26 @@ class ModelService(admin_pb2_grpc.ModelServiceServicer):
 
 
 def start_sweeper(sessions: Sessions, stop: threading.Event) -> threading.Thread:
-    """Evict idle sessions in the background, so an abandoned session does not pin its model forever."""
+    """Evict idle sessions in the background, so an abandoned session does not pin its model forever.
+    A failed pass (a shared store down) is logged once per outage, and the next pass tries again."""
     interval = min(30.0, sessions.idle_timeout / 2)
 
     def sweep():
+        failing = False  # the last pass failed: said once, until a pass succeeds
         while not stop.wait(interval):
-            evicted = sessions.evict_idle()
+            try:
+                evicted = sessions.evict_idle()
+            except Exception as exc:  # noqa: BLE001 - a failed pass must not end sweeping
+                if not failing:
+                    if isinstance(exc, Unavailable):  # its message names the store, never its password
+                        log.warning("session sweeper: %s; it tries again every %g s", exc, interval)
+                    else:
+                        log.exception("session sweeper: a pass failed; it tries again every %g s", interval)
+                failing = True
+                continue
+            if failing:
+                log.info("session sweeper: evicting idle sessions again")
+                failing = False
             if evicted:
                 log.info("evicted %d idle session(s)", evicted)
 
@@ -303,20 +336,117 @@ def start_sweeper(sessions: Sessions, stop: threading.Event) -> threading.Thread
     return thread
 
 
-def start_poller(registry: Registry, interval: float, stop: threading.Event) -> threading.Thread:
-    """Pick up new version folders (and drop removed ones) every ``interval`` seconds."""
+def start_poller(registry: Registry, interval: float, stop: threading.Event,
+                 metrics: Metrics | None = None) -> threading.Thread:
+    """Pick up new version folders (and drop removed ones) every ``interval`` seconds.
+
+    A pass that fails for the system's sake (OSError: too many open files, an unreadable or vanished
+    folder) is logged once per kind of failure, not once per pass, and retried the next pass; anything
+    else is a bug, logged with its traceback at most once per RateLimitedLog interval. Every failed pass
+    is counted (batchrl_repository_poll_failures, by reason)."""
+    bugs = RateLimitedLog(log, interval=60.0)
 
     def poll():
+        failing: str | None = None  # the reason of the last failed pass; None after a pass that worked
         while not stop.wait(interval):
             try:
-                for change in registry.poll():
-                    log.info("repository poll: %s", change)
-            except Exception:  # noqa: BLE001 - a failed scan must not end polling
-                log.exception("repository poll failed")
+                changes = registry.poll()
+            except Exception as exc:  # noqa: BLE001 - a failed scan must not end polling
+                reason = errno.errorcode.get(exc.errno, "OSError") if isinstance(exc, OSError) else "bug"
+                if metrics is not None:
+                    metrics.poll_failures.labels(reason).inc()
+                if reason == "bug":
+                    bugs.exception(type(exc).__qualname__, "repository poll failed")
+                elif reason != failing:
+                    log.error("repository poll failed: %s; retrying every %g s (logged again only when the "
+                              "failure changes)", exc, interval)
+                failing = reason
+                continue
+            if failing is not None:
+                log.info("repository poll works again")
+                failing = None
+            for change in changes:
+                log.info("repository poll: %s", change)
 
     thread = threading.Thread(target=poll, name="batchrl-repository-poll", daemon=True)
     thread.start()
     return thread
+
+
+def check_tls(cert: str | None, key: str | None, ca: str | None) -> None:
+    """Refuse TLS files grpc could not use, in one line naming the file and its problem: grpc itself only
+    fails to bind the port, which reads like a port in use. (OpenSSL reads PEM files as grpc does.)"""
+    if not cert and not key:
+        if ca:
+            raise ValueError("--client-ca needs --tls-cert and --tls-key (mutual TLS is on top of TLS)")
+        return
+    if not (cert and key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls_file("--tls-cert", cert, "a PEM certificate", lambda: context.load_verify_locations(cafile=cert))
+    # (a password callback: an encrypted key, which grpc cannot use either, fails instead of prompting)
+    tls_file("--tls-key", key, "an unencrypted PEM private key",
+             lambda: context.load_cert_chain(cert, key, password=lambda: b""),
+             mismatch=f"mismatched key: not the private key of --tls-cert {cert}")
+    if ca:
+        tls_file("--client-ca", ca, "a PEM CA certificate", lambda: context.load_verify_locations(cafile=ca))
+
+
+def tls_file(flag: str, path: str, expected: str, load, mismatch: str = "") -> None:
+    """``load()`` the file; UserError naming it and what is wrong with it (``mismatch``: when OpenSSL
+    says the key is not the certificate's)."""
+    try:
+        load()
+    except ssl.SSLError as exc:
+        problem = mismatch if mismatch and exc.reason == "KEY_VALUES_MISMATCH" else f"not {expected}"
+        raise UserError(f"{flag} {path}: {problem}") from None
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def warn_expiry(cert: str) -> None:
+    """Say when the server certificate is outside its validity dates: grpc serves it anyway, and clients
+    refuse every handshake."""
+    pem = re.search(r"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----(.+?)-----END", Path(cert).read_text("latin-1"),
+                    re.S)
+    try:
+        not_before, not_after = validity(base64.b64decode(pem.group(1)))
+    except (AttributeError, ValueError, IndexError):  # not the usual layout: OpenSSL read it, grpc will judge
+        log.info("--tls-cert %s: its validity dates could not be read", cert)
+        return
+    now = datetime.now(timezone.utc)
+    if now > not_after:
+        log.warning("--tls-cert %s expired on %s (notAfter): clients that check it refuse every connection",
+                    cert, f"{not_after:%Y-%m-%d %H:%M:%S} UTC")
+    elif now < not_before:
+        log.warning("--tls-cert %s is not valid before %s (notBefore): clients that check it refuse every "
+                    "connection until then", cert, f"{not_before:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def validity(der: bytes) -> tuple[datetime, datetime]:
+    """notBefore and notAfter of a DER X.509 certificate (RFC 5280 4.1: Certificate > TBSCertificate >
+    Validity), read without a dependency beyond the standard library, which has no public parser."""
+    def element(at: int) -> tuple[int, int, int]:  # tag, start and end of the content of the element at ``at``
+        tag, size, at = der[at], der[at + 1], at + 2
+        if size & 0x80:  # long form: the next size & 0x7f bytes hold the length
+            count = size & 0x7F
+            size, at = int.from_bytes(der[at:at + count], "big"), at + count
+        return tag, at, at + size
+
+    at = element(element(0)[1])[1]  # into the certificate, then into its TBSCertificate
+    if der[at] == 0xA0:  # [0] version, absent from version 1 certificates
+        at = element(at)[2]
+    for _ in range(3):  # serialNumber, signature, issuer
+        at = element(at)[2]
+    at = element(at)[1]  # into Validity
+    times = []
+    for _ in range(2):
+        tag, start, at = element(at)
+        text = der[start:at].decode("ascii")
+        if tag == 0x17:  # UTCTime, two-digit years: 50-99 are 19xx (RFC 5280 4.1.2.5.1)
+            text = ("19" if int(text[:2]) >= 50 else "20") + text
+        times.append(datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=timezone.utc))
+    return times[0], times[1]
 
 
 @dataclass
@@ -334,6 +464,9 @@ class ServerOptions:
     tls_cert: str | None = None          # PEM server certificate (chain) and key: TLS instead of plaintext
     tls_key: str | None = None
     client_ca: str | None = None         # PEM CA: require client certificates signed by it (mutual TLS)
+    max_connections: int | None = None   # open connections at most (grpc closes more at once); None: default_max_connections()
+    connection_idle_timeout: float = 300.0  # seconds a connection without calls in flight stays open
+    handshake_timeout: float = 10.0      # seconds a new connection has for TLS and its first HTTP/2 SETTINGS
 
     def admission_limits(self) -> AdmissionLimits:
         """The stream cap stays below the worker count, so unary calls and health always find a thread."""
@@ -348,17 +481,47 @@ class ServerOptions:
                              "stream holds a worker thread, and unary calls and health need some left")
         return AdmissionLimits(streams, self.stream_idle_timeout, self.per_client_limit)
 
+    def connection_cap(self) -> int:
+        if self.max_connections is None:
+            return default_max_connections()
+        if self.max_connections < 1:
+            raise ValueError(f"--max-connections must be >= 1, got {self.max_connections}")
+        return self.max_connections
+
+    def connection_options(self) -> list[tuple[str, int]]:
+        """grpc's channel arguments for the limits on connections (a client over the cap finds its
+        connection closed at once: UNAVAILABLE)."""
+        for flag, seconds in (("--connection-idle-timeout", self.connection_idle_timeout),
+                              ("--handshake-timeout", self.handshake_timeout)):
+            if not seconds > 0:
+                raise ValueError(f"{flag} must be > 0 seconds, got {seconds}")
+        ms = lambda seconds: max(1, round(seconds * 1000))  # noqa: E731
+        return [("grpc.max_allowed_incoming_connections", self.connection_cap()),
+                ("grpc.max_connection_idle_ms", ms(self.connection_idle_timeout)),
+                ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout)),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(PING_INTERVAL)),
+                ("grpc.http2.max_ping_strikes", PING_STRIKES),
+                # Pings on a connection without calls are judged by the same interval, not by grpc's
+                # default of one per two hours (which disconnects clients with an idle keepalive).
+                ("grpc.keepalive_permit_without_calls", 1)]
+
     def credentials(self) -> grpc.ServerCredentials | None:
-        if not self.tls_cert and not self.tls_key:
-            if self.client_ca:
-                raise ValueError("--client-ca needs --tls-cert and --tls-key (mutual TLS is on top of TLS)")
+        check_tls(self.tls_cert, self.tls_key, self.client_ca)
+        if not self.tls_cert:
             return None
-        if not (self.tls_cert and self.tls_key):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        warn_expiry(self.tls_cert)
         read = lambda path: Path(path).read_bytes()  # noqa: E731
         ca = read(self.client_ca) if self.client_ca else None
         return grpc.ssl_server_credentials([(read(self.tls_key), read(self.tls_cert))], root_certificates=ca,
                                            require_client_auth=ca is not None)
+
+
+def default_max_connections() -> int:
+    """MAX_CONNECTIONS, or fewer when this process's file descriptor limit leaves less beside FD_RESERVE."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(1, min(MAX_CONNECTIONS, soft - min(FD_RESERVE, soft // 2)))
 
 
 @dataclass(frozen=True)
@@ -419,7 +582,10 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
                     ("grpc.max_send_message_length", options.max_message_bytes),
                     # grpc turns SO_REUSEPORT on by default: a second server on a busy port would start
                     # silently and take part of the traffic. Sharing a port is asked for, never implied.
-                    ("grpc.so_reuseport", int(options.reuse_port))]
+                    ("grpc.so_reuseport", int(options.reuse_port)),
+                    *options.connection_options()]
+    if metrics is not None:
+        metrics.max_connections.set(options.connection_cap())
     tokens = Tokens(options.admin_token, options.data_token)
     admission = Admission(role_of, tokens, options.admission_limits(), metrics)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=options.grpc_threads, thread_name_prefix="batchrl"),
@@ -447,8 +613,9 @@ def build_server(registry: Registry, options: ServerOptions | str = ServerOption
                 else server.add_insecure_port(options.address))
     except RuntimeError:  # grpc's "Failed to bind to address ...", with the reason only in its debug log
         port = 0
-    if port == 0:
+    if port == 0:  # (the TLS files were checked before: a refusal of them is grpc's own, in its line above)
         raise UserError(f"cannot listen on {options.address}: the port is in use (another server?) or the "
                            "address is not one of this machine's; to share a port between batchrl serve "
-                           "processes on purpose, start every one of them with --reuse-port")
+                           "processes on purpose, start every one of them with --reuse-port"
+                        + ("; or grpc refused the TLS files" if credentials is not None else ""))
     return Served(server, port, health_servicer, plane, admission, options.grace)

@@ -9,10 +9,17 @@ cannot silently join a port that is in use) and keeps it reserved, starts the wo
 one that dies (with back-off), serves the one metrics endpoint for all of them (Prometheus
 multiprocess mode, in a folder of its own, made empty at start), and on SIGTERM or SIGINT drains
 every worker (each drains as a lone server does) before it exits.
+
+Workers die with their supervisor, even when it is SIGKILLed (else they keep the port and a new
+`serve` finds it in use): each asks the kernel for a SIGTERM when its parent dies (PR_SET_PDEATHSIG,
+so it drains as on an operator's SIGTERM), checks that its parent is still the supervisor that
+started it (one that died before the request sends nothing), and watches a socket pair shared with
+the supervisor, whose end-of-file says the supervisor is gone whatever happened to the signal.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import select
@@ -22,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -36,6 +44,7 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0  # seconds before restarting a worker tha
 STABLE = 30.0          # a worker that served this long before dying is restarted after BACKOFF_FIRST again
 START_TIMEOUT = 300.0  # seconds a worker may take to load the repository and listen
 POLL = 0.1             # seconds between checks of the workers while serving
+PR_SET_PDEATHSIG = 1   # prctl(2) option: the signal this process gets when its parent (thread) dies
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -68,12 +77,39 @@ def reserve_port(address: str) -> tuple[socket.socket, str, int]:
     return reserved, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), port
 
 
+def follow_supervisor(link_fd: int, supervisor: int) -> socket.socket:
+    """In a worker, first thing: stop as on SIGTERM (drain, exit) once the supervisor is gone, however it
+    went. Returns the link to it, on which the worker says it serves."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed (%s): the link to the supervisor alone says when it dies",
+                        os.strerror(ctypes.get_errno()))
+    if os.getppid() != supervisor:  # it died before the prctl: no signal will come
+        raise UserError(f"the supervisor (pid {supervisor}) that started this worker is gone: not serving")
+    link = socket.socket(fileno=link_fd)
+
+    def watch() -> None:  # the fallback: the supervisor never writes, so only its death ends the read
+        try:
+            while link.recv(1):
+                pass
+        except OSError:
+            pass
+        log.warning("the supervisor (pid %d) is gone: draining as on SIGTERM", supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="batchrl-supervisor-watch", daemon=True).start()
+    return link
+
+
 @dataclass
 class Worker:
     index: int
     proc: subprocess.Popen
-    ready: int | None  # read end of the pipe the worker writes one byte to once it serves; None once read
-    served_since: float | None = None
+    # The supervisor's end of a socket pair, open as long as the worker is known: the worker writes one
+    # byte on it once it serves, and takes its end-of-file as the supervisor's death.
+    link: socket.socket
+    served_since: float | None = None  # None until the worker said it serves
 
 
 class WorkerGroup:
@@ -87,14 +123,20 @@ class WorkerGroup:
         self.restarts = 0
 
     def start(self, index: int) -> Worker:
-        read, write = os.pipe()
+        """Start worker ``index``. Called from the main thread only: PR_SET_PDEATHSIG fires when the thread
+        that started the worker exits, which must be the whole supervisor, not a helper thread."""
+        mine, theirs = socket.socketpair()
         command = [sys.executable, "-m", "batchrl.cli", "serve", *self.argv, "--address", self.address,
-                   "--reuse-port", "--worker-index", str(index), "--ready-fd", str(write)]
-        try:
-            proc = subprocess.Popen(command, env=self.env, pass_fds=(write,))
+                   "--reuse-port", "--worker-index", str(index), "--ready-fd", str(theirs.fileno()),
+                   "--supervisor-pid", str(os.getpid())]
+        try:  # (close_fds: no worker inherits another's link, which would hide the supervisor's death from it)
+            proc = subprocess.Popen(command, env=self.env, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            mine.close()
+            raise
         finally:
-            os.close(write)
-        worker = self.workers[index] = Worker(index, proc, read)
+            theirs.close()
+        worker = self.workers[index] = Worker(index, proc, mine)
         log.info("worker %d started (pid %d)", index, proc.pid)
         return worker
 
@@ -102,7 +144,7 @@ class WorkerGroup:
         """Until every one of ``workers`` serves; a stop signal meanwhile is returned. A worker that exits
         first is an error: at start that is a mistake in the command line or the repository, not bad luck."""
         deadline = time.monotonic() + START_TIMEOUT
-        waiting = {w.ready: w for w in workers}
+        waiting = {w.link: w for w in workers}
         while waiting:
             if (received := signals.wait(0)) is not None:
                 return received
@@ -122,10 +164,11 @@ class WorkerGroup:
 
     @staticmethod
     def read_ready(worker: Worker) -> bool:
-        """Whether the worker said it serves (one byte); False when its pipe closed without one (it exited)."""
-        answered = os.read(worker.ready, 1)
-        os.close(worker.ready)
-        worker.ready = None
+        """Whether the worker said it serves (one byte); False when its link closed without one (it exited)."""
+        try:
+            answered = worker.link.recv(1)
+        except OSError:  # (reset: the worker died)
+            answered = b""
         if answered:
             worker.served_since = time.monotonic()
         return bool(answered)
@@ -137,11 +180,13 @@ class WorkerGroup:
                 return received
             now = time.monotonic()
             for index, worker in list(self.workers.items()):
-                if worker.ready is not None and select.select([worker.ready], [], [], 0)[0] \
+                if index in self.restart_at:  # dead (its link closed), to be started again
+                    continue
+                if worker.served_since is None and select.select([worker.link], [], [], 0)[0] \
                         and self.read_ready(worker):  # a restarted worker
                     log.info("worker %d (pid %d) serving again", index, worker.proc.pid)
                 code = worker.proc.poll()
-                if code is None or index in self.restart_at:
+                if code is None:
                     continue
                 self.forget(worker)
                 served = worker.served_since is not None and now - worker.served_since >= STABLE
@@ -157,9 +202,7 @@ class WorkerGroup:
                     self.start(index)
 
     def forget(self, worker: Worker) -> None:
-        if worker.ready is not None:
-            os.close(worker.ready)
-            worker.ready = None
+        worker.link.close()
         if self.metrics_dir:
             from prometheus_client import multiprocess
 

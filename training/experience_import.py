@@ -3,7 +3,9 @@ logs with a column mapping) reassembled into episodes and written as a Minari da
 
 Two passes over the sources, neither holding them in memory. ``scan`` reads the key columns (session, step,
 ending, time) and the actions (their size, and their bounds for inferred spaces) batch by batch, and ``plan``
-turns the keys into episodes: one per session, split at gaps, duplicates and rows after the end left out.
+turns the keys into episodes: one per session, split at gaps, duplicates and rows after the end left out (two
+copies of a step that differ are refused unless ``on_conflict`` says which to keep). NaN and ±inf are refused
+wherever they are read.
 ``episode_chunks`` then reads the observations, actions and rewards of a chunk of planned episodes at a time
 (of a Parquet file only the row groups holding the chunk's rows), and ``write`` appends each chunk with
 Minari's own storage API (``MinariStorage.new``, ``update_metadata``, ``update_episodes``) in a staging folder
@@ -11,6 +13,7 @@ renamed into place when complete.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -24,6 +27,10 @@ from batchrl.errors import UserError
 from batchrl.protos.experience import ENDINGS, SHARD_PREFIX, SHARD_SUFFIX
 
 FIELDS = ("session_id", "step", "observation", "action", "reward", "ending")
+# A file without an ending column (a user's log of step rows) has no end rows: each of its episodes ends, as an
+# unfinished one does, truncated at its last row. Named by --map, the column must exist.
+OPTIONAL = ("ending",)
+ON_CONFLICT = ("first", "last")  # which copy of a step whose copies differ is kept (by time, then file order)
 FORMATS = ("experience", "parquet", "csv")
 REWARD_OF = ("previous", "action")  # previous: a row carries the reward of the action before it (the log's way)
 CHUNK_VALUES = 1 << 24  # observation and action values read per chunk (64 MiB of float32)
@@ -55,7 +62,10 @@ class Source:
 
         if self.format == "csv":
             types = {c: _csv_type(f) for f, cols in self.columns.items() for c in cols if c in columns}
-            options = pacsv.ConvertOptions(include_columns=columns, column_types=types, strings_can_be_null=True)
+            # NaN spellings read as NaN (refused, like inf) rather than as a missing value: a value, not a hole.
+            nulls = [v for v in pacsv.ConvertOptions().null_values if v.lower().lstrip("-") != "nan"]
+            options = pacsv.ConvertOptions(include_columns=columns, column_types=types, strings_can_be_null=True,
+                                           null_values=nulls)
             with pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=1 << 22),
                                 convert_options=options) as reader:
                 offset = 0
@@ -121,7 +131,8 @@ def _source(path: Path, format: str, mapping: dict[str, str]) -> Source:
             names, rows = file.schema_arrow.names, file.metadata.num_rows
     except pa.ArrowException as exc:
         raise UserError(f"{path} is not a readable {'CSV' if format == 'csv' else 'Parquet'} file: {exc}") from None
-    columns = {f: _columns(names, mapping.get(f, f), f, path) for f in FIELDS}
+    columns = {f: _columns(names, mapping.get(f, f), f, path) for f in FIELDS
+               if f not in OPTIONAL or f in mapping or f in names}
     for name, cols in columns.items():
         if len(cols) > 1 and name not in ("observation", "action"):
             raise UserError(f"--map {name}={mapping[name]} names {len(cols)} columns of {path}; {name} is one column")
@@ -295,6 +306,38 @@ def _matrix(batch, columns: list[str], name: str, sizes: Sizes, where: str) -> t
     return values[~null], null
 
 
+def _scalars(batch, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the non-null values as float64 [m], null mask [n]) of one scalar column (rewards are kept in float64)."""
+    import pyarrow as pa
+
+    values = batch.column(column).cast(pa.float64())
+    null = values.is_null().to_numpy(zero_copy_only=False)
+    return values.to_numpy(zero_copy_only=False)[~null], null
+
+
+def _at(source: Source, row: int) -> str:
+    """Where a row is, as its user finds it: a CSV's line (after the header), a Parquet file's row index."""
+    return f"{source.path} line {row + 2}" if source.format == "csv" else f"{source.path} row {row}"
+
+
+def _place(source: Source, row: int, session: str, step: int) -> str:
+    return f"{_at(source, row)}, session {session!r}, step {step}"
+
+
+def refuse_non_finite(values: np.ndarray, name: str, columns: list[str], place) -> None:
+    """UserError naming the first NaN or ±inf in ``values`` ([n, d], or [n]): ``place(i)`` for row i, and the
+    field and column holding it. A non-finite value is refused wherever it is read, needed by an episode or not:
+    it says the log is wrong, and NaN, inf and -inf alike would poison training."""
+    if np.isfinite(values).all():
+        return
+    values = values.reshape(len(values), -1)
+    i, j = np.argwhere(~np.isfinite(values))[0]
+    column = columns[j] if len(columns) > 1 else columns[0]
+    element = f" element {j}" if len(columns) == 1 and values.shape[1] > 1 else ""
+    raise UserError(f"{place(int(i))}: the {name} (column {column!r}{element}) holds {values[i, j]}; expected a "
+                    "finite number (NaN, inf and -inf are refused)")
+
+
 # -- pass 1: keys ------------------------------------------------------------------------------------------
 @dataclass
 class Keys:
@@ -307,6 +350,15 @@ class Keys:
     names: list[str]      # session ids
     action_low: np.ndarray | None
     action_high: np.ndarray | None
+    sources: list[Source]
+
+    def at(self, k: int) -> str:
+        """Where row ``k`` is: file and row (or line)."""
+        return _at(self.sources[self.file[k]], self.row[k])
+
+    def place(self, k: int) -> str:
+        """Where row ``k`` is, with its session and step."""
+        return _place(self.sources[self.file[k]], self.row[k], self.names[self.session[k]], self.step[k])
 
 
 def scan(sources: list[Source], sizes: Sizes, progress: bool = True) -> Keys:
@@ -332,14 +384,18 @@ def scan(sources: list[Source], sizes: Sizes, progress: bool = True) -> Keys:
                     parts[key].append(value)
                 parts["file"].append(np.full(batch.num_rows, index, np.int64))
                 parts["row"].append(np.arange(offset, offset + batch.num_rows, dtype=np.int64))
-                actions, _ = _matrix(batch, source.columns["action"], "action", sizes, where)
+                actions, null = _matrix(batch, source.columns["action"], "action", sizes, where)
+                # Every row's actions, kept or not, bound the inferred action space: none may be NaN or inf.
+                present = np.flatnonzero(~null)
+                refuse_non_finite(actions, "action", source.columns["action"], lambda i: _place(
+                    source, offset + present[i], list(codes)[keys["session"][present[i]]], keys["step"][present[i]]))
                 if len(actions):
                     low = actions.min(0) if low is None else np.minimum(low, actions.min(0))
                     high = actions.max(0) if high is None else np.maximum(high, actions.max(0))
                 bar.update(batch.num_rows)
     arrays = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in parts.items()}
     arrays["ending"] = arrays["ending"].astype(np.int8)
-    return Keys(**arrays, names=list(codes), action_low=low, action_high=high)
+    return Keys(**arrays, names=list(codes), action_low=low, action_high=high, sources=sources)
 
 
 def _batch_keys(batch, source: Source, codes: dict[str, int]) -> dict[str, np.ndarray]:
@@ -354,7 +410,7 @@ def _batch_keys(batch, source: Source, codes: dict[str, int]) -> dict[str, np.nd
     step = column["step"].cast(pa.int64())
     if step.null_count or (step.to_numpy(zero_copy_only=False) < 0).any():
         raise UserError(f"{where}: the step index column {source.columns['step'][0]!r} holds a null or negative index")
-    ends, words = _encode(column["ending"])
+    ends, words = _encode(column["ending"]) if "ending" in column else (np.full(batch.num_rows, -1), [])
     known = {"": 0, **{word: i + 1 for i, word in enumerate(ENDINGS)}}
     for word in words:
         if word not in known:
@@ -385,9 +441,10 @@ class Plan:
     counts: dict[str, int]
 
 
-def plan(keys: Keys, drop_unfinished: bool = False) -> Plan:
+def plan(keys: Keys, drop_unfinished: bool = False, on_conflict: str | None = None, differ=None) -> Plan:
     """Episodes from the keys: one per session, sessions in the order of their first row's time (then of
-    appearance), steps by index; see docs/design.md, "Experience import"."""
+    appearance), steps by index; see docs/design.md, "Experience import". Copies of a step are compared with
+    ``differ`` (``differing_values``; without it, by their endings only): see ``left_out_copies``."""
     n = len(keys.names)
     first_time, first_seen = np.full(n, NO_TIME), np.full(n, len(keys.step))
     np.minimum.at(first_time, keys.session, keys.time)
@@ -406,8 +463,8 @@ def plan(keys: Keys, drop_unfinished: bool = False) -> Plan:
     order = order[keep]
     session, step = keys.session[order], keys.step[order]
     repeat = np.r_[False, (session[1:] == session[:-1]) & (step[1:] == step[:-1])]
-    counts["duplicates"] = int(repeat.sum())
-    order, session, step = order[~repeat], session[~repeat], step[~repeat]
+    left_out = left_out_copies(keys, order, repeat, on_conflict, differ, counts)
+    order, session, step = order[~left_out], session[~left_out], step[~left_out]
     new_session = np.r_[True, session[1:] != session[:-1]]
     gap = ~new_session & (step != np.r_[-1, step[:-1]] + 1)
     starts = np.flatnonzero(new_session | gap)
@@ -426,6 +483,50 @@ def plan(keys: Keys, drop_unfinished: bool = False) -> Plan:
     sizes = sizes[written]
     return Plan(rows, np.r_[0, np.cumsum(sizes)[:-1]].astype(np.int64), sizes,
                 keys.ending[order[last[written]]] == 1, counts)
+
+
+COMPARED = ("observation", "action", "reward", "ending")
+
+
+def left_out_copies(keys: Keys, order: np.ndarray, repeat: np.ndarray, on_conflict: str | None, differ,
+                    counts: dict[str, int]) -> np.ndarray:
+    """Which rows of ``order`` (rows in step order, ``repeat`` where a row is another copy of the step before it)
+    are left out: every copy of a step but the first, by time then file order (``on_conflict`` "last": but the
+    last). Identical copies (a retried step, logged twice) are counted as duplicates; copies that differ in a value
+    are refused (naming the first such step) unless ``on_conflict`` says which to keep, and counted as conflicts."""
+    copies = np.flatnonzero(repeat)
+    first = np.maximum.accumulate(np.where(repeat, 0, np.arange(len(order))))[copies]  # each copy's first copy
+    a, b = order[first], order[copies]
+    differs = np.zeros((len(copies), len(COMPARED)), bool)  # [copy, field]
+    differs[:, COMPARED.index("ending")] = keys.ending[a] != keys.ending[b]
+    if differ is not None and len(copies):
+        differs[:, :3] = differ(a, b)
+    conflict = differs.any(axis=1)
+    steps = np.unique(first[conflict])  # the steps whose copies differ (by their first copy)
+    if len(steps) and on_conflict is None:
+        i = int(np.argmax(conflict))
+        fields = " and ".join(f for f, d in zip(COMPARED, differs[i]) if d)
+        raise UserError(f"{keys.place(a[i])} and its copy at {keys.at(b[i])} differ in {fields} ({len(steps)} "
+                        f"step(s) have copies that differ); give --on-conflict first or last to keep the earliest "
+                        "or the latest copy of each (by the log's time, then by order in the files)")
+    counts.update(duplicates=int((~np.isin(first, steps)).sum()), conflicts=len(steps))
+    return np.r_[repeat[1:], False] if on_conflict == "last" else repeat
+
+
+def differing_values(sources: list[Source], keys: Keys, sizes: Sizes, target: Target, chunk_rows: int,
+                     a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[n, 3] bool: where the copies a[i] and b[i] of a step differ in observation, action and reward (null
+    equals null), read ``chunk_rows`` rows at a time."""
+    out = np.zeros((len(a), 3), bool)
+    half = max(1, chunk_rows // 2)
+    for start in range(0, len(a), half):
+        pairs = slice(start, start + half)
+        read = _read(sources, keys, np.r_[a[pairs], b[pairs]], sizes, target.size("observation"),
+                     target.size("action"))
+        for j, values in enumerate(read):  # NaN is null here: _read refused non-finite values
+            x, y = values.reshape(2, len(a[pairs]), -1)
+            out[pairs, j] = ~((x == y) | (np.isnan(x) & np.isnan(y))).all(axis=1)
+    return out
 
 
 # -- pass 2: episodes ------------------------------------------------------------------------------------
@@ -447,10 +548,9 @@ def episode_chunks(sources: list[Source], keys: Keys, planned: Plan, target: Tar
             for name, values, part in (("observation", obs, at), ("action", act, slice(at.start, at.stop - 1)),
                                        ("reward", reward, earned)):
                 missing = np.flatnonzero(np.isnan(values[part]).reshape(len(values[part]), -1).any(axis=1))
-                if missing.size:
-                    row = rows[part][missing[0]]
-                    raise UserError(f"session {keys.names[keys.session[row]]!r}, step {keys.step[row]}: no {name} "
-                                    f"(null or NaN) where the episode needs one")
+                if missing.size:  # NaN is null here: _read refused non-finite values
+                    raise UserError(f"{keys.place(rows[part][missing[0]])}: no {name} (null) where the episode "
+                                    "needs one")
             flags = np.zeros(steps, bool)
             flags[-1] = True
             buffers.append(EpisodeBuffer(
@@ -473,7 +573,8 @@ def _chunks(sizes: np.ndarray, chunk_rows: int):
 
 
 def _read(sources, keys: Keys, rows: np.ndarray, sizes: Sizes, obs_size: int, act_size: int):
-    """Observations, actions and rewards of ``rows`` (NaN where null), read file by file."""
+    """Observations, actions and rewards of ``rows`` (NaN where null), read file by file; a NaN or ±inf read is
+    refused, naming its place."""
     import pyarrow as pa
 
     obs = np.full((len(rows), obs_size), np.nan, np.float32)
@@ -490,11 +591,13 @@ def _read(sources, keys: Keys, rows: np.ndarray, sizes: Sizes, obs_size: int, ac
             if lo == hi:
                 continue
             taken, dest = batch.take(pa.array(wanted[lo:hi] - offset)), at[lo:hi]
-            for name, out in (("observation", obs), ("action", act)):
-                values, null = _matrix(taken, source.columns[name], name, sizes, str(source.path))
+            for name, out in (("observation", obs), ("action", act), ("reward", reward)):
+                values, null = (_scalars(taken, source.columns[name][0]) if name == "reward" else
+                                _matrix(taken, source.columns[name], name, sizes, str(source.path)))
+                present = rows[dest[~null]]
+                refuse_non_finite(values, name, source.columns[name], lambda i: keys.place(present[i]))
                 if len(values):
                     out[dest[~null]] = values
-            reward[dest] = taken.column(source.columns["reward"][0]).cast(pa.float64()).to_numpy(zero_copy_only=False)
     return obs, act, reward
 
 
@@ -588,6 +691,8 @@ class Summary:
     drop_unfinished: bool
     target: Target
     merged: tuple[str, int, int] | None  # (dataset id, episodes, steps) copied first
+    on_conflict: str | None = None       # which copy of a step whose copies differ was kept
+    without_ending: int = 0              # files without an ending column
 
     def __str__(self) -> str:
         c, t = self.counts, self.target
@@ -597,12 +702,18 @@ class Summary:
                  f"({c['sessions']} sessions) to {where}"]
         if self.merged:
             lines.append(f"after the {self.merged[1]} episodes, {self.merged[2]} steps of {self.merged[0]!r} (--merge)")
-        lines += [f"duplicate rows removed: {c['duplicates']}; rows after an episode's end ignored: {c['after_end']}",
+        conflicts = f"steps whose copies differ: {c['conflicts']} (kept the {self.on_conflict} copy of each); " \
+            if c["conflicts"] else ""
+        lines += [f"duplicate rows removed: {c['duplicates']}; {conflicts}rows after an episode's end ignored: "
+                  f"{c['after_end']}",
                   f"gaps (missing steps): {c['gaps']}, splitting {c['split']} episode(s) into {c['split_parts']} "
                   f"written part(s); episodes missing their first steps: {c['missing_start']}",
                   f"unfinished episodes (no end row) "
                   f"{'dropped' if self.drop_unfinished else 'truncated at their last row'}: {c['unfinished']}; "
                   f"parts of a single row (no step) dropped: {c['single_dropped']}"]
+        if self.without_ending:
+            lines.append(f"files without an ending column (no end rows: their episodes are unfinished): "
+                         f"{self.without_ending}")
         scores = f"{t.ref_min_score} .. {t.ref_max_score}" if t.ref_max_score is not None else "none"
         lines.append(f"spaces, environment and reference scores from {t.origin}: environment {t.env_spec.id}, "
                      f"reference scores {scores}" if t.env_spec is not None else
@@ -615,12 +726,14 @@ class Summary:
 def import_experience(sources: list[str], output: str, *, model: Path | None = None, merge: str | None = None,
                       env: str | None = None, format: str | None = None, mapping: dict[str, str] | None = None,
                       reward_of: str = "previous", drop_unfinished: bool = False, overwrite: bool = False,
-                      progress: bool = True, chunk_rows: int | None = None) -> Summary:
+                      on_conflict: str | None = None, progress: bool = True, chunk_rows: int | None = None) -> Summary:
     """Import experience rows from ``sources`` into the Minari dataset ``output`` (an id or a path)."""
     from batchrl.training.data import open_minari
 
     if reward_of not in REWARD_OF:
         raise UserError(f"--reward-of {reward_of!r}: expected one of {', '.join(REWARD_OF)}")
+    if on_conflict is not None and on_conflict not in ON_CONFLICT:
+        raise UserError(f"--on-conflict {on_conflict!r}: expected one of {', '.join(ON_CONFLICT)}")
     if env and (model or merge):
         raise UserError(f"--env {env!r}: the environment comes from {'--model' if model else '--merge'} here; "
                         "give --env only without them")
@@ -636,17 +749,19 @@ def import_experience(sources: list[str], output: str, *, model: Path | None = N
     if not given and (keys.action_low is None or "observation" not in sizes.known):
         raise UserError(f"no step row with an observation and an action in {', '.join(sources)}")
     target = given or inferred(sizes.known["observation"][0], keys.action_low, keys.action_high)
-    planned = plan(keys, drop_unfinished)
+    chunk_rows = chunk_rows or max(1, CHUNK_VALUES // (target.size("observation") + target.size("action")))
+    planned = plan(keys, drop_unfinished, on_conflict,
+                   functools.partial(differing_values, found, keys, sizes, target, chunk_rows))
     if planned.counts["episodes"] == 0 and not merged:
         raise UserError(f"no episode of at least one step in the {len(keys.step)} rows of {', '.join(sources)}")
-    chunk_rows = chunk_rows or max(1, CHUNK_VALUES // (target.size("observation") + target.size("action")))
     copied = (merged.spec.dataset_id, merged.total_episodes, merged.total_steps) if merged else None
     chunks = itertools.chain(copy_episodes(merged, chunk_rows) if merged else (),
                              episode_chunks(found, keys, planned, target, sizes, reward_of, chunk_rows))
     write(folder, dataset_id, by_id, target, chunks,
           planned.counts["episodes"] + (copied[1] if copied else 0), merged.storage.FORMAT if merged else "hdf5",
           f"experience imported by batchrl data import from {len(found)} file(s)", progress)
-    return Summary(folder, dataset_id, by_id, len(found), planned.counts, drop_unfinished, target, copied)
+    return Summary(folder, dataset_id, by_id, len(found), planned.counts, drop_unfinished, target, copied,
+                   on_conflict, sum("ending" not in s.columns for s in found))
 
 
 def given_target(merged, model: Path | None, env: str | None) -> Target | None:

@@ -236,3 +236,86 @@ def test_fuzz_never_crashes_the_server_and_valid_traffic_keeps_working(dt_reposi
     assert not failures, failures[:5]
     assert valid.count((2, 1)) > 50 and valid.count(("episode", True)) > 5
     assert set(valid) == {(2, 1), ("episode", True)}
+
+
+def wire_limit_cases(rng, n, session_id: str):
+    """(rpc, request) pairs past what the wire's values can be read as (issue 31): shapes deeper than
+    numpy's 64 dimensions on every call that takes a tensor (Step on ``session_id``, an open session),
+    and versions of thousands of digits, or past int64, on every call that names one."""
+    huge = lambda: str(rng.choice(["9" * 5_000, "1" * 100_000, "9223372036854775808"]))  # noqa: E731
+    cases = []
+    for i in range(n):
+        kind, deep = i % 7, [1] * int(rng.integers(33, 200))
+        if kind == 0:
+            case = ("Act", policy_pb2.ActRequest(model="pendulum", observations=tensor(deep, rng)))
+        elif kind == 1:
+            case = ("Step", policy_pb2.StepRequest(session_id=session_id, observation=tensor(deep, rng)))
+        elif kind in (2, 3):  # a feed-forward model's input, a sequence's start
+            request = kv.ModelInferRequest(model_name="pendulum" if kind == 2 else "dt-a")
+            request.inputs.add(name="observations" if kind == 2 else "observation", datatype="FP32", shape=deep)
+            request.raw_input_contents.append(bytes(4))
+            if kind == 3:
+                request.parameters["sequence_id"].string_param = f"deep-{i}"
+                request.parameters["sequence_start"].bool_param = True
+            case = ("ModelInfer", request)
+        elif kind == 4:
+            request = kv.ModelInferRequest(model_name="pendulum", model_version=huge())
+            request.inputs.add(name="observations", datatype="FP32", shape=[1, 3])
+            request.raw_input_contents.append(bytes(12))
+            case = ("ModelInfer", request)
+        elif kind == 5:
+            case = (("ModelMetadata", kv.ModelMetadataRequest(name="pendulum", version=huge())) if i % 14 < 7 else
+                    ("ModelConfig", kv.ModelConfigRequest(name="dt-a", version=huge())))
+        else:
+            case = ("ModelReady", kv.ModelReadyRequest(name="pendulum", version=huge()))
+        cases.append(case)
+    return cases
+
+
+def test_fuzz_deep_tensors_and_huge_versions_beside_valid_traffic(dt_repository):
+    rng = np.random.default_rng(1)
+    with serving(dt_repository) as srv:
+        channel = srv.channel()
+        stub, kserve = srv.policy(channel), kv_grpc.GRPCInferenceServiceStub(channel)
+        session = stub.OpenSession(policy_pb2.OpenSessionRequest(model="dt-a"), timeout=10).session_id
+        cases = wire_limit_cases(rng, 420, session)
+        valid, failures, stop = [], [], threading.Event()
+
+        def steady():  # feed-forward and sequence traffic, alternating, on a channel of its own
+            own = srv.policy()
+            act = policy_pb2.ActRequest(model="pendulum", observations=tensor([2, 3], rng))
+            obs = policy_pb2.Tensor(shape=[3], data=np.zeros(3, "<f4").tobytes())
+            while not stop.is_set():
+                try:
+                    valid.append(tuple(own.Act(act, timeout=10).actions.shape))
+                    messages = [policy_pb2.EpisodeRequest(open=policy_pb2.OpenSessionRequest(model="dt-a"))]
+                    messages += [policy_pb2.EpisodeRequest(step=policy_pb2.StepRequest(
+                        observation=obs, **({"reward": -1.0} if t else {}))) for t in range(5)]
+                    answers = list(own.Episode(iter(messages), timeout=30))
+                    valid.append(("episode", [a.step.timestep for a in answers[1:]] == list(range(5))))
+                except grpc.RpcError as exc:
+                    failures.append((exc.code(), exc.details()))
+
+        thread = threading.Thread(target=steady)
+        thread.start()
+        got = []
+        try:
+            for rpc, request in cases:
+                service = kserve if request.DESCRIPTOR.file.package == "inference" else stub
+                try:
+                    answer = getattr(service, rpc)(request, timeout=10)
+                    got.append((rpc, "ready" if getattr(answer, "ready", False) else "OK", request))
+                except grpc.RpcError as exc:
+                    got.append((rpc, exc.code(), exc.details()))
+        finally:
+            stop.set()
+            thread.join()
+        step = stub.Step(policy_pb2.StepRequest(session_id=session, observation=tensor([3], rng)), timeout=10)
+        assert step.timestep == 0  # the refused deep steps left the session as it was
+        assert srv.proc.poll() is None and "Traceback" not in srv.log, srv.log[-3000:]
+    unexpected = [g for g in got if g[1] not in REFUSED]
+    assert not unexpected, [(rpc, code, str(detail)[:200]) for rpc, code, detail in unexpected[:5]]
+    assert {rpc for rpc, _, _ in got} == {"Act", "Step", "ModelInfer", "ModelMetadata", "ModelConfig", "ModelReady"}
+    assert not failures, failures[:5]
+    assert valid.count((2, 1)) > 20 and valid.count(("episode", True)) > 20
+    assert set(valid) == {(2, 1), ("episode", True)}

@@ -3,7 +3,12 @@ user's CSV, reassembled into Minari datasets that load with Minari and train wit
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import subprocess
+import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 import minari
 import numpy as np
@@ -278,3 +283,168 @@ def test_the_servers_own_log_imports(tmp_path, root):
     check_whole(first, eps["a"])
     check_whole(second, eps["b"])
     assert (summary.counts["duplicates"], summary.counts["episodes"]) == (1, 2)
+
+
+# -- issue 31, item 14: non-finite values, copies of a step that differ, a CSV without an ending column ----------
+def csv_log(path, eps: dict[str, dict], poison: tuple[int, str, str] | None = None, extra: list[str] = ()) -> None:
+    """A user's CSV of ``eps`` (columns ep,t,obs_0..2,act,r,done; the reward of the row's own action, an end row
+    holding the final observation); ``poison`` (step of the first episode, field, text) writes text there."""
+    lines = ["ep,t,obs_0,obs_1,obs_2,act,r,done"]
+    for name, ep in eps.items():
+        n = len(ep["actions"])
+        for t in range(n + 1):
+            cells = {"obs_1": repr(float(ep["observations"][t, 1])), "act": repr(float(ep["actions"][t, 0])) if t < n
+                     else "", "r": repr(float(ep["rewards"][t])) if t < n else ""}
+            if poison and name == next(iter(eps)) and t == poison[0]:
+                cells[poison[1]] = poison[2]
+            o = [float(v) for v in ep["observations"][t]]
+            lines.append(f"{name},{t},{o[0]!r},{cells['obs_1']},{o[2]!r},{cells['act']},{cells['r']},"
+                         f"{ep['ending'] if t == n else ''}")
+    path.write_text("\n".join(lines + list(extra)) + "\n")
+
+
+CSV_MAP = {"session_id": "ep", "step": "t", "observation": "obs_*", "action": "act", "reward": "r", "ending": "done"}
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("field", ["observation", "action", "reward"])
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_non_finite_value_is_refused_naming_its_place(tmp_path, root, fmt, field, text):
+    """NaN, inf and -inf alike, in observations, actions and rewards, of a user's CSV and of the log's Parquet:
+    one line naming the file, the line or row, the session, the step and the column; nothing written."""
+    ep = episode(30, 5)
+    if fmt == "csv":
+        column = {"observation": "obs_1", "action": "act", "reward": "r"}[field]
+        csv_log(tmp_path / "log.csv", {"s": ep}, poison=(3, column, text))
+        source, options = tmp_path / "log.csv", {"mapping": CSV_MAP, "reward_of": "action"}
+        where = f"{source} line 5, session 's', step 3: the {field} (column {column!r})"  # line 1 is the header
+    else:
+        log = rows("s", ep)
+        value = float(text)
+        if field == "observation":
+            log[3]["observation"][1] = value
+        else:
+            log[3][field] = [value] if field == "action" else value
+        source, options = tmp_path / "experience-one.parquet", {}
+        pq.write_table(pa.Table.from_pylist(log, schema=experience.schema()), source)
+        element = " element 1" if field == "observation" else ""
+        where = f"{source} row 3, session 's', step 3: the {field} (column {field!r}{element})"
+    with pytest.raises(UserError) as refused:
+        run_import(source, tmp_path / "out", env="Pendulum-v1", **options)
+    message = str(refused.value)
+    assert message.startswith(where) and f"holds {text}; expected a finite number" in message, message
+    assert "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_finite_value_is_refused_where_no_episode_needs_it(tmp_path, root):
+    """The end row's reward, which --reward-of action ignores, holding inf: refused all the same."""
+    ep = episode(35, 4)
+    csv_log(tmp_path / "log.csv", {"s": ep}, poison=(4, "r", "inf"))
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'log.csv'} line 6, session 's', step 4: the reward "
+                                                  "(column 'r') holds inf")):
+        run_import(tmp_path / "log.csv", tmp_path / "out", env="Pendulum-v1", mapping=CSV_MAP, reward_of="action")
+
+
+def conflicting_log(folder, ep: dict, changed: dict) -> None:
+    """The log of ``ep`` in two shards: step 2 logged again 30 s later with ``changed`` values (in the shard whose
+    name sorts first, so only the time says which copy came first), and step 4 retried with the same values."""
+    log = rows("s", ep, start=0)
+    later = dict(log[2], **changed, time=datetime.fromtimestamp(30, tz=timezone.utc))
+    retried = dict(log[4], time=datetime.fromtimestamp(40, tz=timezone.utc))
+    folder.mkdir()
+    for name, part in (("a", [later]), ("b", log + [retried])):
+        pq.write_table(pa.Table.from_pylist(part, schema=experience.schema()),
+                       folder / f"experience-{name}-1-20250101T000000Z-0.parquet")
+
+
+def test_copies_of_a_step_that_differ_are_refused_unless_on_conflict_says_which(tmp_path, root, capsys):
+    ep = episode(31, 6)
+    changed = {"observation": [9.0, 8.0, 7.0], "action": [1.5], "reward": 42.0}
+    conflicting_log(tmp_path / "log", ep, changed)
+    shard_b = tmp_path / "log" / "experience-b-1-20250101T000000Z-0.parquet"
+    with pytest.raises(UserError, match=re.escape(
+            f"{shard_b} row 2, session 's', step 2 and its copy at {tmp_path / 'log'}/experience-a-1-"
+            "20250101T000000Z-0.parquet row 0 differ in observation and action and reward (1 step(s) have copies "
+            "that differ); give --on-conflict first or last")):
+        run_import(tmp_path / "log", tmp_path / "refused", env="Pendulum-v1")
+    assert not (tmp_path / "refused").exists()
+
+    summary = run_import(tmp_path / "log", tmp_path / "first", env="Pendulum-v1", on_conflict="first")
+    (got,) = episodes_of(tmp_path / "first" / "data")
+    check_whole(got, ep)  # the earlier copy, though its shard sorts second
+    assert (summary.counts["duplicates"], summary.counts["conflicts"]) == (1, 1)  # the identical retry: no conflict
+    assert "duplicate rows removed: 1; steps whose copies differ: 1 (kept the first copy of each)" in str(summary)
+
+    assert cli.main(["data", "import", str(tmp_path / "log"), "--output", str(tmp_path / "last"), "--env",
+                     "Pendulum-v1", "--on-conflict", "last"]) == 0
+    assert "steps whose copies differ: 1 (kept the last copy of each)" in capsys.readouterr().out
+    (got,) = episodes_of(tmp_path / "last" / "data")
+    observations, actions, rewards = ep["observations"].copy(), ep["actions"].copy(), ep["rewards"].copy()
+    observations[2], actions[2], rewards[1] = changed["observation"], changed["action"], changed["reward"]
+    check_episode(got, observations, actions, rewards, terminated=True)
+
+
+def test_copies_of_an_end_that_differ_and_csv_copies_are_ordered_by_line(tmp_path, root):
+    """Two end rows naming different endings conflict; in a CSV (no time) the first copy is the earlier line."""
+    ep = episode(32, 3)
+    end_again = f"s,3,{','.join(repr(float(v)) for v in ep['observations'][3])},,,truncated"
+    csv_log(tmp_path / "log.csv", {"s": ep}, extra=["s,1,0.5,0.25,0.125,1.0,7.0,", end_again])
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'log.csv'} line 3, session 's', step 1 and its copy "
+                                                  f"at {tmp_path / 'log.csv'} line 6 differ in observation and "
+                                                  "action and reward (2 step(s) have copies that differ)")):
+        run_import(tmp_path / "log.csv", tmp_path / "out", env="Pendulum-v1", mapping=CSV_MAP, reward_of="action")
+    run_import(tmp_path / "log.csv", tmp_path / "first", env="Pendulum-v1", mapping=CSV_MAP, reward_of="action",
+               on_conflict="first")
+    (got,) = episodes_of(tmp_path / "first" / "data")
+    check_whole(got, ep)
+    run_import(tmp_path / "log.csv", tmp_path / "last", env="Pendulum-v1", mapping=CSV_MAP, reward_of="action",
+               on_conflict="last")
+    (got,) = episodes_of(tmp_path / "last" / "data")
+    observations, actions, rewards = ep["observations"].copy(), ep["actions"].copy(), ep["rewards"].copy()
+    observations[1], actions[1], rewards[1] = [0.5, 0.25, 0.125], [1.0], 7.0
+    check_episode(got, observations, actions, rewards, terminated=False)  # the later end row: truncated
+
+
+def test_a_csv_without_an_ending_column_imports_each_episode_truncated_at_its_last_row(tmp_path, root):
+    eps = {"one": episode(33, 4), "two": episode(34, 3)}
+    lines = ["ep,t,obs_0,obs_1,obs_2,act,r"]  # a row per step: observation, action, the reward it earned
+    for name, ep in eps.items():
+        lines += [f"{name},{t},{','.join(repr(float(v)) for v in ep['observations'][t])},"
+                  f"{float(ep['actions'][t, 0])!r},{float(ep['rewards'][t])!r}" for t in range(len(ep["actions"]))]
+    (tmp_path / "steps.csv").write_text("\n".join(lines) + "\n")
+    mapping = {k: v for k, v in CSV_MAP.items() if k != "ending"}
+    summary = run_import(tmp_path / "steps.csv", tmp_path / "out", env="Pendulum-v1", mapping=mapping,
+                         reward_of="action")
+    got = episodes_of(tmp_path / "out" / "data")
+    for written, ep in zip(got, eps.values()):  # the last row's observation ends it; its action is dropped
+        n = len(ep["actions"])
+        check_episode(written, ep["observations"][:n], ep["actions"][:n - 1], ep["rewards"][:n - 1],
+                      terminated=False)
+    assert (summary.counts["episodes"], summary.counts["unfinished"]) == (2, 2)
+    assert "files without an ending column (no end rows: their episodes are unfinished): 1" in str(summary)
+    with pytest.raises(UserError, match="has no column 'done' for ending"):  # named by --map, it must exist
+        run_import(tmp_path / "steps.csv", tmp_path / "named", env="Pendulum-v1", mapping=CSV_MAP)
+
+
+def test_the_readmes_csv_example_imports_as_written(tmp_path, root):
+    """The README's CSV, written as shown, imported by the README's command run as written (`batchrl` spawned)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (table,) = [b for b in re.findall(r"```csv\n(.*?)```", readme, re.S) if "obs_" in b]
+    (command,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if "data import" in b and "--map" in b]
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[0].endswith("batchrl") and argv[1:3] == ["data", "import"]
+    source = next(a for a in argv[3:] if a.endswith(".csv"))
+    (tmp_path / source).write_text(table)
+    done = subprocess.run([str(Path(sys.executable).parent / "batchrl"), *argv[1:]], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    output = argv[argv.index("--output") + 1]
+    data = [line.split(",") for line in table.splitlines()[1:]]
+    header = table.splitlines()[0].split(",")
+    column = {name: np.array([[float(row[header.index(c)]) for c in header if c.startswith(name)] for row in data])
+              for name in ("obs_", "act_")}
+    (got,) = episodes_of(tmp_path / output / "data")
+    check_episode(got, column["obs_"].astype(np.float32), column["act_"][:-1].astype(np.float32),
+                  np.array([float(row[header.index("r")]) for row in data])[:-1], terminated=False)
+    assert "e1 above is 2 steps" in " ".join(readme.split()) and len(got.rewards) == 2  # as the README says
