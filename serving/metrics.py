@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 from batchrl.serving.errors import Unavailable
 
@@ -32,6 +32,8 @@ class Metrics:
     def __init__(self, worker: int = 0) -> None:
         self.worker = str(worker)  # this process's index among `batchrl serve --workers N`'s
         self.registry = CollectorRegistry()
+        # process_open_fds, process_max_fds and process_resident_memory_bytes: connections cost both
+        ProcessCollector(registry=self.registry)
         self._http = None  # the metrics endpoint, once serve() started it
         self._publishing: threading.Event | None = None  # set to stop the refresh thread of a worker
         self.requests = Counter("batchrl_requests", "RPCs answered, by model, RPC, status code and server process",

@@ -16,8 +16,10 @@ device and threads (ModelConfig).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -300,6 +302,8 @@ class Registry:
         except OutsideRepository:
             raise  # nothing was opened: a refusal (counted by rejected()), not a load failure
         except Exception as exc:  # noqa: BLE001 - whatever fails, this file is skipped and the rest carries on
+            if (shortage := _fd_shortage(path, exc)) is not None:
+                raise shortage from exc  # the process's fault, not the file's: not refused, tried again
             if self.metrics is not None:
                 self.metrics.load_failures.labels(name).inc()
             if isinstance(exc, ModelLoadError):
@@ -347,6 +351,20 @@ def _inside(path: Path, root: Path) -> Path:
 def _complete(versions: dict[int, Path]) -> dict[int, Path]:
     """{version: model file} of the version folders that hold their model file (written whole)."""
     return {v: folder / MODEL_FILE for v, folder in versions.items() if (folder / MODEL_FILE).is_file()}
+
+
+def _fd_shortage(path: Path, failure: BaseException) -> OSError | None:
+    """An OSError when ``failure``, of a load of ``path``, came from a want of file descriptors (EMFILE,
+    ENFILE), not from the file: then the file must not be refused until it changes, as a bad one is, but
+    tried again by the next poll. onnxruntime gives the errno only in its message; ModelConfig.read
+    wraps the OSError."""
+    chain = [failure]
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 8:
+        chain.append(cause)
+    for code in (errno.EMFILE, errno.ENFILE):
+        if any(getattr(e, "errno", None) == code or f"system error number {code}" in str(e) for e in chain):
+            return OSError(code, f"{os.strerror(code)} while loading {path}")
+    return None
 
 
 def _stamp(path: Path) -> tuple[float, int]:

@@ -8,6 +8,7 @@ starts fast.
 from __future__ import annotations
 
 import base64
+import ctypes
 import errno
 import logging
 import re
@@ -449,6 +450,28 @@ def validity(der: bytes) -> tuple[datetime, datetime]:
     return times[0], times[1]
 
 
+def start_memory_trim(interval: float, stop: threading.Event) -> threading.Thread | None:
+    """Give memory that malloc holds free back to the system every ``interval`` seconds (glibc only).
+
+    Each connection costs the server some 15 KB of grpc core's memory. When connections close, glibc
+    keeps the freed memory in the arena of whichever thread freed it, and the next crowd of connections
+    lands partly in other arenas: without a trim the process grows with every crowd (5 crowds of 1,000
+    connections: +20 MB, never given back). A trim takes about a millisecond on a heap like this one's.
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is None:
+        log.info("no malloc_trim (not glibc): memory freed by closed connections stays with the allocator")
+        return None
+
+    def run():
+        while not stop.wait(interval):
+            trim(0)
+
+    thread = threading.Thread(target=run, name="batchrl-memory-trim", daemon=True)
+    thread.start()
+    return thread
+
+
 @dataclass
 class ServerOptions:
     address: str = "127.0.0.1:0"
@@ -464,8 +487,8 @@ class ServerOptions:
     tls_cert: str | None = None          # PEM server certificate (chain) and key: TLS instead of plaintext
     tls_key: str | None = None
     client_ca: str | None = None         # PEM CA: require client certificates signed by it (mutual TLS)
-    max_connections: int | None = None   # open connections at most (grpc closes more at once); None: default_max_connections()
-    connection_idle_timeout: float = 300.0  # seconds a connection without calls in flight stays open
+    max_connections: int | None = None   # open connections at most (grpc closes more); None: from the fd limit
+    connection_idle_timeout: float = 120.0  # seconds a connection without calls in flight stays open
     handshake_timeout: float = 10.0      # seconds a new connection has for TLS and its first HTTP/2 SETTINGS
 
     def admission_limits(self) -> AdmissionLimits:

@@ -23,7 +23,7 @@ BREAKER_OPEN, IN_FLIGHT_CAP = "breaker_open", "in_flight_cap"  # why a call was 
 
 @dataclass(frozen=True)
 class GuardLimits:
-    max_in_flight: int = 16     # store calls waiting on the store at once; keep it well below --grpc-threads
+    max_in_flight: int = 32     # store calls waiting on the store at once; below --grpc-threads (serve: half)
     failures: int = 5           # consecutive failed calls that open the breaker
     cooldown: float = 2.0       # seconds the open breaker refuses every call before one probe goes through
 

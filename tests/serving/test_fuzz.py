@@ -319,3 +319,130 @@ def test_fuzz_deep_tensors_and_huge_versions_beside_valid_traffic(dt_repository)
     assert not failures, failures[:5]
     assert valid.count((2, 1)) > 20 and valid.count(("episode", True)) > 20
     assert set(valid) == {(2, 1), ("episode", True)}
+
+
+def sequence_request(sequence: int | str, index: int, start: bool = False, end: bool = False,
+                     ending: str | None = None) -> kv.ModelInferRequest:
+    """One ModelInfer step of the sequence ``sequence`` of dt-a (a reward of -1 after the start)."""
+    request = kv.ModelInferRequest(model_name="dt-a")
+    request.inputs.add(name="observation", datatype="FP32", shape=[1, 3])
+    request.raw_input_contents.append(np.zeros(3, "<f4").tobytes())
+    if not start:
+        request.inputs.add(name="reward", datatype="FP32", shape=[1, 1])
+        request.raw_input_contents.append(np.float32(-1.0).tobytes())
+    params = request.parameters
+    if isinstance(sequence, str):
+        params["sequence_id"].string_param = sequence
+    else:
+        params["sequence_id"].int64_param = sequence
+    params["step_index"].int64_param = index
+    params["sequence_start"].bool_param, params["sequence_end"].bool_param = start, end
+    if ending is not None:
+        params["ending"].string_param = ending
+    return request
+
+
+def test_fuzz_sequence_id_collisions_and_damaged_store_records_beside_valid_traffic(dt_repository, redis_url):
+    """A second client (another address) starts, steps and ends the sequence ids a first client is using,
+    and session records in Redis are damaged in every way of test_sequence_owner.py, while the first
+    client's sequences (integer and string ids with the same digits, at once) and Episode streams run
+    without one failure."""
+    import uuid
+
+    import redis
+
+    from tests.serving.test_sequence_owner import DAMAGE, Relay
+
+    rng, prefix = np.random.default_rng(2), f"batchrl-test:{uuid.uuid4().hex[:12]}:"
+    store = redis.Redis.from_url(redis_url)
+    with serving(dt_repository, "--session-store", redis_url, "--session-key-prefix", prefix) as srv:
+        relay = Relay(srv.port)
+        other = grpc.insecure_channel(relay.address)
+        intruder = kv_grpc.GRPCInferenceServiceStub(other)
+        stub = srv.policy()
+        live: dict[type, int | str] = {}  # the id each of the first client's sequence threads is on
+        valid, failures, stop = [], [], threading.Event()
+
+        def sequences(kind: type):
+            own = kv_grpc.GRPCInferenceServiceStub(srv.channel())
+            k = 0
+            while not stop.is_set():
+                k += 1
+                sequence = kind(7000 + k)  # 7001 and "7001" at once: two sequences
+                try:
+                    for index in range(8):
+                        own.ModelInfer(sequence_request(sequence, index, start=index == 0, end=index == 7),
+                                       timeout=10)
+                        live[kind] = sequence  # started: the intruder may try it now
+                    valid.append("sequence")
+                except grpc.RpcError as exc:
+                    failures.append((sequence, exc.code(), exc.details()))
+
+        def episodes():
+            own = srv.policy()
+            obs = policy_pb2.Tensor(shape=[3], data=np.zeros(3, "<f4").tobytes())
+            while not stop.is_set():
+                messages = [policy_pb2.EpisodeRequest(open=policy_pb2.OpenSessionRequest(model="dt-a"))]
+                messages += [policy_pb2.EpisodeRequest(step=policy_pb2.StepRequest(
+                    observation=obs, **({"reward": -1.0} if t else {}))) for t in range(5)]
+                try:
+                    answers = list(own.Episode(iter(messages), timeout=30))
+                    valid.append(("episode", [a.step.timestep for a in answers[1:]] == list(range(5))))
+                except grpc.RpcError as exc:
+                    failures.append(("Episode", exc.code(), exc.details()))
+
+        threads = [threading.Thread(target=sequences, args=(int,)), threading.Thread(target=sequences, args=(str,)),
+                   threading.Thread(target=episodes)]
+        for t in threads:
+            t.start()
+        collisions, damaged = [], []
+        try:
+            while len(live) < 2:
+                stop.wait(0.01)
+            for i in range(240):
+                sequence = live[int if i % 2 else str]
+                kind = int(rng.integers(3))
+                request = (sequence_request(sequence, 0, start=True) if kind == 0 else
+                           sequence_request(sequence, int(rng.integers(1, 8))) if kind == 1 else
+                           sequence_request(sequence, int(rng.integers(1, 8)), end=True, ending="truncated"))
+                try:
+                    intruder.ModelInfer(request, timeout=10)
+                    collisions.append("OK")
+                    if kind == 0:  # the first client's sequence had just ended: the free id is the intruder's
+                        intruder.ModelInfer(sequence_request(sequence, 1, end=True), timeout=10)
+                except grpc.RpcError as exc:
+                    collisions.append(exc.code())
+            for damage in [*DAMAGE, *DAMAGE]:
+                session = stub.OpenSession(policy_pb2.OpenSessionRequest(model="dt-a"), timeout=10).session_id
+                for index in range(int(rng.integers(1, 4))):
+                    stub.Step(policy_pb2.StepRequest(session_id=session, observation=tensor([3], rng), index=index,
+                                                     **({"reward": -1.0} if index else {})), timeout=10)
+                key = f"{prefix}s:{session}"
+                DAMAGE[damage](store, key, prefix, store.hgetall(key))
+                outcome = []
+                for call in (lambda: stub.Step(policy_pb2.StepRequest(session_id=session, observation=tensor(
+                                 [3], rng), reward=-1.0, index=int(rng.integers(0, 5))), timeout=10),
+                             lambda: stub.CloseSession(policy_pb2.CloseSessionRequest(session_id=session), timeout=10)):
+                    try:
+                        call()
+                        outcome.append("OK")
+                    except grpc.RpcError as exc:
+                        outcome.append(exc.code() if session in exc.details() else ("unnamed", exc.code()))
+                damaged.append((damage, tuple(outcome)))
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+            other.close()
+            relay.close()
+        assert srv.proc.poll() is None and "Traceback" not in srv.log, srv.log[-3000:]
+    for key in store.scan_iter(match=prefix + "*"):
+        store.delete(key)
+    store.close()
+    assert not failures, failures[:5]
+    assert valid.count("sequence") > 10 and valid.count(("episode", True)) > 5
+    assert set(valid) == {"sequence", ("episode", True)}
+    assert set(collisions) <= {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, "OK"}
+    assert collisions.count(grpc.StatusCode.FAILED_PRECONDITION) > 100, collisions
+    unexpected = [d for d in damaged if d[1] != (grpc.StatusCode.DATA_LOSS, "OK")]
+    assert len(damaged) > 25 and not unexpected, unexpected[:5]
