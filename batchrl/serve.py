@@ -54,8 +54,9 @@ def parser():
                         help="most concurrent streams (Episode, reflection); more get RESOURCE_EXHAUSTED "
                              "(default: grpc threads - 8, so unary calls and health always find a thread)")
     parser.add_argument("--stream-idle-timeout", type=float, default=defaults.stream_idle_timeout,
-                        help="seconds a stream may wait for its client's next message before the server closes "
-                             "it; its session stays open")
+                        help="seconds a stream may wait for its client's next message, or for its client to "
+                             "take an answer (the stream send timeout), before the server closes it; its "
+                             "session stays open")
     parser.add_argument("--max-batch", type=int, default=batching.max_rows,
                         help="most observations (or session steps) one model run gathers")
     parser.add_argument("--max-queue-delay-us", type=int, default=round(batching.max_delay * 1e6),
@@ -67,9 +68,10 @@ def parser():
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds without a Step after which a session is evicted")
     parser.add_argument("--session-store", default="memory", metavar="memory|redis://HOST:PORT/DB",
-                        help="where sequence-policy sessions live: this process's memory, or Redis (redis:// or "
-                             "rediss://, a password as redis://:PASSWORD@HOST:PORT/DB), shared by every server "
-                             "attached to it, so any of them answers any session's next Step")
+                        help="where sequence-policy sessions live: this process's memory, or Redis (redis://, "
+                             "rediss:// or unix://PATH?db=DB; a password as redis://:PASSWORD@HOST:PORT/DB or "
+                             "?password=...; messages name the store by host, port and db only), shared by every "
+                             "server attached to it, so any of them answers any session's next Step")
     parser.add_argument("--session-key-prefix", default="batchrl:",
                         help="prefix of the store's Redis keys (deployments sharing one Redis use different ones)")
     parser.add_argument("--store-timeout", type=float, default=0.5,

@@ -54,7 +54,7 @@ class StreamIdle(Exception):
 @dataclass(frozen=True)
 class AdmissionLimits:
     max_streams: int                  # concurrent streaming calls (each holds a worker thread)
-    stream_idle_timeout: float = 60.0  # seconds a stream may wait for its client's next message
+    stream_idle_timeout: float = 60.0  # seconds a stream may wait on its client: for a message, or to send one
     per_client_limit: int | None = None  # concurrent calls per client identity; None: unlimited
 
     def __post_init__(self) -> None:

@@ -161,6 +161,8 @@ class ExperienceLog:
         """Take the next row (waiting at most until the rows held are due), write a shard when one is due;
         at close, every row in the buffer. True once closed."""
         wait = None if not self._rows else max(0.0, self._oldest + self.flush_seconds - time.monotonic())
+        if self._closing.is_set():  # (close() may have found no room for _STOP)
+            wait = 0.0
         try:
             row = self.buffer.get(timeout=wait)
         except queue.Empty:

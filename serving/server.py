@@ -456,7 +456,8 @@ def start_memory_trim(interval: float, stop: threading.Event) -> threading.Threa
     Each connection costs the server some 15 KB of grpc core's memory. When connections close, glibc
     keeps the freed memory in the arena of whichever thread freed it, and the next crowd of connections
     lands partly in other arenas: without a trim the process grows with every crowd (5 crowds of 1,000
-    connections: +20 MB, never given back). A trim takes about a millisecond on a heap like this one's.
+    connections: +20 MB, never given back). A trim takes about a millisecond on a heap like this one's
+    (longer, holding malloc's locks, on one fragmented by hundreds of MB: raise the interval there).
     """
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is None:

@@ -28,7 +28,6 @@ other index is refused naming both.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -195,18 +194,17 @@ def unpack_context(model: LoadedModel, data: bytes) -> Context:
     (unpacking alone takes any bytes of the right length)."""
     if not model.is_sequence:
         context = EpisodeSteps.unpack(data)
-    else:
-        context = RollingContext.unpack(model.context_spec, data)
-        spec = context.spec
-        if context.length != min(context.t, spec.context_length):
-            raise ValueError(f"it holds {context.length} steps of context at step {context.t}")
-        if not (math.isfinite(context.return_to_go) and all(np.isfinite(a).all() for a in (
-                context.states, context.actions, context.returns_to_go))):
-            raise ValueError("it holds values that are not finite")
-        if not ((context.timesteps >= 0) & (context.timesteps < spec.max_timestep)).all():
-            raise ValueError(f"it holds timesteps outside 0 to {spec.max_timestep - 1}")
-    if context.t < 0:
-        raise ValueError(f"it is at step {context.t}")
+        if context.t < 0:
+            raise ValueError(f"it is at step {context.t}")
+        return context
+    context, spec = RollingContext.unpack(model.context_spec, data), model.context_spec
+    if context.t < 0 or context.length != min(context.t, spec.context_length):
+        raise ValueError(f"it holds {context.length} steps of context at step {context.t}")
+    if not (math.isfinite(context.return_to_go) and all(np.isfinite(a).all() for a in (
+            context.states, context.actions, context.returns_to_go))):
+        raise ValueError("it holds values that are not finite")
+    if not ((context.timesteps >= 0) & (context.timesteps < spec.max_timestep)).all():
+        raise ValueError(f"it holds timesteps outside 0 to {spec.max_timestep - 1}")
     return context
 
 
@@ -489,6 +487,8 @@ class RedisSessionStore:
         self._open_script = self._redis.register_script(_OPEN)
         self._step_script = self._redis.register_script(_STEP)
         self._close_script = self._redis.register_script(_CLOSE)
+        self._find_script = self._redis.register_script(_FIND)
+        self._damaged_log = RateLimitedLog(log)  # damaged records: a line once in a while, not one per call
         self._open_set = prefix + "open"
         self._idle_ms = max(1, round(idle_timeout * 1000))
 
@@ -592,10 +592,6 @@ class RedisSessionStore:
         return DataLoss(f"session {session_id}: its record in the session store is damaged ({why}), so its episode "
                         "cannot go on: close it (CloseSession) and open a new session")
 
-    @functools.cached_property
-    def _damaged_log(self) -> RateLimitedLog:
-        return RateLimitedLog(log)
-
     def step(self, session: Session, index: int | None, run: StepRun) -> StepResult:
         if index is None:
             raise FailedPrecondition(f"session {session.id} lives in a shared session store: send each step's index "
@@ -628,10 +624,6 @@ class RedisSessionStore:
         if found == OPEN_KEY_IN_USE:
             raise KeyInUse()
         return None if found is None else found.decode()
-
-    @functools.cached_property
-    def _find_script(self):
-        return self._redis.register_script(_FIND)
 
     def close(self, session_id: str) -> Closed | None:
         """Closes whatever the session's record holds, a damaged one too (its figures then read 0)."""

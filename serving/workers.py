@@ -78,8 +78,8 @@ def reserve_port(address: str) -> tuple[socket.socket, str, int]:
 
 
 def follow_supervisor(link_fd: int, supervisor: int) -> socket.socket:
-    """In a worker, first thing: stop as on SIGTERM (drain, exit) once the supervisor is gone, however it
-    went. Returns the link to it, on which the worker says it serves."""
+    """In a worker, once its stop signals are set up and before anything slow: stop as on SIGTERM (drain,
+    exit) once the supervisor is gone, however it went. Returns the link, on which the worker says it serves."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:

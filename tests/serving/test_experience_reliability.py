@@ -8,6 +8,7 @@ import os
 import re
 import resource
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,3 +157,40 @@ def test_retention_leaves_folders_and_links_and_sigterm_keeps_its_bound(logged):
     assert len(on_disk) + int(closed.group(2)) == len(logged.acknowledged), (len(on_disk), closed.group(0))
     assert len(set(on_disk) - before) >= 11  # written on after retention met the folders and the link
     assert elapsed < GRACE + DRAIN_BOUND + MARGIN
+
+
+def test_close_returns_within_its_timeout_and_counts_what_a_hung_writer_holds(tmp_path):
+    """The writer hangs opening its first shard (a FIFO nobody reads where it writes, as a hung disk would) and the
+    buffer is full: close() returns within its timeout instead of waiting for room, and counts the rows the writer
+    held and those in the buffer as dropped (close_timeout)."""
+    from batchrl.serving.experience import ExperienceLog
+    from batchrl.serving.metrics import Metrics
+
+    metrics = Metrics()
+    folder = tmp_path / "experience"
+    experience = ExperienceLog(folder, flush_seconds=0.01, buffer_rows=4, metrics=metrics)
+    staging = folder / f".{experience.series}-000000.parquet.tmp"
+    os.mkfifo(staging)
+    row = lambda t: experience.step("s", "m", 1, t, np.zeros(3, np.float32), np.zeros(1, np.float32), 1.0)  # noqa: E731
+    row(0)
+    wait_for(lambda: experience.buffer.qsize() == 0)  # the writer holds row 0 and hangs on the FIFO
+    for t in range(1, 6):  # 4 wait in the buffer, 1 is dropped (buffer_full)
+        row(t)
+    closer = threading.Thread(target=experience.close, kwargs={"timeout": 0.5}, daemon=True)
+    started = time.monotonic()
+    closer.start()
+    closer.join(timeout=10)
+    try:
+        assert not closer.is_alive(), "close() blocked"
+        assert time.monotonic() - started < 5
+        dropped = {reason: metrics.registry.get_sample_value("batchrl_experience_rows_dropped_total",
+                                                             {"reason": reason}) for reason in ("buffer_full",
+                                                                                                "close_timeout")}
+        assert dropped == {"buffer_full": 1, "close_timeout": 5}
+        row(6)  # a row after close (a call the drain cut off) is counted too
+        assert metrics.registry.get_sample_value("batchrl_experience_rows_dropped_total", {"reason": "closed"}) == 1
+    finally:
+        reader = threading.Thread(target=lambda: open(staging, "rb").read(), daemon=True)  # unblock the writer
+        reader.start()
+        reader.join(timeout=10)
+        wait_for(lambda: "batchrl-experience-writer" not in {t.name for t in threading.enumerate()})  # it ends too

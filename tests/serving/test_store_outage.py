@@ -66,12 +66,13 @@ def repository(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository, store):
-    """One server for the module: default gRPC threads (64) and store calls in flight (32), a short store timeout
-    and cool-down so that outages are short."""
+    """One server for the module: the default gRPC threads (64); a short store timeout and cool-down, so that
+    outages are short; few store calls in flight, so that 200 clients surely meet that cap before the
+    breaker opens."""
     _, url = store
     srv = blackbox.start(repository, "--session-store", url, "--session-timeout", str(SESSION_TIMEOUT),
-                         "--store-timeout", "0.2", "--store-breaker-failures", "3", "--store-breaker-cooldown",
-                         "0.5", metrics=True)
+                         "--store-timeout", "0.2", "--store-max-in-flight", "8", "--store-breaker-failures", "3",
+                         "--store-breaker-cooldown", "0.5", metrics=True)
     try:
         yield srv
     finally:
