@@ -297,7 +297,9 @@ class ExperienceLog:
         works again (no traceback: the error's line says it; an unforeseen one gets its traceback once)."""
         reason = errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__)
         if self.metrics is not None:
-            counter = self.metrics.experience_retention_errors if stage == "retention" else self.metrics.experience_errors
+            counter = self.metrics.experience_errors
+            if stage == "retention":  # no row is lost: a counter of its own
+                counter = self.metrics.experience_retention_errors
             counter.labels(reason).inc()
         if reason in self._logged[stage]:  # once per kind, not once per shard
             return

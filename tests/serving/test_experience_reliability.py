@@ -8,16 +8,19 @@ import os
 import re
 import resource
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pyarrow.parquet as pq
-import grpc
 import pytest
 
+from batchrl.serving.experience import ExperienceLog
+from batchrl.serving.metrics import Metrics
 from tests.serving.blackbox import Server, policy_pb2, start
 
 GRACE = 1.0
@@ -84,7 +87,8 @@ def logged(repository, tmp_path_factory):
     (folder / old_shard(2)).symlink_to(outside)
     for age, path in enumerate([folder / old_shard(0), outside, folder / old_shard(1),
                                 folder / "experience-20200101T000000Z.parquet", folder / old_shard(2)]):
-        os.utime(path, (OLD + age,) * 2, follow_symlinks=False)  # the real shard first: retention gets to the others after deleting it
+        # the real shard oldest: retention meets the others after deleting it
+        os.utime(path, (OLD + age,) * 2, follow_symlinks=False)
     server = start(repository, "--log-experience", str(folder), "--log-flush-seconds", str(FLUSH),
                    "--log-retention-hours", "1", "--log-buffer-rows", "64", "--grace", str(GRACE), metrics=True)
     logged = Logged(server, root, folder, server.channel())
@@ -138,7 +142,7 @@ def test_retention_leaves_folders_and_links_and_sigterm_keeps_its_bound(logged):
     server.proc.send_signal(signal.SIGTERM)
     try:
         code = server.proc.wait(timeout=GRACE + DRAIN_BOUND + MARGIN)
-    except Exception:
+    except subprocess.TimeoutExpired:
         server.proc.kill()
         raise AssertionError(f"no exit {GRACE + DRAIN_BOUND + MARGIN} s after SIGTERM; log:\n{server.log}") from None
     elapsed = time.monotonic() - started
@@ -163,10 +167,9 @@ def test_close_returns_within_its_timeout_and_counts_what_a_hung_writer_holds(tm
     """The writer hangs opening its first shard (a FIFO nobody reads where it writes, as a hung disk would) and the
     buffer is full: close() returns within its timeout instead of waiting for room, and counts the rows the writer
     held and those in the buffer as dropped (close_timeout)."""
-    from batchrl.serving.experience import ExperienceLog
-    from batchrl.serving.metrics import Metrics
-
     metrics = Metrics()
+    dropped = lambda reason: metrics.registry.get_sample_value("batchrl_experience_rows_dropped_total",  # noqa: E731
+                                                               {"reason": reason})
     folder = tmp_path / "experience"
     experience = ExperienceLog(folder, flush_seconds=0.01, buffer_rows=4, metrics=metrics)
     staging = folder / f".{experience.series}-000000.parquet.tmp"
@@ -183,12 +186,9 @@ def test_close_returns_within_its_timeout_and_counts_what_a_hung_writer_holds(tm
     try:
         assert not closer.is_alive(), "close() blocked"
         assert time.monotonic() - started < 5
-        dropped = {reason: metrics.registry.get_sample_value("batchrl_experience_rows_dropped_total",
-                                                             {"reason": reason}) for reason in ("buffer_full",
-                                                                                                "close_timeout")}
-        assert dropped == {"buffer_full": 1, "close_timeout": 5}
+        assert (dropped("buffer_full"), dropped("close_timeout")) == (1, 5)
         row(6)  # a row after close (a call the drain cut off) is counted too
-        assert metrics.registry.get_sample_value("batchrl_experience_rows_dropped_total", {"reason": "closed"}) == 1
+        assert dropped("closed") == 1
     finally:
         reader = threading.Thread(target=lambda: open(staging, "rb").read(), daemon=True)  # unblock the writer
         reader.start()
