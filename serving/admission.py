@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import grpc
 
 from batchrl.serving.auth import Tokens
+from batchrl.serving.background import every
 from batchrl.serving.logs import RateLimitedLog
 
 log = logging.getLogger("batchrl.serve")
@@ -127,11 +128,7 @@ class Admission(grpc.ServerInterceptor):
         """Start closing idle streams in the background."""
         interval = min(1.0, self.limits.stream_idle_timeout / 4)
 
-        def reap():
-            while not self._stop.wait(interval):
-                self.close_idle_streams()
-
-        threading.Thread(target=reap, name="batchrl-stream-reaper", daemon=True).start()
+        every(interval, self._stop, "batchrl-stream-reaper", self.close_idle_streams)
 
     def stop(self) -> None:
         self._stop.set()

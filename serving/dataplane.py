@@ -59,7 +59,7 @@ class DataPlane:
 
     def load(self, name: str, version: int | None = None) -> list[LoadedModel]:
         """Load (all or nothing); an explicit load also promotes a version of another interface."""
-        return self.registry.load_model(name, version)
+        return self.registry.load_model(name, check_version(version))
 
     def unload(self, name: str) -> list[LoadedModel]:
         return self.registry.unload_model(name)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
+from batchrl.serving.background import every
 from batchrl.serving.errors import Unavailable
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -125,12 +126,8 @@ class Metrics:
             return
         self._publishing = stop = threading.Event()
 
-        def publish():
-            while not stop.wait(PUBLISH_EVERY):
-                live.refresh()
-
         live.refresh()
-        threading.Thread(target=publish, name="batchrl-metrics-publish", daemon=True).start()
+        every(PUBLISH_EVERY, stop, "batchrl-metrics-publish", live.refresh)
 
     def serve(self, port: int, address: str = "0.0.0.0"):
         """Start the HTTP endpoint in a daemon thread; returns the bound port. close() stops it."""

@@ -30,6 +30,7 @@ from batchrl.protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, pol
 from batchrl.protos.contract import MAX_MESSAGE_BYTES
 from batchrl.serving.admission import Admission, AdmissionLimits, Role, StreamIdle
 from batchrl.serving.auth import Tokens
+from batchrl.serving.background import every
 from batchrl.serving.calls import Call, deadline_of, guarded
 from batchrl.serving.dataplane import DataPlane, EpisodeEnd, check_rank
 from batchrl.serving.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -464,13 +465,7 @@ def start_memory_trim(interval: float, stop: threading.Event) -> threading.Threa
         log.info("no malloc_trim (not glibc): memory freed by closed connections stays with the allocator")
         return None
 
-    def run():
-        while not stop.wait(interval):
-            trim(0)
-
-    thread = threading.Thread(target=run, name="batchrl-memory-trim", daemon=True)
-    thread.start()
-    return thread
+    return every(interval, stop, "batchrl-memory-trim", lambda: trim(0))
 
 
 @dataclass
