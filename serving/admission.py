@@ -154,23 +154,19 @@ class Admission(grpc.ServerInterceptor):
                 stream.closed_idle = True
         after = ("an open session stays open: continue it with Step, or with a new stream whose first message "
                  "is a step carrying its session_id")
-        for stream in idle:
-            _cancel(stream.context, grpc.StatusCode.UNAVAILABLE,
-                    f"the server closed this stream after {timeout:g} s without a message from the client "
-                    f"(the stream idle timeout); {after}")
-            if self.metrics is not None:
-                self.metrics.streams_closed_idle.inc()
-        for stream in unsent:
-            _cancel(stream.context, grpc.StatusCode.UNAVAILABLE,
-                    f"the server closed this stream after its client took no answer for {timeout:g} s (the stream "
-                    f"send timeout, which is the stream idle timeout: read the answers as they come); {after}")
-            if self.metrics is not None:
-                self.metrics.stream_send_timeouts.inc()
-        if idle:
-            log.info("closed %d stream(s) idle for more than %g s", len(idle), timeout)
-        if unsent:
-            log.info("closed %d stream(s) whose client took no answer for more than %g s (stream send timeout)",
-                     len(unsent), timeout)
+        closes = (
+            (idle, f"the server closed this stream after {timeout:g} s without a message from the client (the "
+                   f"stream idle timeout); {after}", "streams_closed_idle", "idle for more than"),
+            (unsent, f"the server closed this stream after its client took no answer for {timeout:g} s (the "
+                     f"stream send timeout, which is the stream idle timeout: read the answers as they come); "
+                     f"{after}", "stream_send_timeouts", "whose client took no answer for more than"))
+        for streams, details, counter, why in closes:
+            for stream in streams:
+                _cancel(stream.context, grpc.StatusCode.UNAVAILABLE, details)
+                if self.metrics is not None:
+                    getattr(self.metrics, counter).inc()
+            if streams:
+                log.info("closed %d stream(s) %s %g s", len(streams), why, timeout)
         return len(idle) + len(unsent)
 
     # -- the interceptor ---------------------------------------------------------
