@@ -159,7 +159,7 @@ class Admission(grpc.ServerInterceptor):
                    f"stream idle timeout); {after}", "streams_closed_idle", "idle for more than"),
             (unsent, f"the server closed this stream after its client took no answer for {timeout:g} s (the "
                      f"stream send timeout, which is the stream idle timeout: read the answers as they come); "
-                     f"{after}", "stream_send_timeouts", "whose client took no answer for more than"))
+                     f"{after}", "stream_send_timeouts", "whose client took no answer (stream send timeout) for more than"))
         for streams, details, counter, why in closes:
             for stream in streams:
                 _cancel(stream.context, grpc.StatusCode.UNAVAILABLE, details)
