@@ -25,10 +25,11 @@ from batchrl.serving.metrics import Metrics
 from batchrl.serving.repository import Registry
 from batchrl.serving.runtime import choose_providers
 from batchrl.serving.server import (DRAIN_BOUND, FD_RESERVE, MAX_CONNECTIONS, ServerOptions, build_server,
-                                    check_tls, start_memory_trim, start_poller, start_sweeper)
+                                    start_memory_trim, start_poller, start_sweeper)
 from batchrl.serving.signals import StopSignals
 from batchrl.serving.sessions import memory_refusal, open_session_store
 from batchrl.serving.store_guard import GuardLimits
+from batchrl.serving.tls import check_tls
 
 log = logging.getLogger("batchrl.serve")
 
