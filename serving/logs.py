@@ -51,6 +51,9 @@ class RateLimitedLog:
         self._held: dict[str, int] = {}
         self._lock = threading.Lock()
 
+    def info(self, key: str, message: str, *args) -> None:
+        self._log(logging.INFO, key, message, args)
+
     def warning(self, key: str, message: str, *args) -> None:
         self._log(logging.WARNING, key, message, args)
 

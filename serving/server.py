@@ -81,6 +81,7 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(self, plane: DataPlane, metrics: Metrics | None = None):
         self.plane = plane
         self.metrics = metrics
+        self._stream_closes = RateLimitedLog(log)  # a client can have its streams closed at will
 
     def _guard(self, context, call: Call, handler):
         return guarded(context, call, handler, self.metrics)
@@ -186,7 +187,8 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
                         "empty EpisodeRequest: set `open`, `step` or `close`")))
         except StreamIdle:
             if opened:
-                log.info("session %s stays open after its idle Episode stream was closed", opened[0].id)
+                self._stream_closes.info("episode", "session %s stays open after the server closed its Episode "
+                                         "stream (idle, or its client took no answer)", opened[0].id)
             opened.clear()
         finally:
             if self.plane.sessions.shared:
