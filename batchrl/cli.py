@@ -49,6 +49,16 @@ def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return _Parser(prog=prog, description=description, formatter_class=_Help, allow_abbrev=False)
 
 
+def server_address(value: str) -> str:
+    """argparse type of --server: HOST:PORT, or several separated by commas. Checked at once: gRPC takes an
+    address without a port for a name to resolve, so the client would wait CONNECT_TIMEOUT for no server."""
+    for address in value.split(","):
+        host, colon, port = address.strip().rpartition(":")
+        if not (colon and host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
+            raise argparse.ArgumentTypeError(f"{address.strip()!r}: expected HOST:PORT (e.g. 127.0.0.1:50051)")
+    return value
+
+
 def train(argv: list[str]) -> int:
     parser = command_parser("batchrl train", COMMANDS["train"])
     parser.add_argument("--algo", help="algorithm: bc, iql, td3bc, cql, bcq or dt (Decision Transformer); "
@@ -57,7 +67,9 @@ def train(argv: list[str]) -> int:
                                           "--resume")
     parser.add_argument("--run-dir", help="run folder (default: runs/<dataset>/<algo>-s<seed>); required with "
                                           "--resume")
-    parser.add_argument("--steps", type=int, default=100_000, help="gradient steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="gradient steps (default: 100000); fixed when the run starts: with --resume any "
+                             "other count is refused (a run is not extended: train a new run with more --steps)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the networks and the batch sampler")
     parser.add_argument("--eval-every", type=int, default=10_000, help="steps between evaluations")
     parser.add_argument("--eval-episodes", type=int, default=10, help="episodes per evaluation")
@@ -80,16 +92,18 @@ def train(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error(f"--nproc must be >= 1, got {args.nproc}")
+    if args.resume and args.steps is not None and args.run_dir:
+        check_resume_steps(Path(args.run_dir), args.steps)
     from batchrl.training import distributed
+    from batchrl.training.device import resolve_device
 
+    if not args.resume:  # here, before torchrun starts N processes that would each refuse it
+        resolve_device(args.device)
     if args.nproc > 1 and not distributed.launched():
         if not args.resume and (not args.algo or not args.dataset):
             parser.error("--algo and --dataset are required (or --resume --run-dir RUN)")
         rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-                   "-m", "batchrl.cli", "train", *rest]
-        sys.stdout.flush(), sys.stderr.flush()
-        os.execv(sys.executable, command)  # torchrun in this process: signals reach it, and it passes them on
+        return distributed.launch(args.nproc, rest)  # torchrun's agent in this process: it passes signals on
     from batchrl.training.trainer import TrainConfig, Trainer
 
     if args.resume:
@@ -107,7 +121,9 @@ def train(argv: list[str]) -> int:
             if not sep:
                 parser.error(f"--set {item!r}: expected KEY=VALUE")
             overrides[key] = value
-        config = TrainConfig(algorithm=args.algo, dataset=args.dataset, steps=args.steps, seed=args.seed,
+        check_settings(parser, args.algo, overrides)
+        steps = TrainConfig.steps if args.steps is None else args.steps
+        config = TrainConfig(algorithm=args.algo, dataset=args.dataset, steps=steps, seed=args.seed,
                              eval_every=args.eval_every, eval_episodes=args.eval_episodes,
                              log_every=args.log_every, checkpoint_every=args.checkpoint_every, device=args.device,
                              compile=args.compile, algo=overrides)
@@ -123,6 +139,35 @@ def train(argv: list[str]) -> int:
         print(json.dumps(result, indent=2))
         print(f"run folder: {trainer.run_dir}")
     return 0
+
+
+def check_resume_steps(run_dir: Path, steps: int) -> None:
+    """Refuse --resume --steps N where N is not the run's own count, in every algorithm: a run's step count
+    is fixed when it starts. Extending IQL could not equal the longer run trained straight (its actor
+    learning rate follows a cosine over the total steps), and a finished run's final evaluation and
+    result.json belong to its count; one rule for all algorithms rather than extensions exact for some."""
+    from batchrl.training.trainer import read_config
+
+    if not (run_dir / "config.json").is_file():
+        return  # the resume itself says there is no run there
+    planned = read_config(run_dir).steps
+    if steps != planned:
+        raise UserError(f"--steps {steps}: {run_dir} is a {planned}-step run and --resume only continues a run to "
+                        f"its own step count (it is fixed when the run starts); to train {steps} steps, start a new "
+                        f"run: batchrl train ... --steps {steps} --run-dir NEW_FOLDER")
+
+
+def check_settings(parser: argparse.ArgumentParser, algo: str, overrides: dict[str, str]) -> None:
+    """A --set value that does not parse as its setting's type: a usage error naming that --set."""
+    from batchrl.training.algorithms import ALGORITHMS
+    from batchrl.training.trainer import SettingError, algorithm_config
+
+    if algo not in ALGORITHMS:
+        return  # TrainConfig names the algorithms
+    try:
+        algorithm_config(algo, overrides)
+    except SettingError as exc:
+        parser.error(f"--set {exc.key}={exc.value}: expected {exc.expected}")
 
 
 def sweep(argv: list[str]) -> int:
@@ -162,15 +207,19 @@ def evaluate(argv: list[str]) -> int:
     parser.add_argument("--env", help="Gymnasium id to use instead of the dataset's evaluation environment")
     parser.add_argument("--target-return", type=float, default=None,
                         help="sequence policies: the return to condition on (default: the model's own)")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N: where a run folder's policy "
+                                                        "runs (torch), or an exported model's (onnxruntime)")
     args = parser.parse_args(argv)
+    from batchrl.training.device import resolve_device
     from batchrl.training.evaluation import check_observation_size, sequence_agent, stateless
     from batchrl.training.evaluation import evaluate as run_eval
 
+    device = resolve_device(args.device)
     target = Path(args.target)
     if (target / "config.json").exists():
         from batchrl.training.trainer import load_policy, policy_act
 
-        config, policy, ckpt = load_policy(target)
+        config, policy, ckpt = load_policy(target, str(device))
         if args.target_return is not None:
             if not hasattr(policy, "target_return"):
                 raise UserError(f"{config.algorithm} is a feed-forward policy: --target-return applies only to "
@@ -181,10 +230,10 @@ def evaluate(argv: list[str]) -> int:
         what = f"run {target}"
         label = f"{what} ({config.algorithm}, step {int(ckpt['step'])})"
     else:
-        from batchrl.serving.runtime import load_model
+        from batchrl.serving.runtime import choose_providers, load_model
 
         path, version = _model_file(target)
-        model = load_model(target.name, version, path, ["CPUExecutionProvider"])
+        model = load_model(target.name, version, path, choose_providers(device.type, device.index or 0))
         if args.target_return is not None and not model.is_sequence:
             raise UserError(f"{path} is a feed-forward policy: --target-return applies only to sequence policies")
         if model.is_sequence:
@@ -195,7 +244,7 @@ def evaluate(argv: list[str]) -> int:
         dataset_id, env_id = model.manifest.dataset_id, model.manifest.env_id
         obs_size = math.prod(model.manifest.observation_space.shape)
         what = f"model {path}"
-        label = f"{what} ({model.manifest.algorithm}, onnxruntime CPU)"
+        label = f"{what} ({model.manifest.algorithm}, onnxruntime {', '.join(model.providers)})"
     env, ref = _eval_env(args.env, dataset_id, env_id)
     check_observation_size(env, obs_size, f"the {what}")
     result = run_eval(env, act, args.episodes, args.seed, *ref)
@@ -250,7 +299,7 @@ def add_fqe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--confidence", type=float, default=defaults.confidence, help="the interval's level")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="seed of the fits and of the resampling (the same seed: the same replicates)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
 
 
 def fqe_config(args):
@@ -287,14 +336,16 @@ def ope(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     args = parser.parse_args(argv)
     from batchrl.training.data import load_dataset
+    from batchrl.training.device import resolve_device
     from batchrl.training.ope import estimate
 
+    device = resolve_device(args.device)  # before the model and the data load
     config = fqe_config(args)
     model = feed_forward_model(Path(args.model), Path(args.model).name)
     path = model.path
     data = load_dataset(args.dataset or model.manifest.dataset_id)
     check_fits(model, data)
-    result = estimate(data, model_policy(model), config, args.device)
+    result = estimate(data, model_policy(model), config, str(device))
     out = {"model": str(path), "dataset": data.dataset_id, "gamma": result.gamma, "value": result.value,
            "low": result.low, "high": result.high, "method": result.method, "replicates": result.replicates,
            "transitions": data.size, "episodes": int(len(data.episode_starts)), "steps_per_fit": config.steps}
@@ -381,10 +432,17 @@ def export(argv: list[str]) -> int:
     parser.add_argument("--name", required=True, help="model name in the repository")
     parser.add_argument("--repository", "-r", default="models", help="model repository root")
     parser.add_argument("--atol", type=float, default=1e-5, help="max abs ONNX-vs-torch difference allowed")
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="export a run whose checkpoint is short of its --steps (still training or stopped); "
+                             "refused without it. The manifest records training_steps < planned_steps")
     args = parser.parse_args(argv)
     from batchrl.training.export import export_run
 
-    out = export_run(args.run, args.name, args.repository, atol=args.atol)
+    out = export_run(args.run, args.name, args.repository, atol=args.atol, allow_unfinished=args.allow_unfinished)
+    manifest = out["manifest"]
+    if int(manifest.get("trainingSteps", 0)) < int(manifest.get("plannedSteps", 0)):
+        print(f"warning: {args.run} is unfinished (step {manifest['trainingSteps']} of {manifest['plannedSteps']}); "
+              "exported as --allow-unfinished asked", file=sys.stderr)
     print(f"wrote {out['path']} (version {out['version']}); ONNX vs torch max abs diff "
           f"{out['max_abs_diff']:.2e} on {out['probes']} probe inputs (observations, or contexts for sequence models)")
     return 0
@@ -408,24 +466,55 @@ def rollout(argv: list[str]) -> int:
     return main(argv)
 
 
+def add_client_options(parser: argparse.ArgumentParser, admin: bool = False) -> None:
+    """How every command that calls a server (models, rollout) connects: TLS and tokens, named as `serve`
+    names its side of them. ``admin``: the command also takes the admin token, which --token-file then
+    means (as it did before the names matched serve's); elsewhere --token-file is the data-plane token's."""
+    parser.add_argument("--tls-ca", metavar="PEM", help="connect over TLS, trusting the server certificate this CA "
+                                                        "signed (serve --tls-cert); without it, plaintext")
+    parser.add_argument("--client-cert", metavar="PEM",
+                        help="client certificate for a server requiring mutual TLS (serve --client-ca); with "
+                             "--client-key")
+    parser.add_argument("--client-key", metavar="PEM", help="the (unencrypted) private key of --client-cert")
+    parser.add_argument("--data-token-file", *([] if admin else ["--token-file"]), metavar="FILE",
+                        help="file holding the server's data-plane token (serve --data-token-file; default: "
+                             "$BATCHRL_DATA_TOKEN; neither: none)")
+    if admin:
+        parser.add_argument("--admin-token-file", "--token-file", metavar="FILE",
+                            help="file holding the admin token (serve --admin-token-file; default: "
+                                 "$BATCHRL_ADMIN_TOKEN); sent on data-plane calls too, where it is accepted")
+
+
+def connect(args: argparse.Namespace, token: str | None = None):
+    """A PolicyClient to --server as add_client_options' options say, a server answering within
+    CONNECT_TIMEOUT (a one-line ConnectionError otherwise). ``token``: sent instead of the data-plane token."""
+    from batchrl.serving.auth import DATA_TOKEN_ENV, read_token
+    from batchrl.serving.client import PolicyClient
+
+    client = PolicyClient(args.server, tls_ca=args.tls_ca, client_cert=args.client_cert, client_key=args.client_key,
+                          token=token or read_token(args.data_token_file, DATA_TOKEN_ENV))
+    try:
+        client.wait_ready(CONNECT_TIMEOUT)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 def models(argv: list[str]) -> int:
     parser = command_parser("batchrl models", COMMANDS["models"])
     parser.add_argument("action", choices=["list", "load", "unload"])
     parser.add_argument("name", nargs="?", help="model name (load, unload)")
     parser.add_argument("--version", type=int, default=None, help="load: one version (default: every new one)")
-    parser.add_argument("--server", default="127.0.0.1:50051", help="server address host:port")
-    parser.add_argument("--token-file", default=None,
-                        help="file holding the admin token (default: $BATCHRL_ADMIN_TOKEN); list sends it too, "
-                             "else $BATCHRL_DATA_TOKEN, to a server that needs a data-plane token")
+    parser.add_argument("--server", default="127.0.0.1:50051", type=server_address, help="server address host:port")
+    add_client_options(parser, admin=True)
     args = parser.parse_args(argv)
     if args.action != "list" and not args.name:
         parser.error(f"{args.action} needs a model NAME")
-    from batchrl.serving.auth import DATA_TOKEN_ENV, read_admin_token, read_token
-    from batchrl.serving.client import PolicyClient
+    from batchrl.serving.auth import read_admin_token
 
-    admin_token = read_admin_token(args.token_file)
-    with PolicyClient(args.server, token=admin_token or read_token(None, DATA_TOKEN_ENV)) as client:
-        client.wait_ready(CONNECT_TIMEOUT)
+    admin_token = read_admin_token(args.admin_token_file)
+    with connect(args, admin_token) as client:
         if args.action == "list":
             for info in client.list_models():
                 for v in info.versions:

@@ -6,13 +6,13 @@ Imports gymnasium: it is never imported by the server itself.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 
-from batchrl.cli import CONNECT_TIMEOUT, command_parser
+from batchrl.cli import CONNECT_TIMEOUT, add_client_options, command_parser, connect, server_address
 from batchrl.errors import UserError
-from batchrl.serving.auth import DATA_TOKEN_ENV, read_token
 from batchrl.serving.client import Episode, PolicyClient
 from batchrl.training.evaluation import check_observation_size, make_env, run_episodes, summarize
 
@@ -65,11 +65,14 @@ class EpisodeStreams:
             self.episode = None
 
 
-def rollout(server: str | list[str], model: str, env_id: str, episodes: int, seed: int, version: int | None = None,
-            print_fn=print, target_return: float | None = None, token: str | None = None, noise_std: float = 0.0):
+def rollout(server: str | list[str] | PolicyClient, model: str, env_id: str, episodes: int, seed: int,
+            version: int | None = None, print_fn=print, target_return: float | None = None, token: str | None = None,
+            noise_std: float = 0.0):
+    """``server``: address(es) to connect to with ``token``, or a client to use (left open: its owner closes it)."""
     if not (math.isfinite(noise_std) and noise_std >= 0):
         raise UserError(f"--noise-std must be finite and >= 0, got {noise_std}")
-    with PolicyClient(server, token=token) as client:
+    given = isinstance(server, PolicyClient)
+    with contextlib.nullcontext(server) if given else PolicyClient(server, token=token) as client:
         client.wait_ready(CONNECT_TIMEOUT)
         manifest = served_manifest(client, model, version)
         env = make_env(env_id)
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", default=None, help="Gymnasium environment id (default: the model's env_id)")
     parser.add_argument("--episodes", type=int, default=5, help="episodes to run")
     parser.add_argument("--seed", type=int, default=0, help="episode i is reset with seed SEED + i")
-    parser.add_argument("--server", default="127.0.0.1:50051",
+    parser.add_argument("--server", default="127.0.0.1:50051", type=server_address,
                         help="server address host:port, or several separated by commas (replicas sharing a session "
                              "store: a call that finds one UNAVAILABLE is retried on the next, same step index)")
     parser.add_argument("--noise-std", type=float, default=0.0,
@@ -107,16 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                              "exploration for collecting new experience; 0 = the deterministic policy")
     parser.add_argument("--target-return", type=float, default=None,
                         help="sequence policies: the return to condition on (default: the model's own)")
-    parser.add_argument("--token-file", default=None,
-                        help=f"file holding the server's data-plane token (default: ${DATA_TOKEN_ENV}; neither: none)")
+    add_client_options(parser)
     args = parser.parse_args(argv)
     args.server = [a.strip() for a in args.server.split(",") if a.strip()] or parser.error("--server is empty")
-    token = read_token(args.token_file, DATA_TOKEN_ENV)
-    env_id = args.env
-    if env_id is None:
-        with PolicyClient(args.server, token=token) as client:
-            client.wait_ready(CONNECT_TIMEOUT)
-            env_id = served_manifest(client, args.model, args.version).env_id
-    rollout(args.server, args.model, env_id, args.episodes, args.seed, args.version,
-            target_return=args.target_return, token=token, noise_std=args.noise_std)
+    with connect(args) as client:  # one connection for the lookup and the episodes
+        env_id = args.env or served_manifest(client, args.model, args.version).env_id
+        rollout(client, args.model, env_id, args.episodes, args.seed, args.version,
+                target_return=args.target_return, noise_std=args.noise_std)
     return 0

@@ -183,9 +183,19 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--workers {args.workers}: expected 1 or more server processes")
     check_tls(args.tls_cert, args.tls_key, args.client_ca)  # before any worker, store or model
     if args.workers > 1 and args.worker_index is None:
-        from batchrl.serving.workers import supervise
+        from batchrl.serving.workers import sequence_models, supervise
 
+        # Here, once: each worker would otherwise load every model and then refuse, one error per worker.
+        sequence = sequence_models(Path(args.repository)) if args.session_store == "memory" else []
+        if sequence:
+            raise UserError(f"{memory_refusal(args.workers)} (sequence policies here: {', '.join(sequence)})")
         return supervise(args, argv)
+    if not args.reuse_port:
+        from batchrl.serving.workers import reserve_port
+
+        # A plain bind first: grpc's own refusal of a port in use comes with a raw ERROR line of its core
+        # (add_port.cc) before ours. (With --reuse-port a shared port is the point: no probe.)
+        reserve_port(args.address)[0].close()
     signals = StopSignals()  # before anything slow: a SIGTERM during start-up is then a clean stop too
     supervisor = None
     if args.ready_fd is not None:  # a worker: it stops when its supervisor dies (by the signals above)

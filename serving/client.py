@@ -2,18 +2,32 @@
 from __future__ import annotations
 
 import itertools
+import os
 import queue
+import socket
+import ssl
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-import grpc
-import numpy as np
+# gRPC core logs each failed TLS handshake at INFO, which it shows unless told otherwise: wait_ready
+# says what went wrong in one line instead. (Read once, as grpc is imported; GRPC_VERBOSITY=INFO shows them.)
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from batchrl.protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc
-from batchrl.protos.experience import ENDINGS
-from batchrl.protos.contract import MAX_MESSAGE_BYTES
-from batchrl.serving.tensors import decode, encode
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from batchrl.errors import UserError  # noqa: E402
+from batchrl.protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, policy_pb2_grpc  # noqa: E402
+from batchrl.protos.experience import ENDINGS  # noqa: E402
+from batchrl.protos.contract import MAX_MESSAGE_BYTES  # noqa: E402
+from batchrl.serving.tensors import decode, encode  # noqa: E402
+from batchrl.serving.tls import tls_file  # noqa: E402
+
+Pem = bytes | str | os.PathLike  # PEM contents (bytes), or the path of a file holding them (str or Path)
 
 
 @dataclass(frozen=True)
@@ -34,23 +48,27 @@ class PolicyClient:
     Several addresses (replicas sharing a session store) make it fail over: calls go to one address
     until it is UNAVAILABLE, then to the next (see Failover); ``retries`` counts the retried calls."""
 
-    def __init__(self, address: str | Sequence[str], timeout: float | None = 10.0, tls_ca: bytes | None = None,
-                 client_cert: bytes | None = None, client_key: bytes | None = None,
+    def __init__(self, address: str | Sequence[str], timeout: float | None = 10.0, tls_ca: Pem | None = None,
+                 client_cert: Pem | None = None, client_key: Pem | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None,
                  failover: Failover = Failover(), channel_options: Sequence[tuple[str, object]] = ()):
-        """Plaintext by default; ``tls_ca`` (PEM bytes) switches to TLS, and ``client_cert`` with
-        ``client_key`` present a client certificate (mutual TLS). ``token``: the data-plane bearer
-        token, for a server started with one. ``channel_options``: gRPC channel arguments, e.g.
-        ``[("grpc.lb_policy_name", "round_robin")]`` with a ``dns:///`` address of several replicas."""
+        """Plaintext by default; ``tls_ca`` switches to TLS (trusting server certificates that CA signed),
+        and ``client_cert`` with ``client_key`` present a client certificate (mutual TLS); each is PEM
+        bytes or the path (str or Path) of a PEM file, checked here (UserError naming a file grpc could not
+        use). ``token``: the data-plane bearer token, for a server started with one. ``channel_options``:
+        gRPC channel arguments, e.g. ``[("grpc.lb_policy_name", "round_robin")]`` with a ``dns:///``
+        address of several replicas."""
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes), *channel_options]
         self.addresses = [address] if isinstance(address, str) else list(address)
         if not self.addresses:
             raise ValueError("PolicyClient needs at least one address")
-        if tls_ca is None and client_cert is None:
+        # The TLS files by flag, as messages name them (None: plaintext).
+        self.tls: dict[str, str] | None = None
+        if tls_ca is None and client_cert is None and client_key is None:
             self._channels = [grpc.insecure_channel(a, options=options) for a in self.addresses]
         else:
-            creds = grpc.ssl_channel_credentials(tls_ca, client_key, client_cert)
+            creds, self.tls = tls_credentials(tls_ca, client_cert, client_key)
             self._channels = [grpc.secure_channel(a, creds, options=options) for a in self.addresses]
         self._stubs = [policy_pb2_grpc.PolicyServiceStub(c) for c in self._channels]
         self._admins = [admin_pb2_grpc.ModelServiceStub(c) for c in self._channels]
@@ -150,12 +168,26 @@ class PolicyClient:
                                       metadata=_auth(token))
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Wait until the channel connects; ConnectionError naming the address if it does not."""
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise ConnectionError(f"no server answered at {self.address} within {timeout:g} s; start one with "
-                                  "`batchrl serve`, or pass --server HOST:PORT") from None
+        """Wait until a server answers at the current address; ConnectionError in one line if none does:
+        at once when the connection fails for a TLS reason (waiting would not mend it), else after
+        ``timeout`` (a server may be starting)."""
+        deadline = time.monotonic() + timeout
+        health = health_pb2_grpc.HealthStub(self.channel)
+        while True:
+            try:  # fail fast (no wait_for_ready): a failed connection attempt ends the call with grpc's reason
+                health.Check(health_pb2.HealthCheckRequest(), timeout=max(deadline - time.monotonic(), 0.01))
+                return
+            except grpc.RpcError as error:
+                if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    return  # a server answered (one without the health service says UNIMPLEMENTED)
+                reason = connect_error(error.details() or "") if error.code() == grpc.StatusCode.UNAVAILABLE else ""
+            problem = tls_problem(self.address, self.tls, reason)
+            if problem:
+                raise ConnectionError(f"cannot reach {self.address}{' over TLS' if self.tls else ''}: {problem}")
+            if time.monotonic() >= deadline:
+                raise ConnectionError(f"no server answered at {self.address} within {timeout:g} s; start one with "
+                                      "`batchrl serve`, or pass --server HOST:PORT")
+            time.sleep(0.05)  # grpc retries the connection on its own back-off meanwhile
 
     def close(self) -> None:
         for channel in self._channels:
@@ -166,6 +198,92 @@ class PolicyClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def tls_credentials(tls_ca: Pem | None, client_cert: Pem | None,
+                    client_key: Pem | None) -> tuple[grpc.ChannelCredentials, dict[str, str]]:
+    """grpc's channel credentials from PEM bytes or files, and each given one's name for messages (its path,
+    or "<bytes>"). Checked first as the server checks its own (serving/tls.py): grpc takes bytes only, and
+    with a file it cannot use every handshake fails, logged by grpc, not said to the caller."""
+    if (client_cert is None) != (client_key is None):
+        raise UserError("--client-cert and --client-key (client_cert, client_key) go together: a client "
+                        "certificate is presented with its private key")
+    given = {flag: value for flag, value in (("--tls-ca", tls_ca), ("--client-cert", client_cert),
+                                             ("--client-key", client_key)) if value is not None}
+    names = {flag: "<bytes>" if isinstance(value, bytes) else str(value) for flag, value in given.items()}
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    with tempfile.TemporaryDirectory() as folder:  # bytes go through a file too: OpenSSL loads keys from files
+        files = {flag: Path(value) for flag, value in given.items() if not isinstance(value, bytes)}
+        for flag, value in given.items():
+            if isinstance(value, bytes):
+                files[flag] = Path(folder, flag.strip("-"))
+                files[flag].write_bytes(value)
+        if tls_ca is not None:
+            tls_file("--tls-ca", names["--tls-ca"], "a PEM CA certificate",
+                     lambda: context.load_verify_locations(cafile=files["--tls-ca"]))
+        if client_cert is not None:
+            tls_file("--client-cert", names["--client-cert"], "a PEM certificate",
+                     lambda: context.load_verify_locations(cafile=files["--client-cert"]))
+            # (a password callback: an encrypted key, which grpc cannot use either, fails instead of prompting)
+            tls_file("--client-key", names["--client-key"], "an unencrypted PEM private key",
+                     lambda: context.load_cert_chain(files["--client-cert"], files["--client-key"],
+                                                     password=lambda: b""),
+                     mismatch=f"mismatched key: not the private key of --client-cert {names['--client-cert']}")
+        pem = {flag: path.read_bytes() for flag, path in files.items()}
+    return grpc.ssl_channel_credentials(pem.get("--tls-ca"), pem.get("--client-key"), pem.get("--client-cert")), names
+
+
+def connect_error(details: str) -> str:
+    """The reason in grpc's "failed to connect to all addresses; last error: CODE: ipv4:HOST:PORT: REASON"
+    ("" when the details are not of that form: a server's own UNAVAILABLE)."""
+    _, found, last = details.partition("last error: ")
+    if not found:
+        return ""
+    parts = last.split(": ", 2)  # CODE, the address, the reason
+    return parts[2].removesuffix(": OK").strip() if len(parts) == 3 else last
+
+
+def tls_problem(address: str, tls: dict[str, str] | None, reason: str) -> str | None:
+    """What a failed connection attempt (grpc's ``reason``) says about TLS on either side, in words; None when
+    it is no TLS problem (e.g. connection refused: nothing listens yet)."""
+    closed = "Socket closed" in reason or "Connection reset" in reason
+    if tls is None:  # plaintext: a TLS server closes the connection, which is all grpc says, so ask it
+        if closed and speaks_tls(address):
+            return ("the server speaks TLS and this client plaintext: pass --tls-ca (tls_ca) with the CA that "
+                    "signed the server's certificate")
+        return None
+    ca = f"--tls-ca {tls['--tls-ca']}" if "--tls-ca" in tls else "the system's CA certificates (no --tls-ca given)"
+    if "CERTIFICATE_VERIFY_FAILED" in reason:
+        why = reason.partition("CERTIFICATE_VERIFY_FAILED")[2].strip(": ")
+        if "issuer" in why or "self signed" in why or "self-signed" in why:
+            return f"the server's certificate is not signed by {ca}"
+        return f"the server's certificate does not verify with {ca}: {why}"
+    if "Hostname Verification" in reason or "Peer name" in reason:
+        return f"the server's certificate is not issued for {address.rpartition(':')[0]}: {reason}"
+    if "WRONG_VERSION_NUMBER" in reason:
+        return "the server does not speak TLS (plaintext): connect without --tls-ca, --client-cert, --client-key"
+    if closed:  # the handshake went through on this side, then the server hung up: what mutual TLS does
+        if "--client-cert" in tls:
+            return (f"the server closed the connection after the TLS handshake: it did not accept --client-cert "
+                    f"{tls['--client-cert']} (mutual TLS: a certificate signed by the server's --client-ca)")
+        return ("the server closed the connection after the TLS handshake: it requires a client certificate "
+                "(mutual TLS): pass --client-cert and --client-key (client_cert, client_key)")
+    if "handshake" in reason.lower():
+        return f"the TLS handshake failed: {reason}"
+    return None
+
+
+def speaks_tls(address: str, timeout: float = 2.0) -> bool:
+    """Whether the server at HOST:PORT completes a TLS handshake (its certificate unchecked: only asking)."""
+    host, _, port = address.removeprefix("dns:///").rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
+            context.wrap_socket(raw).close()
+        return True
+    except (OSError, ValueError):  # ssl.SSLError is an OSError
+        return False
 
 
 def _auth(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import mmap
 import os
 import select
 import shutil
@@ -32,8 +33,10 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from batchrl.errors import UserError
+from batchrl.protos.contract import MANIFEST_KEY, MODEL_FILE, NAME_PATTERN, manifest_from_json, scan_versions
 from batchrl.serving.metrics import MULTIPROCESS_ENV
 from batchrl.serving.server import DRAIN_BOUND
 from batchrl.serving.signals import StopSignals
@@ -75,6 +78,70 @@ def reserve_port(address: str) -> tuple[socket.socket, str, int]:
     reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     reserved.bind((where[0], port, *where[2:]))
     return reserved, (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), port
+
+
+ONNX_METADATA_PROPS = 14  # ModelProto's field number of metadata_props (StringStringEntryProto: key 1, value 2)
+
+
+def _varint(data, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        value, at, shift = value | (byte & 0x7F) << shift, at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
+def _fields(data, start: int, end: int):
+    """(field number, bytes) of each length-delimited field of the protobuf message data[start:end]; the
+    others are skipped by their wire type."""
+    at = start
+    while at < end:
+        key, at = _varint(data, at)
+        kind = key & 7
+        if kind == 0:
+            at = _varint(data, at)[1]
+        elif kind == 1 or kind == 5:
+            at += 8 if kind == 1 else 4
+        elif kind == 2:
+            size, at = _varint(data, at)
+            yield key >> 3, at, at + size
+            at += size
+        else:
+            raise ValueError(f"protobuf wire type {kind} at byte {at}")
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """An ONNX file's metadata_props, read from its top-level fields without onnx or an onnxruntime session:
+    the file is mapped, and the graph (its weights) skipped by its length, never read."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        meta = {}
+        for number, start, end in _fields(data, 0, len(data)):
+            if number == ONNX_METADATA_PROPS:
+                entry = {n: bytes(data[a:b]).decode() for n, a, b in _fields(data, start, end)}
+                meta[entry.get(1, "")] = entry.get(2, "")
+        return meta
+
+
+def sequence_models(repository: Path) -> list[str]:
+    """The models under ``repository`` with a sequence-policy version (a manifest with a context), from the
+    manifests alone: the supervisor loads no model, and checks this before any worker spends time loading
+    the repository only to refuse it. A file that cannot be read is left to the workers' loading to report."""
+    found = []
+    if not repository.is_dir():
+        return found
+    for model_dir in sorted(repository.iterdir()):
+        if model_dir.name.startswith(".") or not model_dir.is_dir() or not NAME_PATTERN.match(model_dir.name):
+            continue
+        for folder in scan_versions(model_dir, repository).versions.values():
+            try:
+                manifest = manifest_from_json(onnx_metadata(folder / MODEL_FILE)[MANIFEST_KEY])
+            except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError):
+                continue
+            if manifest.context_length > 0:
+                found.append(model_dir.name)
+                break
+    return found
 
 
 def follow_supervisor(link_fd: int, supervisor: int) -> socket.socket:

@@ -97,7 +97,7 @@ def test_resume_without_a_checkpoint_refuses(minari_root, trained_run, tmp_path)
     (run / "config.json").write_text((trained_run / "config.json").read_text())  # started, stopped before step 1
     one_line(batchrl("train", "--resume", "--run-dir", run), 1, "has no checkpoint to resume from",
              "every 150 steps")
-    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.json"]  # nothing written, nothing deleted
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]  # nothing written, nothing deleted (.lock released)
 
 
 def test_debug_shows_the_traceback(tmp_path):

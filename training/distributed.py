@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -56,6 +57,32 @@ SINGLE = World()
 def launched() -> bool:
     """Whether this process is one of several that torchrun started."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `batchrl train argv` as ``nproc`` ranks of torchrun --standalone, this process its agent, and return
+    the exit status. The ranks report what happened (a stop signal: where they stopped, in one line), so
+    torchrun's own reports are not shown: the SignalException it raises when the agent gets Ctrl-C or SIGTERM
+    (which it passes on to the ranks) is exit status 128 + the signal, as in one process; a failed rank's
+    status is returned as is (its error is above, and torchrun's log line saying it failed is not shown).
+    A failure of torchrun itself (e.g. its rendezvous) still raises."""
+    # torchrun's own default per rank, set here so that it prints no banner saying it sets it
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in list(logging.root.manager.loggerDict):  # (each torchrun module sets its logger's level)
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "batchrl.cli", "train", *argv]))
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        code = exc.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code  # (negative: the rank died of that signal)
+    return 0
 
 
 def join(device: torch.device) -> World:

@@ -20,6 +20,7 @@ import onnx
 import torch
 from google.protobuf import json_format
 
+from batchrl.errors import UserError
 from batchrl.protos.batchrl.v1 import manifest_pb2
 from batchrl.protos.contract import MANIFEST_KEY, MAX_VERSION, MODEL_FILE, check_name, manifest_to_json, version_dirs
 from batchrl.protos import sequence
@@ -88,6 +89,7 @@ def build_manifest(config, data: OfflineDataset, steps: int, result: dict | None
         algorithm=config.algorithm, dataset_id=config.dataset, env_id=data.env_id, training_steps=steps,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), batchrl_version=package_version(),
         code_version=code,  # the code that trained the policy, not the checkout that exports it
+        planned_steps=config.steps,  # training_steps below it: an unfinished run
     )
     m.observation_space.shape.extend([data.obs_dim])
     m.observation_space.low.extend([-np.inf] * data.obs_dim)
@@ -180,9 +182,17 @@ def publish(repository: Path, name: str, source: Path) -> tuple[int, Path]:
 
 
 def export_run(run_dir: str | Path, name: str, repository: str | Path = "models", atol: float = 1e-5,
-               probes: int = 1000) -> dict:
-    """Export the run's latest checkpoint; returns what was written and the measured parity."""
+               probes: int = 1000, allow_unfinished: bool = False) -> dict:
+    """Export the run's latest checkpoint; returns what was written and the measured parity.
+
+    A run whose checkpoint is short of its configured steps (still training, or stopped) is refused
+    unless ``allow_unfinished``: published under a name, it would replace a finished model as the
+    default served version. Its manifest records both counts (training_steps < planned_steps)."""
     config, policy, ckpt = load_policy(Path(run_dir))
+    if int(ckpt["step"]) < config.steps and not allow_unfinished:
+        raise UserError(f"{run_dir} is unfinished: its checkpoint is at step {int(ckpt['step'])} of {config.steps}; "
+                        f"finish it (batchrl train --resume --run-dir {run_dir}) or export it anyway with "
+                        "--allow-unfinished (its manifest then says so)")
     data = load_dataset(config.dataset)
     result_path = Path(run_dir) / RESULT
     result = json.loads(result_path.read_text()) if result_path.exists() else None

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from batchrl.training.data import OfflineDataset
+from batchrl.training.device import resolve_device
 from batchrl.training.networks import mlp
 from batchrl.training.sampling import Normalizer, on_device
 
@@ -147,7 +148,7 @@ def estimate(data: OfflineDataset, policy: Policy, config: FQEConfig = FQEConfig
     """FQE's estimate of ``policy``'s discounted value on ``data``, with its bootstrap interval."""
     from tqdm.auto import tqdm
 
-    pd = PolicyData(data, policy, torch.device(device))
+    pd = PolicyData(data, policy, resolve_device(device))
     every = np.arange(len(data.episode_starts))
     with tqdm(total=config.steps * (1 + config.bootstrap), desc="FQE", unit="step", disable=not progress,
               dynamic_ncols=True) as bar:

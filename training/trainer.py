@@ -36,6 +36,7 @@ from batchrl.version import package_version
 from batchrl.protos.sequence import ContextSpec
 from batchrl.training import distributed
 from batchrl.training.algorithms import ALGORITHMS, Context, OfflineAlgorithm
+from batchrl.training.device import resolve_device  # noqa: F401 - also this module's API
 from batchrl.training.data import load_dataset
 from batchrl.training.evaluation import Act, evaluate, make_eval_env, sequence_agent, stateless
 from batchrl.training.memory import keep_freed_memory
@@ -102,7 +103,20 @@ def _coerce(hint, value, key: str):
             return value.lower() in ("true", "1")
         return hint(value)
     except (TypeError, ValueError):
-        raise ValueError(f"setting {key}={value!r} is not a valid {hint}") from None
+        raise SettingError(key, value, _EXPECTED.get(hint) or _EXPECTED.get(origin)
+                           or getattr(hint, "__name__", str(hint))) from None
+
+
+_EXPECTED = {float: "a number (float)", int: "an integer (int)", bool: "true or false (bool)",
+             tuple: "comma-separated integers (e.g. 256,256)"}
+
+
+class SettingError(ValueError):
+    """An algorithm setting whose value does not parse as its type (the CLI names it as its --set)."""
+
+    def __init__(self, key: str, value, expected: str):
+        super().__init__(f"setting {key}={value}: expected {expected}")
+        self.key, self.value, self.expected = key, value, expected
 
 
 def code_version() -> str:
@@ -149,12 +163,6 @@ def compile_networks(algo: OfflineAlgorithm) -> None:
             return (_compiled if torch.is_grad_enabled() else _eager)(*args, **kwargs)
 
         unit.forward = forward
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_algorithm(config: TrainConfig, obs_dim: int, act_dim: int, return_range: float,
@@ -243,16 +251,43 @@ def _saved_device(run_dir: Path) -> str:
     return read_config(run_dir).device if (Path(run_dir) / "config.json").is_file() else "cpu"
 
 
+LOCK = ".lock"
+
+
 def lock_run(run_dir: Path):
-    """An exclusive lock on the run folder for this process's lifetime: two trainers
-    writing one run would interleave checkpoints and metrics."""
-    handle = open(run_dir / ".lock", "w")
+    """An exclusive lock on the run folder until unlock_run: two trainers writing one run would
+    interleave checkpoints and metrics.
+
+    The holder deletes the file when it releases the run (unlock_run), so a locker re-checks after
+    flock that the file it locked is still the one at the path: one locked just before the holder
+    deleted it is stale, and the locker tries again with the new file.
+    """
+    path = run_dir / LOCK
+    while True:
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UserError(f"run folder {run_dir} is in use by another training process") from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle.fileno()).st_ino:
+            return handle
+        handle.close()  # the previous holder deleted it after we opened it: lock the new file
+
+
+def unlock_run(run_dir: Path, handle) -> None:
+    """Release the run folder: delete .lock while still holding it (see lock_run), then let go."""
+    if handle.closed:
+        return
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise UserError(f"run folder {run_dir} is in use by another training process") from None
-    return handle
+        os.unlink(run_dir / LOCK)
+    except FileNotFoundError:
+        pass
+    handle.close()
 
 
 class LogWindow:
@@ -454,8 +489,8 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run folder (run() does this when it returns)."""
-        if self._lock is not None and not self._lock.closed:
-            self._lock.close()
+        if self._lock is not None:
+            unlock_run(self.run_dir, self._lock)
 
     @contextlib.contextmanager
     def _stopping_on_signals(self):

@@ -119,7 +119,7 @@ def test_a_two_rank_run_stopped_by_sigterm_resumes_exactly(minari_root, tmp_path
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks; they stop at one step
-    out = finish(proc, 1)
+    out = finish(proc, 128 + signal.SIGTERM)  # as one process: 128 + the signal
     assert out.count("SIGTERM: stopped at step") == 1, out
     ckpt = load_checkpoint(stopped)
     assert 10 <= ckpt["step"] < 300 and len(ckpt["ranks"]) == 2

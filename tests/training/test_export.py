@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from batchrl.errors import UserError
 from batchrl.protos.contract import MANIFEST_KEY, manifest_from_json
 from batchrl.training.data import load_dataset
 from batchrl.training.export import ExportMismatch, export_run, list_versions, probe_observations, publish
@@ -105,3 +106,24 @@ def test_names_cannot_leave_the_repository(tmp_path, name):
     source.write_bytes(b"x")
     with pytest.raises(ValueError, match="model name"):
         publish(tmp_path / "repo", name, source)
+
+
+def test_an_unfinished_run_is_refused_unless_allowed_and_the_manifest_records_its_planned_steps(
+        repository, trained_run, tmp_path):
+    meta = {p.key: p.value for p in onnx.load(str(repository / "pendulum" / "1" / "model.onnx")).metadata_props}
+    finished = manifest_from_json(meta[MANIFEST_KEY])
+    assert finished.training_steps == finished.planned_steps == 300
+    # A manifest written before planned_steps existed still reads (0: unknown), as JSON with fields unknown here do.
+    old = json.loads(meta[MANIFEST_KEY])
+    del old["plannedSteps"]
+    assert manifest_from_json(json.dumps({**old, "aFieldFromTheFuture": 1})).planned_steps == 0
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "steps": 1000}))  # at step 300 of 1000
+    with pytest.raises(UserError, match="unfinished: its checkpoint is at step 300 of 1000"):
+        export_run(run, "pendulum", tmp_path / "models")
+    assert list_versions(tmp_path / "models" / "pendulum") == []
+    out = export_run(run, "pendulum", tmp_path / "models", allow_unfinished=True)
+    assert (out["manifest"]["trainingSteps"], out["manifest"]["plannedSteps"]) == ("300", "1000")

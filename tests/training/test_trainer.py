@@ -1,11 +1,17 @@
 """The trainer: run folder contents, weights-only checkpoints, exact resume."""
 import dataclasses
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
 
-from batchrl.training.trainer import CHECKPOINT, TrainConfig, Trainer, load_checkpoint, load_policy
+from batchrl.errors import Interrupted, UserError
+from batchrl.training.trainer import (CHECKPOINT, TrainConfig, Trainer, load_checkpoint, load_policy, lock_run,
+                                      unlock_run)
 
 
 def config(**kw):
@@ -135,3 +141,61 @@ def test_a_config_written_before_a_setting_existed_reads_as_it_trained(tmp_path,
     written["algo"][key] = "mean" if algorithm == "cql" else "sigmoid"  # a recorded value is kept
     (tmp_path / "config.json").write_text(json.dumps(written))
     assert read_config(tmp_path).algo[key] == written["algo"][key]
+
+
+def test_the_lock_file_exists_only_while_a_trainer_holds_the_run(minari_root, trained_run, tmp_path):
+    """The README's promise: .lock is there while a trainer holds the run, and gone when it lets go at the
+    end, on an error and on Ctrl-C (a failed start: tests/test_cli.py's resume without a checkpoint)."""
+    assert (trained_run / "result.json").exists() and not (trained_run / ".lock").exists()  # the normal end
+
+    short = dict(steps=40, eval_every=40, checkpoint_every=40)  # stopped before any evaluation
+    crashed = Trainer(tmp_path / "crashed", config(**short), progress=False)
+    assert (tmp_path / "crashed" / ".lock").exists()
+    crash_at(crashed, 10)
+    assert not (tmp_path / "crashed" / ".lock").exists()
+
+    stopped = Trainer(tmp_path / "stopped", config(**short), progress=False)
+    update = stopped.algo.update
+
+    def interrupting(batch):
+        if stopped.step == 10:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, mid-run
+        return update(batch)
+
+    stopped.algo.update = interrupting
+    with pytest.raises(Interrupted, match="SIGINT: stopped at step"):
+        stopped.run()
+    assert (tmp_path / "stopped" / CHECKPOINT).exists() and not (tmp_path / "stopped" / ".lock").exists()
+    resumed = Trainer(tmp_path / "stopped", progress=False)  # the released run is free again
+    assert (tmp_path / "stopped" / ".lock").exists()
+    resumed.close()
+    assert not (tmp_path / "stopped" / ".lock").exists()
+
+
+def test_the_run_lock_stays_exclusive_while_holders_delete_it(tmp_path):
+    """Holders delete .lock as they let go: a locker that opened the file just before must not take the run
+    beside the next holder. Threads lock through their own open files (flock excludes those as it does
+    processes) and check that no two ever hold the run at once."""
+    holding, overlaps, taken = [], [], []
+
+    def contend(deadline: float) -> None:
+        while time.monotonic() < deadline:
+            try:
+                handle = lock_run(tmp_path)
+            except UserError:
+                continue
+            holding.append(1)
+            if len(holding) > 1:
+                overlaps.append(len(holding))
+            taken.append(1)
+            time.sleep(0)  # let the others try while this one holds the run
+            holding.pop()
+            unlock_run(tmp_path, handle)
+
+    deadline = time.monotonic() + 1.5
+    threads = [threading.Thread(target=contend, args=(deadline,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not overlaps and len(taken) > 100 and not (tmp_path / ".lock").exists()

@@ -17,7 +17,7 @@ class Space(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., low: _Optional[_Iterable[float]] = ..., high: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelManifest(_message.Message):
-    __slots__ = ("algorithm", "observation_space", "action_space", "dataset_id", "env_id", "normalized_score", "mean_return", "ref_min_score", "ref_max_score", "training_steps", "created_at", "batchrl_version", "code_version", "context_length", "return_scale", "max_timestep", "default_target_return", "promotion")
+    __slots__ = ("algorithm", "observation_space", "action_space", "dataset_id", "env_id", "normalized_score", "mean_return", "ref_min_score", "ref_max_score", "training_steps", "created_at", "batchrl_version", "code_version", "context_length", "return_scale", "max_timestep", "default_target_return", "promotion", "planned_steps")
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     OBSERVATION_SPACE_FIELD_NUMBER: _ClassVar[int]
     ACTION_SPACE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class ModelManifest(_message.Message):
     MAX_TIMESTEP_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TARGET_RETURN_FIELD_NUMBER: _ClassVar[int]
     PROMOTION_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_STEPS_FIELD_NUMBER: _ClassVar[int]
     algorithm: str
     observation_space: Space
     action_space: Space
@@ -54,4 +55,5 @@ class ModelManifest(_message.Message):
     max_timestep: int
     default_target_return: float
     promotion: str
-    def __init__(self, algorithm: _Optional[str] = ..., observation_space: _Optional[_Union[Space, _Mapping]] = ..., action_space: _Optional[_Union[Space, _Mapping]] = ..., dataset_id: _Optional[str] = ..., env_id: _Optional[str] = ..., normalized_score: _Optional[float] = ..., mean_return: _Optional[float] = ..., ref_min_score: _Optional[float] = ..., ref_max_score: _Optional[float] = ..., training_steps: _Optional[int] = ..., created_at: _Optional[str] = ..., batchrl_version: _Optional[str] = ..., code_version: _Optional[str] = ..., context_length: _Optional[int] = ..., return_scale: _Optional[float] = ..., max_timestep: _Optional[int] = ..., default_target_return: _Optional[float] = ..., promotion: _Optional[str] = ...) -> None: ...
+    planned_steps: int
+    def __init__(self, algorithm: _Optional[str] = ..., observation_space: _Optional[_Union[Space, _Mapping]] = ..., action_space: _Optional[_Union[Space, _Mapping]] = ..., dataset_id: _Optional[str] = ..., env_id: _Optional[str] = ..., normalized_score: _Optional[float] = ..., mean_return: _Optional[float] = ..., ref_min_score: _Optional[float] = ..., ref_max_score: _Optional[float] = ..., training_steps: _Optional[int] = ..., created_at: _Optional[str] = ..., batchrl_version: _Optional[str] = ..., code_version: _Optional[str] = ..., context_length: _Optional[int] = ..., return_scale: _Optional[float] = ..., max_timestep: _Optional[int] = ..., default_target_return: _Optional[float] = ..., promotion: _Optional[str] = ..., planned_steps: _Optional[int] = ...) -> None: ...
