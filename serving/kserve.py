@@ -120,10 +120,9 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
     # -- inference -------------------------------------------------------------
     def ModelInfer(self, request: kv.ModelInferRequest, context) -> kv.ModelInferResponse:
         deadline = deadline_of(context)
-        return self._answer(context, "ModelInfer", lambda call: self._infer(call, request, deadline,
-                                                                                client_identity(context)))
+        return self._answer(context, "ModelInfer", lambda call: self._infer(call, request, deadline, context))
 
-    def _infer(self, call, request: kv.ModelInferRequest, deadline, owner: str) -> kv.ModelInferResponse:
+    def _infer(self, call, request: kv.ModelInferRequest, deadline, context) -> kv.ModelInferResponse:
         model = self._model(call, request.model_name, request.model_version)
         inputs = decode_inputs(request, model)
         _, outputs = tensor_specs(model)
@@ -132,7 +131,8 @@ class KServeService(kv_grpc.GRPCInferenceServiceServicer):
                 raise InvalidArgument(f"model {model.name!r} has no output {wanted.name!r}; its output is "
                                       f"{outputs[0][0]!r}")
         if model.is_sequence:
-            action = self._sequence_step(model, request, inputs, deadline, owner)
+            # (the caller's identity only where it is needed: not on the feed-forward hot path)
+            action = self._sequence_step(model, request, inputs, deadline, client_identity(context))
             return self._response(request, model, outputs[0][0], action[None])
         if set(inputs) != {"observations"}:
             raise InvalidArgument(f"model {model.name!r} takes one input, 'observations' FP32 [-1, "
