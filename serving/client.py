@@ -25,7 +25,7 @@ from batchrl.protos.batchrl.v1 import admin_pb2, admin_pb2_grpc, policy_pb2, pol
 from batchrl.protos.experience import ENDINGS  # noqa: E402
 from batchrl.protos.contract import MAX_MESSAGE_BYTES  # noqa: E402
 from batchrl.serving.tensors import decode, encode  # noqa: E402
-from batchrl.serving.tls import tls_file  # noqa: E402
+from batchrl.serving.tls import check_pem  # noqa: E402
 
 Pem = bytes | str | os.PathLike  # PEM contents (bytes), or the path of a file holding them (str or Path)
 
@@ -211,24 +211,14 @@ def tls_credentials(tls_ca: Pem | None, client_cert: Pem | None,
     given = {flag: value for flag, value in (("--tls-ca", tls_ca), ("--client-cert", client_cert),
                                              ("--client-key", client_key)) if value is not None}
     names = {flag: "<bytes>" if isinstance(value, bytes) else str(value) for flag, value in given.items()}
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     with tempfile.TemporaryDirectory() as folder:  # bytes go through a file too: OpenSSL loads keys from files
         files = {flag: Path(value) for flag, value in given.items() if not isinstance(value, bytes)}
         for flag, value in given.items():
             if isinstance(value, bytes):
                 files[flag] = Path(folder, flag.strip("-"))
                 files[flag].write_bytes(value)
-        if tls_ca is not None:
-            tls_file("--tls-ca", names["--tls-ca"], "a PEM CA certificate",
-                     lambda: context.load_verify_locations(cafile=files["--tls-ca"]))
-        if client_cert is not None:
-            tls_file("--client-cert", names["--client-cert"], "a PEM certificate",
-                     lambda: context.load_verify_locations(cafile=files["--client-cert"]))
-            # (a password callback: an encrypted key, which grpc cannot use either, fails instead of prompting)
-            tls_file("--client-key", names["--client-key"], "an unencrypted PEM private key",
-                     lambda: context.load_cert_chain(files["--client-cert"], files["--client-key"],
-                                                     password=lambda: b""),
-                     mismatch=f"mismatched key: not the private key of --client-cert {names['--client-cert']}")
+        check_pem({flag: files.get(flag) for flag in ("--client-cert", "--client-key", "--tls-ca")},
+                  ssl.PROTOCOL_TLS_CLIENT, names)
         pem = {flag: path.read_bytes() for flag, path in files.items()}
     return grpc.ssl_channel_credentials(pem.get("--tls-ca"), pem.get("--client-key"), pem.get("--client-cert")), names
 

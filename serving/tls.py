@@ -23,14 +23,26 @@ def check_tls(cert: str | None, key: str | None, ca: str | None) -> None:
         return
     if not (cert and key):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls_file("--tls-cert", cert, "a PEM certificate", lambda: context.load_verify_locations(cafile=cert))
-    # (a password callback: an encrypted key, which grpc cannot use either, fails instead of prompting)
-    tls_file("--tls-key", key, "an unencrypted PEM private key",
-             lambda: context.load_cert_chain(cert, key, password=lambda: b""),
-             mismatch=f"mismatched key: not the private key of --tls-cert {cert}")
-    if ca:
-        tls_file("--client-ca", ca, "a PEM CA certificate", lambda: context.load_verify_locations(cafile=ca))
+    ca = ca or None
+    check_pem({"--tls-cert": cert, "--tls-key": key, "--client-ca": ca}, ssl.PROTOCOL_TLS_SERVER)
+
+
+def check_pem(files: dict[str, str | Path | None], protocol: int, shown: dict[str, str] | None = None) -> None:
+    """Load PEM files as OpenSSL (grpc's) will, the server's or the client's: ``files`` maps three flags,
+    in order the certificate, its key and the CA that signs the other side's certificates, to a path or
+    None (the key goes with the certificate). ``shown``: a flag's name for the file in messages, when not
+    its path. UserError naming the first file grpc could not use."""
+    (cert_flag, cert), (key_flag, key), (ca_flag, ca) = files.items()
+    name = lambda flag: (shown or {}).get(flag, str(files[flag]))  # noqa: E731
+    context = ssl.SSLContext(protocol)
+    if cert is not None:
+        tls_file(cert_flag, name(cert_flag), "a PEM certificate", lambda: context.load_verify_locations(cafile=cert))
+        # (a password callback: an encrypted key, which grpc cannot use either, fails instead of prompting)
+        tls_file(key_flag, name(key_flag), "an unencrypted PEM private key",
+                 lambda: context.load_cert_chain(cert, key, password=lambda: b""),
+                 mismatch=f"mismatched key: not the private key of {cert_flag} {name(cert_flag)}")
+    if ca is not None:
+        tls_file(ca_flag, name(ca_flag), "a PEM CA certificate", lambda: context.load_verify_locations(cafile=ca))
 
 
 def tls_file(flag: str, path: str, expected: str, load, mismatch: str = "") -> None:
