@@ -10,7 +10,7 @@ from pathlib import Path
 
 from batchrl.errors import Interrupted, UserError
 
-CONNECT_TIMEOUT = 5.0  # seconds the client commands wait for a server before saying there is none
+CONNECT_TIMEOUT = 5.0  # seconds the client commands wait for a server before saying there is none (--wait)
 DEBUG_ENV = "BATCHRL_DEBUG"  # set (or pass --debug) to see the traceback of a reported error
 
 COMMANDS = {
@@ -94,6 +94,14 @@ def train(argv: list[str]) -> int:
         parser.error(f"--nproc must be >= 1, got {args.nproc}")
     if args.resume and args.steps is not None and args.run_dir:
         check_resume_steps(Path(args.run_dir), args.steps)
+    if args.resume and args.run_dir and (Path(args.run_dir) / "result.json").is_file():  # trainer.RESULT
+        # finished: nothing to resume, said at once (no torch, no torchrun: the trainer would do nothing)
+        result = json.loads((Path(args.run_dir) / "result.json").read_text())
+        print(f"{args.run_dir} is finished (step {result['steps']} of {result['steps']}): nothing to resume; its "
+              "result:", file=sys.stderr)
+        print(json.dumps(result, indent=2))
+        print(f"run folder: {args.run_dir}")
+        return 0
     from batchrl.training import distributed
     from batchrl.training.device import resolve_device
 
@@ -479,22 +487,36 @@ def add_client_options(parser: argparse.ArgumentParser, admin: bool = False) -> 
     parser.add_argument("--data-token-file", *([] if admin else ["--token-file"]), metavar="FILE",
                         help="file holding the server's data-plane token (serve --data-token-file; default: "
                              "$BATCHRL_DATA_TOKEN; neither: none)")
+    parser.add_argument("--wait", type=wait_seconds, default=CONNECT_TIMEOUT, metavar="SECONDS",
+                        help="how long to wait for the server to answer before giving up (default: %(default)g); "
+                             "a server just started in the background answers once its models are loaded")
     if admin:
         parser.add_argument("--admin-token-file", "--token-file", metavar="FILE",
                             help="file holding the admin token (serve --admin-token-file; default: "
                                  "$BATCHRL_ADMIN_TOKEN); sent on data-plane calls too, where it is accepted")
 
 
+def wait_seconds(value: str) -> float:
+    """argparse type of --wait: finite seconds > 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected seconds > 0 (e.g. 30)")
+    return seconds
+
+
 def connect(args: argparse.Namespace, token: str | None = None):
-    """A PolicyClient to --server as add_client_options' options say, a server answering within
-    CONNECT_TIMEOUT (a one-line ConnectionError otherwise). ``token``: sent instead of the data-plane token."""
+    """A PolicyClient to --server as add_client_options' options say, a server answering within --wait
+    seconds (a one-line ConnectionError otherwise). ``token``: sent instead of the data-plane token."""
     from batchrl.serving.auth import DATA_TOKEN_ENV, read_token
     from batchrl.serving.client import PolicyClient
 
     client = PolicyClient(args.server, tls_ca=args.tls_ca, client_cert=args.client_cert, client_key=args.client_key,
                           token=token or read_token(args.data_token_file, DATA_TOKEN_ENV))
     try:
-        client.wait_ready(CONNECT_TIMEOUT)
+        client.wait_ready(args.wait)
     except BaseException:
         client.close()
         raise

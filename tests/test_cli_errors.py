@@ -32,6 +32,12 @@ CASES = {
     "server_without_port": (["models", "list", "--server", "localhost"], {}, 2,
                              "batchrl models: error: argument --server: 'localhost': expected HOST:PORT (e.g. "
                              "127.0.0.1:50051) (see batchrl models --help)"),
+    "wait_not_seconds": (["models", "list", "--wait", "0"], {}, 2,
+                         "batchrl models: error: argument --wait: '0': expected seconds > 0 (e.g. 30) (see batchrl "
+                         "models --help)"),
+    "wait_given": (["rollout", "--model", "m", "--server", "127.0.0.1:1", "--wait", "0.5"], {}, 1,
+                   "batchrl rollout: error: no server answered at 127.0.0.1:1 within 0.5 s; start one with `batchrl "
+                   "serve`, or pass --server HOST:PORT"),
     "workers_sequence_memory": (["serve", "-r", str(MODELS), "--workers", "2", "--address", "127.0.0.1:0"], {}, 1,
                                 "batchrl serve: error: sessions need a shared store with --workers 2: a session in "
                                 "one process's memory could not take its next Step in another; start the server "

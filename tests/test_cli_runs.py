@@ -51,3 +51,15 @@ def test_an_unfinished_run_is_exported_only_when_asked_and_its_manifest_says_so(
     manifest = manifest_from_json(meta[MANIFEST_KEY])
     assert (manifest.training_steps, manifest.planned_steps) == (300, 20_000)
     assert not (run / ".lock").exists() and (run / CHECKPOINT).exists()
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(trained_run, tmp_path):
+    """Nothing to resume: said on stderr, the run's result on stdout, exit 0, for one process or --nproc 2 (no
+    torchrun started: its banner would be on stderr), the run folder untouched."""
+    run = copy_run(trained_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    for nproc in ("1", "2"):
+        result = batchrl("train", "--nproc", nproc, "--resume", "--run-dir", run, cwd=tmp_path)
+        one_line(result, 0, f"{run} is finished (step 300 of 300): nothing to resume")
+        assert json.loads(result.stdout.split("\nrun folder:")[0]) == json.loads((run / "result.json").read_text())
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before

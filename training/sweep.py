@@ -8,7 +8,7 @@ A sweep file (YAML) names its runs folder, its output folder and one or more gri
     output: results                  # the table (NAME.md, NAME.json) and plot (NAME.png)
     notes: [what the table leaves out and why]   # optional: written under the table's heading
     grids:                           # or one grid's keys at the top level
-      - algorithms: {iql: 100000, bc: 100000}   # name -> steps, or a list (with steps:)
+      - algorithms: {iql: 100000}    # name -> steps, or a list (with steps:); each has the settings of set:
         datasets: [bench/hopper/medium-v0]
         seeds: [0, 1, 2]
         set: {beta: [1.0, 3.0]}      # algorithm settings; a list is a product, "256,256" a tuple value;
