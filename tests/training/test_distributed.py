@@ -123,6 +123,10 @@ def test_a_two_rank_run_stopped_by_sigterm_resumes_exactly(minari_root, tmp_path
     assert out.count("SIGTERM: stopped at step") == 1, out
     ckpt = load_checkpoint(stopped)
     assert 10 <= ckpt["step"] < 300 and len(ckpt["ranks"]) == 2
+    out = finish(subprocess.Popen([sys.executable, "-m", "batchrl.cli", "train", "--resume", "--run-dir",
+                                   str(stopped)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True), 1)  # one process cannot continue it
+    assert f"{stopped} was trained by 2 process(es), not 1: its batches resume exactly only with --nproc 2" in out, out
     out = finish(train("--resume", "--run-dir", str(stopped)))
     assert f"resuming {stopped} from step {ckpt['step']} of 300" in out
     a, b = load_checkpoint(whole), load_checkpoint(stopped)
@@ -130,6 +134,4 @@ def test_a_two_rank_run_stopped_by_sigterm_resumes_exactly(minari_root, tmp_path
         for key, value in state.items():
             assert torch.equal(value, b["algorithm"]["modules"][module][key]), f"{module}.{key}"
     assert rows(whole) == rows(stopped)  # the train rows average both ranks' metrics, restored from the checkpoint
-    out = finish(subprocess.Popen([sys.executable, "-m", "batchrl.cli", "train", "--resume", "--run-dir", str(whole)],
-                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), 1)
-    assert f"{whole} was trained by 2 process(es), not 1: its batches resume exactly only with --nproc 2" in out, out
+
