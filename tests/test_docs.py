@@ -4,7 +4,7 @@ written, in document order, in one working folder, as a reader walking through t
 What the test changes, and nothing else (README.md, "The documentation is tested", lists the same):
 - counts: every `--steps N` and the step counts of a sweep file become STEPS, `train`, `ope` and `promote`
   without `--steps` get `--steps STEPS`, `--eval-every N` becomes STEPS, `--episodes N` EPISODES, and a sweep
-  file's seeds its first seed;
+  file's lists (seeds, a setting's values) their first item;
 - places: `../shared/datasets` becomes small Hopper-v5 datasets built here under the same ids (tests never read
   ../shared); port 50051 (and the example replica addresses 10.0.0.N:50051) becomes a free loopback port, which
   `serve` without `--address` and client commands without `--server` are given; `--metrics-port N` a free port;
@@ -12,7 +12,9 @@ What the test changes, and nothing else (README.md, "The documentation is tested
 - set-up command 1's install is the one .ci/run has just made (command 2 installs '.[dev]', a superset of
   '.[all]': checked below); only its `batchrl serve` runs here. Command 2 is .ci/run itself (checked verbatim).
 
-A block that starts a server in the foreground leaves it serving the blocks after it, like a second shell; so
+Two readers share the work, each in document order in a folder of its own, at once (one torch thread per
+process): one takes the offline blocks (training, evaluation, export, data import, sweeps, data files), the
+other every other block. A block that starts a server in the foreground leaves it serving the blocks after it, like a second shell; so
 does a server a block starts in the background. A block that starts a server stops the ones before it first
 (SIGTERM, as Ctrl-C would), and each must have drained cleanly. A block that cannot run here says why in a
 comment of its own ("Not run by tests/test_docs.py: ..."): a cluster, Docker, root. Every other block runs:
@@ -38,7 +40,7 @@ from tests.test_cli import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "deploy" / "README.md"]
-STEPS, EPISODES = 20, 2
+STEPS, EPISODES = 10, 2
 HOPPER_REF = (-20.272305, 3234.3)  # D4RL's hopper reference returns, as the benchmark datasets carry
 HOPPER_IDS = ("bench/hopper/medium-v0", "bench/hopper/medium-replay-v0")
 NOT_RUN = re.compile(r"#\s*Not run by tests/test_docs\.py: (?P<why>\S.*)")
@@ -120,7 +122,9 @@ class Walk:
         self.workdir, self.data_root, self.redis_url = workdir, data_root, redis_url
         self.port = free_port()
         self.servers: list[tuple[int, subprocess.Popen | None]] = []  # (process group, the foreground server)
-        self.env = {**os.environ, "MINARI_DATASETS_PATH": str(data_root), "PYTHONUNBUFFERED": "1"}
+        # one thread per process (torch's, numpy's): two readers share the suite's two cores
+        self.env = {**os.environ, "MINARI_DATASETS_PATH": str(data_root), "PYTHONUNBUFFERED": "1",
+                    "OMP_NUM_THREADS": "1"}
         self.logs: list[Path] = []
 
     def substitute(self, text: str) -> str:
@@ -187,7 +191,7 @@ class Walk:
             self.stop_servers()
         log = self.output(f"line{block.line}")
         script = log.with_suffix(".sh")  # one per block: bash reads a script as it goes
-        script.write_text("set -euo pipefail\n" + text)
+        script.write_text("set -euo pipefail\n" + (TRACE if os.environ.get("DOCS_TRACE") else "") + text)
         process = self.start(["bash", str(script)], log)
         if "batchrl serve" in commands[-1] and not commands[-1].endswith("&"):  # a server in the foreground
             self.servers.append((process.pid, process))
@@ -224,7 +228,7 @@ class Walk:
 
     def file(self, block: Block) -> None:
         text = re.sub(r"\b100000\b", str(STEPS), block.text)  # a sweep file's step counts
-        text = re.sub(r"seeds: \[(\d+)[^\]]*\]", r"seeds: [\1]", text)  # and seeds: its first
+        text = re.sub(r"(\w+): \[([\w.]+), [^\]]*\]", r"\1: [\2]", text)  # its lists (seeds, values): the first
         (self.workdir / block.file).write_text(text)
 
     def run(self, block: Block) -> None:
@@ -247,27 +251,43 @@ def hopper_datasets(root: Path) -> None:
         write_dataset(root, dataset_id, episodes, env="Hopper-v5", ref=HOPPER_REF)
 
 
-@pytest.fixture
-def walk(tmp_path, redis_url):
-    """A working folder holding what a fresh clone's reader has at hand: the venv .ci/run made (a link), a copy
-    of the shipped models, benchmarks/ and .ci/ (links)."""
+TRACE = "exec 19>>\"$0.trace\"; BASH_XTRACEFD=19; PS4='+ $(date +%s.%N) '; set -x\n"  # DOCS_TRACE=1: timings
+
+OFFLINE = re.compile(r"(export \w+=\S+|\.venv/bin/batchrl (train|eval|export|data import|sweep)\b.*)")
+
+
+def offline(block: Block) -> bool:
+    """A block that only trains, evaluates, exports, imports or sweeps (or is a data file): no server, no model
+    that a server block changes. The second reader takes these (one that needed the first reader's files would
+    fail: nothing is skipped)."""
+    return RUNS[block.lang] == "file" or (RUNS[block.lang] == "shell" and all(
+        OFFLINE.fullmatch(command) for command in logical(block.text)))
+
+
+def readers(tmp_path: Path, redis_url: str) -> tuple[Walk, Walk]:
+    """Two readers of one fresh clone, each in a folder of its own holding what such a reader has at hand: the
+    venv .ci/run made (a link) and a copy of the shipped models."""
     import shutil
 
     data_root = tmp_path / "datasets-root"
     hopper_datasets(data_root)
-    work = tmp_path / "clone"
-    work.mkdir()
-    (work / ".venv").symlink_to(Path(sys.prefix))
-    shutil.copytree(ROOT / "models", work / "models")
-    walk = Walk(work, data_root, redis_url)
-    try:
-        yield walk
-    finally:
-        walk.stop_servers()
+    walks = []
+    for name in ("serving", "offline"):
+        work = tmp_path / name
+        work.mkdir()
+        (work / ".venv").symlink_to(Path(sys.prefix))
+        shutil.copytree(ROOT / "models", work / "models")
+        walks.append(Walk(work, data_root, redis_url))
+    return walks[0], walks[1]
 
 
-def test_the_docs_run_as_written(walk):
-    """README.md, then deploy/README.md (whose blocks all need a cluster or root, and say so)."""
+def test_the_docs_run_as_written(tmp_path, redis_url):
+    """README.md, then deploy/README.md (whose blocks all need a cluster or root, and say so), by two readers at
+    once, each in document order: one the offline blocks (training, evaluation, export, data import, sweeps), the
+    other every other block, servers and their clients included."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = []
     for block in [b for doc in DOCS for b in blocks(doc)]:
         if NOT_RUN.search(block.text):
             continue
@@ -275,7 +295,20 @@ def test_the_docs_run_as_written(walk):
             continue  # command 2: .ci/run itself (test_setup_commands_are_what_ci_runs)
         if INSTALL_ALL in block.text:
             block = Block(block.doc, block.line, block.lang, block.text.replace(INSTALL_ALL, ""), None)
-        walk.run(block)
-    walk.stop_servers()
-    assert not walk.tracebacks(), "\n".join(walk.tracebacks())
+        todo.append(block)
+    serving, training = readers(tmp_path, redis_url)
+    assert 4 <= sum(map(offline, todo)) < len(todo) - 10, [b.where for b in todo if offline(b)]
 
+    def read(walk: Walk, mine: list[Block]) -> None:
+        try:
+            for block in mine:
+                walk.run(block)
+        finally:
+            walk.stop_servers()
+
+    with ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(read, serving, [b for b in todo if not offline(b)]),
+                pool.submit(read, training, [b for b in todo if offline(b)])]
+    for future in done:
+        future.result()
+    assert not serving.tracebacks() + training.tracebacks(), "\n".join(serving.tracebacks() + training.tracebacks())

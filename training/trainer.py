@@ -569,9 +569,10 @@ class Trainer:
     def _finish(self) -> dict:
         last_eval = [r for r in self.metrics() if r["kind"] == "eval" and r["step"] == self.step]
         result = last_eval[-1] if last_eval else None
-        if result is None:
+        if result is None:  # (else the last step's evaluation is in curve.png already)
             self.evaluate()
             result = self.metrics()[-1]
+            self.plot()
         summary = {
             "algorithm": self.config.algorithm, "dataset": self.config.dataset, "seed": self.config.seed,
             "steps": self.step, "eval_episodes": self.config.eval_episodes,
@@ -581,7 +582,6 @@ class Trainer:
             "updates_per_s": self.step / max(self.train_seconds, 1e-9),
         }
         self._write_json(RESULT, summary)
-        self.plot()
         return summary
 
     # -- files -------------------------------------------------------------
