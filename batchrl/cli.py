@@ -92,6 +92,8 @@ def train(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.nproc < 1:
         parser.error(f"--nproc must be >= 1, got {args.nproc}")
+    if args.resume and not args.run_dir:
+        parser.error("--resume needs --run-dir")
     if args.resume and args.steps is not None and args.run_dir:
         check_resume_steps(Path(args.run_dir), args.steps)
     if args.resume and args.run_dir and (Path(args.run_dir) / "result.json").is_file():  # trainer.RESULT
@@ -105,31 +107,31 @@ def train(argv: list[str]) -> int:
     from batchrl.training import distributed
     from batchrl.training.device import resolve_device
 
+    overrides = {}
     if not args.resume:  # here, before torchrun starts N processes that would each refuse it
-        resolve_device(args.device)
-    if args.nproc > 1 and not distributed.launched():
-        if not args.resume and (not args.algo or not args.dataset):
-            parser.error("--algo and --dataset are required (or --resume --run-dir RUN)")
-        rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
-        return distributed.launch(args.nproc, rest)  # torchrun's agent in this process: it passes signals on
-    from batchrl.training.trainer import TrainConfig, Trainer
-
-    if args.resume:
-        if not args.run_dir:
-            parser.error("--resume needs --run-dir")
-        trainer = Trainer(args.run_dir)
-        if trainer.world.main:
-            print(f"resuming {trainer.run_dir} from step {trainer.step} of {trainer.config.steps}", file=sys.stderr)
-    else:
         if not args.algo or not args.dataset:
             parser.error("--algo and --dataset are required (or --resume --run-dir RUN)")
-        overrides = {}
         for item in args.set:
             key, sep, value = item.partition("=")
             if not sep:
                 parser.error(f"--set {item!r}: expected KEY=VALUE")
             overrides[key] = value
         check_settings(parser, args.algo, overrides)
+        resolve_device(args.device)
+        if args.nproc > 1 and not distributed.launched():
+            from batchrl.training.data import open_minari
+
+            open_minari(args.dataset)  # found, or one line (each rank would say it)
+    if args.nproc > 1 and not distributed.launched():
+        rest = [a for i, a in enumerate(argv) if not (a.startswith("--nproc") or (i and argv[i - 1] == "--nproc"))]
+        return distributed.launch(args.nproc, rest)  # torchrun's agent in this process: it passes signals on
+    from batchrl.training.trainer import TrainConfig, Trainer
+
+    if args.resume:
+        trainer = Trainer(args.run_dir)
+        if trainer.world.main:
+            print(f"resuming {trainer.run_dir} from step {trainer.step} of {trainer.config.steps}", file=sys.stderr)
+    else:
         steps = TrainConfig.steps if args.steps is None else args.steps
         config = TrainConfig(algorithm=args.algo, dataset=args.dataset, steps=steps, seed=args.seed,
                              eval_every=args.eval_every, eval_episodes=args.eval_episodes,

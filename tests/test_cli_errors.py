@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"  # the shipped repository: hopper-dt is a sequence model, hopper-iql a feed-forward one
 NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # torch then sees no GPU on any machine: the "machine without CUDA" case
+NO_DATASETS = {"MINARI_DATASETS_PATH": str(ROOT / "tests")}  # a folder that holds no dataset (Minari makes a missing one)
 NO_CUDA = "device 'cuda': this machine has no CUDA GPU that torch can use; available: cpu"
 
 # name: (arguments, extra environment, exit status, the one line on stderr)
@@ -32,6 +33,15 @@ CASES = {
     "server_without_port": (["models", "list", "--server", "localhost"], {}, 2,
                              "batchrl models: error: argument --server: 'localhost': expected HOST:PORT (e.g. "
                              "127.0.0.1:50051) (see batchrl models --help)"),
+    "nproc_dataset": (["train", "--nproc", "2", "--algo", "iql", "--dataset", "test/none-v0"], NO_DATASETS, 1,
+                      f"batchrl train: error: Minari dataset 'test/none-v0' not found under MINARI_DATASETS_PATH="
+                      f"{NO_DATASETS['MINARI_DATASETS_PATH']} (nor is it a folder); datasets there: none; get one "
+                      "with `minari download DATASET_ID`"),
+    "nproc_resume_no_run": (["train", "--nproc", "2", "--resume"], {}, 2,
+                            "batchrl train: error: --resume needs --run-dir (see batchrl train --help)"),
+    "width_zero": (["train", "--algo", "iql", "--dataset", "test/pendulum/play-v0", "--set", "hidden=0"], {}, 2,
+                   "batchrl train: error: --set hidden=0: expected comma-separated integers >= 1 (e.g. 256,256) (see "
+                   "batchrl train --help)"),
     "wait_not_seconds": (["models", "list", "--wait", "0"], {}, 2,
                          "batchrl models: error: argument --wait: '0': expected seconds > 0 (e.g. 30) (see batchrl "
                          "models --help)"),

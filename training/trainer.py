@@ -94,9 +94,12 @@ def _coerce(hint, value, key: str):
         (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
         origin = typing.get_origin(hint)
     try:
-        if origin is tuple:
+        if origin is tuple:  # layer widths
             items = value.split(",") if isinstance(value, str) else value
-            return tuple(int(v) for v in items)
+            widths = tuple(int(v) for v in items)
+            if not widths or min(widths) < 1:
+                raise ValueError
+            return widths
         if hint is bool and isinstance(value, str):
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError
@@ -108,7 +111,7 @@ def _coerce(hint, value, key: str):
 
 
 _EXPECTED = {float: "a number (float)", int: "an integer (int)", bool: "true or false (bool)",
-             tuple: "comma-separated integers (e.g. 256,256)"}
+             tuple: "comma-separated integers >= 1 (e.g. 256,256)"}
 
 
 class SettingError(ValueError):
