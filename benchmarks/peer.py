@@ -133,9 +133,29 @@ def evaluate_policies(run_dir: Path, dataset_id: str, episodes: int, seed: int =
     return sorted(rows, key=lambda r: r["step"])
 
 
+OWN = {"minari": "d3rlpy's own defaults and its own get_minari pipeline (2.8.1: episode k's observations shifted k "
+               "steps against its actions)",
+       "aligned": "d3rlpy's own defaults on its own episodes from Minari, each episode's final observation left out"}
+
+
 def run(trial, run_dir: Path) -> dict:
     """The peer trial kind of `batchrl sweep` (a grid's ``trainer: benchmarks.peer:run``): train (or resume) and
-    evaluate one peer run of a sweep ``Trial``; writes and returns result.json's content."""
+    evaluate one peer run of a sweep ``Trial`` with batchrl's settings translated and batchrl's arrays; writes
+    and returns result.json's content."""
+    return peer_run(trial, run_dir)
+
+
+def run_own(trial, run_dir: Path) -> dict:
+    """``trainer: benchmarks.peer:run_own``: d3rlpy with its own defaults through its own get_minari."""
+    return peer_run(trial, run_dir, own="minari")
+
+
+def run_own_aligned(trial, run_dir: Path) -> dict:
+    """``trainer: benchmarks.peer:run_own_aligned``: d3rlpy's own defaults on correctly built episodes."""
+    return peer_run(trial, run_dir, own="aligned")
+
+
+def peer_run(trial, run_dir: Path, own: str | None = None) -> dict:
     import dataclasses
 
     from batchrl.training.trainer import algorithm_config, lock_run
@@ -144,13 +164,15 @@ def run(trial, run_dir: Path) -> dict:
     eval_every, episodes, overrides = trial.eval_every, trial.eval_episodes, dict(trial.settings)
     if (run_dir / "result.json").exists():
         return json.loads((run_dir / "result.json").read_text())
+    if own and overrides:
+        raise ValueError(f"d3rlpy's own defaults take no settings, got {overrides}")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_run(run_dir)  # RuntimeError when another runner trains this one
-    settings = dataclasses.asdict(algorithm_config(algorithm, overrides))  # batchrl's resolved defaults
+    settings = {} if own else dataclasses.asdict(algorithm_config(algorithm, overrides))  # batchrl's resolved
     job = {"algorithm": algorithm, "dataset": dataset_id, "seed": seed, "steps": steps, "eval_every": eval_every,
-           "settings": settings}
+           "settings": settings, "own": own}
     (run_dir / "peer.json").write_text(json.dumps(job, indent=2) + "\n")
-    dropped = write_dataset(dataset_id, run_dir / "dataset.npz")
+    dropped = None if own else write_dataset(dataset_id, run_dir / "dataset.npz")
     log = open(run_dir / "peer.log", "a")
     subprocess.run([str(python()), str(WORKER), str(run_dir)], check=True, stdout=log, stderr=subprocess.STDOUT,
                    env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
@@ -161,7 +183,8 @@ def run(trial, run_dir: Path) -> dict:
               "eval_episodes": episodes, "return_mean": final["return_mean"], "return_std": final["return_std"],
               "normalized_score": final["normalized_score"], "normalized_std": final["normalized_std"],
               "train_seconds": progress["train_seconds"], "updates_per_s": steps / max(progress["train_seconds"], 1e-9),
-              "peer_dropped_transitions": dropped, "peer_difference": difference(algorithm, settings)}
+              "peer_dropped_transitions": dropped,
+              "peer_difference": OWN[own] if own else difference(algorithm, settings)}
     (run_dir / "dataset.npz").unlink(missing_ok=True)  # rebuilt on resume; kept out of the run folder
     tmp = run_dir / ".result.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -182,10 +205,13 @@ def check_data(dataset_id: str) -> dict:
     return {"dataset": dataset_id, "dropped": dropped, **json.loads(out.strip().splitlines()[-1])}
 
 
-if __name__ == "__main__":  # make the environment: python -m benchmarks.peer [check DATASET ...]
+if __name__ == "__main__":  # make the environment: python -m benchmarks.peer [check|check-own DATASET ...]
     if sys.argv[1:2] == ["check"]:  # d3rlpy's transitions against batchrl's, field by field
         for dataset_id in sys.argv[2:]:
             print(json.dumps(check_data(dataset_id)), flush=True)
+    elif sys.argv[1:2] == ["check-own"]:  # d3rlpy's own get_minari episodes against Minari's
+        for dataset_id in sys.argv[2:]:
+            subprocess.run([str(python()), str(WORKER), "--check-own", dataset_id], check=True)
     else:
         print(python())
     sys.exit(0)

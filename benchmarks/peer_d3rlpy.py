@@ -12,9 +12,11 @@ translated from batchrl's defaults, and every ``--eval-every`` steps writes
   progress.json      {"step": ..., "train_seconds": ...}: where a resume starts.
 
 Usage (by benchmarks/peer.py): python peer_d3rlpy.py RUN_DIR
-with RUN_DIR/peer.json {algorithm, settings, steps, eval_every, seed} and RUN_DIR/dataset.npz;
+with RUN_DIR/peer.json {algorithm, settings, steps, eval_every, seed} and RUN_DIR/dataset.npz, or with
+peer.json's "own" ("minari" or "aligned") and "dataset" instead: d3rlpy's own defaults and data pipeline;
 (by benchmarks/update_speed.py): python peer_d3rlpy.py --speed ALGORITHM SETTINGS_JSON UPDATES;
-(by benchmarks/peer.py check_data): python peer_d3rlpy.py --check-data DATASET_NPZ.
+(by benchmarks/peer.py check_data): python peer_d3rlpy.py --check-data DATASET_NPZ;
+(by benchmarks/peer.py check-own): python peer_d3rlpy.py --check-own DATASET_ID.
 """
 from __future__ import annotations
 
@@ -89,6 +91,41 @@ def build(algorithm: str, s: dict, data: dict, steps: int):
     raise SystemExit(f"peer_d3rlpy: no d3rlpy counterpart for algorithm {algorithm!r}")
 
 
+def build_own(algorithm: str):
+    """d3rlpy as its users run it (issue 33): its config classes' own defaults, its StandardObservationScaler
+    and, for IQL, ReturnBasedRewardScaler(multiplier=1000), both fitted by d3rlpy on its own episodes; no
+    learning-rate schedule, no action scaler, nothing translated from batchrl."""
+    import d3rlpy
+    from d3rlpy.preprocessing import ReturnBasedRewardScaler, StandardObservationScaler
+
+    if algorithm == "iql":
+        return d3rlpy.algos.IQLConfig(observation_scaler=StandardObservationScaler(),
+                                      reward_scaler=ReturnBasedRewardScaler(multiplier=1000.0)).create(device="cpu:0")
+    if algorithm == "bc":
+        return d3rlpy.algos.BCConfig(observation_scaler=StandardObservationScaler()).create(device="cpu:0")
+    raise SystemExit(f"peer_d3rlpy: no own-defaults row for algorithm {algorithm!r}")
+
+
+def own_dataset(dataset_id: str, pipeline: str):
+    """d3rlpy's episodes of a Minari dataset (MINARI_DATASETS_PATH): "minari" is d3rlpy.datasets.get_minari as
+    2.8.1 ships it, which stacks each episode's N+1 observations against its N actions, so that episode k's
+    observations are shifted k steps against its actions (`python -m benchmarks.peer check-own ID` counts them); "aligned" is
+    the same with each episode's final observation left out, as MDPDataset expects."""
+    import d3rlpy
+
+    if pipeline == "minari":
+        return d3rlpy.datasets.get_minari(dataset_id)[0]
+    import minari
+
+    eps = list(minari.load_dataset(dataset_id).iterate_episodes())
+    terminals = np.concatenate([np.asarray(e.terminations, bool) for e in eps])
+    timeouts = np.concatenate([np.asarray(e.truncations, bool) for e in eps]) & ~terminals
+    return d3rlpy.dataset.MDPDataset(np.concatenate([e.observations[:-1] for e in eps]).astype(np.float32),
+                                     np.concatenate([e.actions for e in eps]).astype(np.float32),
+                                     np.concatenate([e.rewards for e in eps]).astype(np.float32),
+                                     terminals.astype(np.float32), timeouts.astype(np.float32))
+
+
 def speed(algorithm: str, settings: dict, updates: int, warmup: int = 20) -> float:
     """Updates per second at ``settings`` on one thread, on synthetic Hopper-sized data (11-dim observations,
     3-dim actions, 100 episodes of 1,000 steps), batches drawn by d3rlpy's own sampler: the same shapes as
@@ -127,14 +164,19 @@ def main(run_dir: Path) -> int:
 
     torch.set_num_threads(1)
     job = json.loads((run_dir / "peer.json").read_text())
-    data = dict(np.load(run_dir / "dataset.npz"))
     progress_path = run_dir / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"step": 0, "train_seconds": 0.0}
     d3rlpy.seed(job["seed"] + progress["step"])  # a resume continues with fresh, still seeded, randomness
-    dataset = d3rlpy.dataset.MDPDataset(data["observations"], data["actions"], data["rewards"], data["terminals"],
-                                        data["timeouts"])
+    if job.get("own"):  # d3rlpy's own pipeline and defaults
+        dataset = own_dataset(job["dataset"], job["own"])
+    else:
+        data = dict(np.load(run_dir / "dataset.npz"))
+        dataset = d3rlpy.dataset.MDPDataset(data["observations"], data["actions"], data["rewards"],
+                                            data["terminals"], data["timeouts"])
     if progress["step"] and (run_dir / "model.d3").exists():
         algo = d3rlpy.load_learnable(str(run_dir / "model.d3"))
+    elif job.get("own"):
+        algo = build_own(job["algorithm"])
     else:
         algo = build(job["algorithm"], job["settings"], data, job["steps"])
     while progress["step"] < job["steps"]:
@@ -179,7 +221,27 @@ def check_data(path: Path) -> dict:
     return {k: int(v) for k, v in counts.items()}
 
 
+def check_own(dataset_id: str) -> dict:
+    """How many of the observations d3rlpy's get_minari gives each episode are not that episode's own (Minari's
+    observation at the same step), and the first episode where they differ."""
+    import minari
+
+    replay = own_dataset(dataset_id, "minari")
+    counts, first = {"episodes": 0, "steps": 0, "observations_not_the_episodes_own": 0}, None
+    for k, (ours, theirs) in enumerate(zip(replay.episodes, minari.load_dataset(dataset_id).iterate_episodes())):
+        n = len(theirs.actions)
+        wrong = int((~np.all(ours.observations[:n] == theirs.observations[:n], axis=1)).sum())
+        first = k if first is None and wrong else first
+        counts["episodes"] += 1
+        counts["steps"] += n
+        counts["observations_not_the_episodes_own"] += wrong
+    return {"dataset": dataset_id, **counts, "first_episode_shifted": first}
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--check-own":
+        print(json.dumps(check_own(sys.argv[2])))
+        sys.exit(0)
     if sys.argv[1] == "--check-data":
         print(json.dumps(check_data(Path(sys.argv[2]))))
         sys.exit(0)
