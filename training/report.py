@@ -20,6 +20,15 @@ def last_evaluations(run_dir: Path, n: int | None = 3) -> float:
     return float(np.mean([score for _, score in (evals if n is None else evals[-n:])]))
 
 
+def second_half(run_dir: Path) -> float:
+    """The mean normalised score of a run's evaluations after its midpoint (step > half the last evaluation's
+    step): issue 33's compared figure, less noisy than one final evaluation and past the early policies."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    evals = [(r["step"], _score(r)) for r in rows if r["kind"] == "eval"]
+    end = max(step for step, _ in evals)
+    return float(np.mean([score for step, score in evals if step > end / 2]))
+
+
 def _score(row: dict) -> float:
     """The normalised score, or the return where the dataset has no reference scores."""
     return row["normalized_score"] if row.get("normalized_score") is not None else row["return_mean"]
