@@ -183,8 +183,10 @@ def write_report(sweep: Sweep) -> Path:
     peers = {r["algorithm"]: r for r in rows if r["library"] not in ("batchrl", "")}
     if peers:
         lines += ["Peer differences (beyond the settings, which are batchrl's):"]
-        lines += [f"- `{name}`: {r['peer_difference']}; d3rlpy drops the last transition of each episode that did "
-                  f"not terminate ({r['peer_dropped_transitions']} transitions here)" for name, r in sorted(peers.items())]
+        lines += [f"- `{name}`: {r['peer_difference']}" + (
+                  "" if r["peer_dropped_transitions"] is None else "; d3rlpy drops the last transition of each "
+                  f"episode that did not terminate ({r['peer_dropped_transitions']} transitions here)")
+                  for name, r in sorted(peers.items())]
         lines.append("")
     if unfinished:
         lines += [f"**Partial:** {len(sweep.trials) - len(unfinished)} of {len(sweep.trials)} runs finished; not yet: "
