@@ -115,6 +115,7 @@ def make(env_id: str, name: str, root: Path, steps: int) -> dict:
 
     from tests.conftest import write_dataset  # the one Minari writer of the project (tests and benchmarks)
 
+    root = root.resolve()  # Minari resolves a relative root against itself
     work = root / "_work" / name
     model, evals = train(env_id, work, steps)
     env = gym.make(env_id)
