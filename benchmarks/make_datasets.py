@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.conftest import play, write_dataset  # the project's one episode player and Minari writer
+
 EVAL_EVERY, EVAL_EPISODES, REF_EPISODES, WARMUP, RECORD_STEPS, MEDIUM_FRACTION = 10_000, 5, 20, 5_000, 100_000, 0.4
 
 
@@ -45,26 +47,6 @@ def split_episodes(observations, next_observations, actions, rewards, dones, tim
                          "terminations": terminated, "truncations": truncated})
         start = end + 1
     return episodes
-
-
-def play(env, act, episodes: int | None = None, steps: int | None = None, seed: int = 0) -> list[dict]:
-    """Whole episodes of ``act(obs)`` in ``env``: ``episodes`` of them, or as many as it takes to pass ``steps``."""
-    out, total = [], 0
-    while (episodes is None or len(out) < episodes) and (steps is None or total < steps):
-        obs, _ = env.reset(seed=seed + len(out))
-        ep = {k: [] for k in ("observations", "actions", "rewards", "terminations", "truncations")}
-        ep["observations"].append(obs)
-        done = False
-        while not done:
-            action = np.asarray(act(obs), dtype=np.float32)
-            obs, reward, term, trunc, _ = env.step(action)
-            for key, value in (("observations", obs), ("actions", action), ("rewards", reward),
-                               ("terminations", term), ("truncations", trunc and not term)):
-                ep[key].append(value)
-            done = term or trunc
-        out.append({k: np.asarray(v) for k, v in ep.items()})
-        total += len(ep["actions"])
-    return out
 
 
 def mean_return(episodes: list[dict]) -> float:
@@ -95,7 +77,7 @@ def train(env_id: str, work: Path, steps: int, seed: int = 0):
             step = self.num_timesteps
             if step % EVAL_EVERY == 0 and step not in evals:
                 act = lambda obs: model.predict(obs, deterministic=True)[0]  # noqa: E731
-                evals[step] = mean_return(play(eval_env, act, episodes=EVAL_EPISODES, seed=10_000 + step))
+                evals[step] = mean_return(play(eval_env, act, EVAL_EPISODES, seed=10 + step))
                 model.policy.save(work / f"policy-{step}.zip")
                 model.save(work / "sac.zip")
                 model.save_replay_buffer(work / "replay.pkl")
@@ -113,7 +95,7 @@ def make(env_id: str, name: str, root: Path, steps: int) -> dict:
     import gymnasium as gym
     from stable_baselines3.sac.policies import SACPolicy
 
-    from tests.conftest import write_dataset  # the one Minari writer of the project (tests and benchmarks)
+
 
     root = root.resolve()  # Minari resolves a relative root against itself
     work = root / "_work" / name
@@ -121,12 +103,12 @@ def make(env_id: str, name: str, root: Path, steps: int) -> dict:
     env = gym.make(env_id)
     rng = np.random.default_rng(0)
     ref_min = mean_return(play(env, lambda obs: rng.uniform(env.action_space.low, env.action_space.high),
-                               episodes=REF_EPISODES, seed=0))
+                               REF_EPISODES, seed=0))
     best = max(evals, key=evals.get)
     medium = min(s for s, r in evals.items() if r >= ref_min + MEDIUM_FRACTION * (evals[best] - ref_min))
     policies = {s: SACPolicy.load(work / f"policy-{s}.zip") for s in (best, medium)}
     ref_max = mean_return(play(env, lambda obs: policies[best].predict(obs, deterministic=True)[0],
-                               episodes=REF_EPISODES, seed=0))
+                               REF_EPISODES, seed=0))
     buffer = model.replay_buffer  # one environment: index i is the i-th step of the run (actions as stored:
     # the policy's squashed actions in [-1, 1], the action space of the MuJoCo bodies this is for)
     assert np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1), env.action_space
@@ -134,8 +116,8 @@ def make(env_id: str, name: str, root: Path, steps: int) -> dict:
     replay = split_episodes(buffer.observations[:n, 0], buffer.next_observations[:n, 0], buffer.actions[:n, 0],
                             buffer.rewards[:n, 0], buffer.dones[:n, 0], buffer.timeouts[:n, 0])
     sets = {"medium-replay": replay,
-            "medium": play(env, lambda obs: policies[medium].predict(obs)[0], steps=RECORD_STEPS, seed=1_000),
-            "expert": play(env, lambda obs: policies[best].predict(obs)[0], steps=RECORD_STEPS, seed=2_000)}
+            "medium": play(env, lambda obs: policies[medium].predict(obs)[0], None, seed=1, steps=RECORD_STEPS),
+            "expert": play(env, lambda obs: policies[best].predict(obs)[0], None, seed=2, steps=RECORD_STEPS)}
     summary = {"env": env_id, "ref_min_score": ref_min, "ref_max_score": ref_max, "best_step": best,
                "medium_step": medium, "evaluations": evals, "sets": {}}
     for kind, episodes in sets.items():

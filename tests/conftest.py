@@ -49,11 +49,12 @@ def write_dataset(root: Path, dataset_id: str, episodes: list[dict], env: str = 
                                     num_episodes_average_score=1)
 
 
-def play(env, act, n_episodes: int, seed: int) -> list[dict]:
-    """``n_episodes`` episodes of ``env`` (episode i reset with seed seed * 1000 + i) played by ``act(obs)``,
-    as write_dataset's episode dicts."""
-    episodes = []
-    for i in range(n_episodes):
+def play(env, act, n_episodes: int | None, seed: int, steps: int | None = None) -> list[dict]:
+    """``n_episodes`` whole episodes of ``env`` (episode i reset with seed seed * 1000 + i) played by
+    ``act(obs)``, or with ``steps``, as many as it takes to pass that many steps; as write_dataset's episode
+    dicts."""
+    episodes, total, i = [], 0, 0
+    while (n_episodes is None or i < n_episodes) and (steps is None or total < steps):
         obs, _ = env.reset(seed=seed * 1000 + i)
         ep = {k: [] for k in ("observations", "actions", "rewards", "terminations", "truncations")}
         ep["observations"].append(obs)
@@ -66,6 +67,7 @@ def play(env, act, n_episodes: int, seed: int) -> list[dict]:
                 ep[key].append(value)
             done = term or trunc
         episodes.append({k: np.asarray(v) for k, v in ep.items()})
+        total, i = total + len(ep["actions"]), i + 1
     return episodes
 
 
